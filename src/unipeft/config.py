@@ -1,0 +1,100 @@
+"""PeftConfig: the typed, frozen base of every method config, with HF PEFT's field names and JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, Union
+
+logger = logging.getLogger(__name__)
+
+
+class TaskType(str, Enum):
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+    QUESTION_ANS = "QUESTION_ANS"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Task heads trained in full and saved with the adapter, as HF PEFT does for these task types.
+TASK_HEADS = {TaskType.SEQ_CLS: ("classifier", "score"), TaskType.TOKEN_CLS: ("classifier", "score"),
+              TaskType.QUESTION_ANS: ("qa_outputs",)}
+
+
+def _freeze(v):
+    if isinstance(v, (list, set)):
+        return tuple(v)
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeftConfig:
+    """Fields shared by every method. Subclasses set `peft_type` and build their insertions."""
+
+    peft_type: ClassVar[str] = ""
+    # keys of foreign (HF PEFT) files that change the meaning of an adapter when not at these values
+    unsupported: ClassVar[dict[str, Any]] = {}
+
+    task_type: Union[TaskType, str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+    revision: Union[str, None] = None
+    inference_mode: bool = False
+    modules_to_save: Union[tuple[str, ...], None] = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
+        if self.task_type is not None:
+            try:
+                object.__setattr__(self, "task_type", TaskType(str(self.task_type).upper().replace("-", "_")))
+            except ValueError:
+                raise ValueError(f"unknown task_type {self.task_type!r}; choose one of "
+                                 f"{[t.value for t in TaskType]}") from None
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for invalid values (subclasses extend)."""
+
+    # -- what the method is -------------------------------------------------------------------------
+    def resolved(self, model, arch) -> "PeftConfig":
+        """A copy with defaults that depend on the model filled in (target modules, sizes, heads)."""
+        heads = TASK_HEADS.get(self.task_type, ())
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        extra = tuple(h for h in heads if h in names and h not in (self.modules_to_save or ()))
+        if extra:
+            return dataclasses.replace(self, modules_to_save=tuple(self.modules_to_save or ()) + extra)
+        return self
+
+    def insertions(self, model, arch) -> tuple:
+        raise NotImplementedError
+
+    trainable_biases: ClassVar[str] = "none"
+
+    def bias_mode(self) -> str:
+        return self.trainable_biases
+
+    # -- JSON --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"peft_type": self.peft_type}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else (v.value if isinstance(v, Enum) else v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeftConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k, default in cls.unsupported.items():
+            if k in d and d[k] not in (default, None) and not (default == {} and d[k] == {}):
+                raise ValueError(f"this {cls.peft_type} adapter sets {k}={d[k]!r}, which unipeft does not support")
+        dropped = sorted(k for k in d if k not in known and k != "peft_type")
+        if dropped:
+            logger.debug("ignoring adapter_config keys unipeft does not use: %s", dropped)
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,8 @@
+"""What Δh computes: thin parameter holders that call the pure functions in `unipeft.functional`."""
+
+from .base import DeltaModule, build_delta
+from .bottleneck import BottleneckDelta
+from .low_rank import LowRankDelta
+from .scaling import ScalingDelta
+
+__all__ = ["DeltaModule", "build_delta", "LowRankDelta", "ScalingDelta", "BottleneckDelta"]

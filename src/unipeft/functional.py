@@ -1,0 +1,61 @@
+"""Pure math of the deltas and their composition. No state, no modules: easy to test against formulas."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown non_linearity {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """x·Aᵀ·Bᵀ.  x: (..., in), A: (r, in), B: (out, r) -> (..., out)."""
+    return F.linear(F.linear(x, A), B)
+
+
+def bottleneck(x, down_w, down_b, up_w, up_b, act) -> torch.Tensor:
+    """up(act(down(x))).  down_w: (m, d_in), up_w: (d_out, m)."""
+    return F.linear(act(F.linear(x, down_w, down_b)), up_w, up_b)
+
+
+def compose(h: torch.Tensor, dh: torch.Tensor, s) -> torch.Tensor:
+    """h + s·Δh (add / scaled add; s may be a learned 0-d tensor)."""
+    return h + dh * s if not (isinstance(s, float) and s == 1.0) else h + dh
+
+
+def merge_linear(W: torch.Tensor, dW: torch.Tensor, transposed: bool) -> None:
+    """W += ΔW in place, accumulating in fp32 (half-precision bases would otherwise lose the update).
+
+    ΔW is (out, in); `transposed` is True for GPT-2's Conv1D whose weight is stored (in, out).
+    """
+    dW = dW.t() if transposed else dW
+    W.data.copy_((W.data.float() + dW.float()).to(W.dtype))
+
+
+def scale_linear(W: torch.Tensor, bias, l: torch.Tensor, side: str, transposed: bool, inverse: bool) -> None:
+    """IA3 merge: W ← W·diag(l) (side "in") or diag(l)·W and b ← b⊙l (side "out"); `inverse` divides."""
+    v = l.detach().float().flatten()
+    if inverse:
+        v = 1.0 / (v + 1e-8 * (v == 0))
+    out_dim = 1 if transposed else 0
+    dim = (1 - out_dim) if side == "in" else out_dim
+    shape = [1, 1]
+    shape[dim] = -1
+    W.data.copy_((W.data.float() * v.view(shape)).to(W.dtype))
+    if side == "out" and bias is not None:
+        bias.data.copy_((bias.data.float() * v).to(bias.dtype))

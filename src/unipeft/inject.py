@@ -1,0 +1,204 @@
+"""inject(model, insertions) -> Handle: the single entry point that changes a model, and its undo.
+
+Resolution happens first for every insertion; only when all positions resolve is anything installed, and a
+failure while installing rolls back what was done. The model is never left half-modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import find_arch, linear_dims, resolve_linears, resolve_sublayers
+from .arch.spec import ArchSpec
+from .deltas import build_delta
+from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
+from .spec import AtLinear, AtSublayer, Insertion
+
+_INSTALLERS = {}  # position type -> installer(model, ins, arch, switch) -> list[Site]
+
+
+def position_installer(pos_type):
+    """Register how a position type is resolved and installed (new positions plug in here)."""
+
+    def deco(fn):
+        _INSTALLERS[pos_type] = fn
+        return fn
+
+    return deco
+
+
+def _param_like(module: nn.Module):
+    p = next(module.parameters(), None)
+    if p is None or not p.is_floating_point():  # quantized weights: adapters stay in the compute dtype
+        return dict(dtype=getattr(module, "compute_dtype", None) or torch.float32, device=p.device if p is not None else None)
+    return dict(dtype=p.dtype, device=p.device)
+
+
+@position_installer(AtLinear)
+def _install_linear(model, ins: Insertion, arch, switch) -> list[Site]:
+    sites = []
+    for name, mod in resolve_linears(model, ins.position, arch):
+        d_in, d_out, _ = linear_dims(mod)
+        side = ins.position.side_of(name)
+        delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod))
+        sites.append(LinearDeltaSite(mod, name, ins, delta, switch, side=side))
+    return sites
+
+
+def hidden_size(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model")
+
+
+@position_installer(AtSublayer)
+def _install_sublayer(model, ins: Insertion, arch, switch) -> list[Site]:
+    sites = []
+    d = hidden_size(model)
+    for s in resolve_sublayers(model, ins.position, arch):
+        delta = build_delta(ins.delta, d, d, side="out", **_param_like(s.out_module))
+        sites.append(SublayerDeltaSite(s.in_module, s.out_module, s.out_name, ins, delta, switch))
+    return sites
+
+
+@dataclass
+class Handle:
+    """What inject() did to a model, and how to undo it."""
+
+    model: nn.Module
+    sites: list = field(default_factory=list)
+    copies: list = field(default_factory=list)  # TrainableCopy
+    trainable_base: list = field(default_factory=list)  # (name, param, snapshot) base params made trainable
+    switch: Switch = field(default_factory=Switch)
+
+    # ownership ---------------------------------------------------------------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter this adapter owns, by its path in the model (ownership, never name patterns)."""
+        owned = {id(p) for s in self.sites for p in s.delta.parameters()}
+        owned |= {id(c.copy.weight) for c in self.copies if hasattr(c.copy, "weight")}
+        owned |= {id(p) for c in self.copies for p in c.copy.parameters()}
+        owned |= {id(p) for _, p, _ in self.trainable_base}
+        return {n: p for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in owned}
+
+    def mark_trainable(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.adapter_parameters().values():
+            p.requires_grad_(True)
+
+    # on / off, merge ---------------------------------------------------------------------------------
+    def set_enabled(self, on: bool) -> None:
+        self.switch.on = on
+        for c in self.copies:
+            c.set_enabled(on)
+
+    def merge(self) -> None:
+        mergeable = [s for s in self.sites if not s.merged]
+        for s in mergeable:  # check all first: merging is all or nothing
+            if not _can_merge(s):
+                s.merge()  # raises the delta's clear error
+        for s in mergeable:
+            s.merge()
+
+    def unmerge(self) -> None:
+        for s in self.sites:
+            s.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.sites) and all(s.merged for s in self.sites)
+
+    def remove(self) -> nn.Module:
+        """Undo everything: hooks, delta modules, head copies, trained base params (restored from snapshots)."""
+        for s in reversed(self.sites):
+            if s.merged:
+                s.unmerge()
+            s.remove()
+        for c in self.copies:
+            c.remove()
+        with torch.no_grad():
+            for _, p, snap in self.trainable_base:
+                p.copy_(snap)
+                p.requires_grad_(False)
+        self.sites, self.copies, self.trainable_base = [], [], []
+        return self.model
+
+    def unload(self, merge: bool) -> nn.Module:
+        """Drop the adapter machinery, keeping merged weights (merge_and_unload) or the base (unload)."""
+        if merge:
+            self.merge()
+        for s in reversed(self.sites):
+            s.remove()
+        for c in self.copies:  # the trained heads stay in the model
+            c.parent._modules[c.attr] = c.copy
+        self.sites, self.copies, self.trainable_base = [], [], []
+        return self.model
+
+
+def _can_merge(site) -> bool:
+    from .spec import Compose
+
+    return isinstance(site, LinearDeltaSite) and (site.ins.compose == Compose.MULTIPLY or site.delta.can_merge())
+
+
+def inject(
+    model: nn.Module,
+    insertions: tuple[Insertion, ...],
+    *,
+    arch: ArchSpec | None = None,
+    modules_to_save: tuple[str, ...] = (),
+    trainable_biases: str = "none",
+) -> Handle:
+    """Install `insertions` into `model` in place and return the Handle that can undo it.
+
+    Args:
+        modules_to_save: module names (or name suffixes) trained in full as copies, e.g. task heads.
+        trainable_biases: "none" | "all" (every bias of the model) | "sites" (biases of modules holding a delta).
+    """
+    arch = arch or find_arch(model)
+    handle = Handle(model)
+    try:
+        for ins in insertions:
+            try:
+                installer = _INSTALLERS[type(ins.position)]
+            except KeyError:
+                raise TypeError(f"no installer for position {type(ins.position).__name__}; known: "
+                                f"{[t.__name__ for t in _INSTALLERS]}") from None
+            handle.sites += installer(model, ins, arch, handle.switch)
+        _install_copies(model, handle, modules_to_save)
+        _train_biases(model, handle, trainable_biases)
+    except Exception:
+        handle.remove()
+        raise
+    handle.mark_trainable()
+    return handle
+
+
+def _install_copies(model, handle: Handle, names) -> None:
+    for name, mod in list(model.named_modules()):
+        if not name or not any(name == n or name.endswith("." + n) for n in names):
+            continue
+        if any(name.startswith(c.name + ".") for c in handle.copies):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name))
+
+
+def _train_biases(model, handle: Handle, mode: str) -> None:
+    if mode == "none":
+        return
+    if mode == "all":
+        hosts = [(n, m) for n, m in model.named_modules()]
+    elif mode == "sites":
+        hosts = [(s.host_name, s.host) for s in handle.sites]
+    else:
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {mode!r}")
+    owned = {id(p) for s in handle.sites for p in s.delta.parameters()}
+    seen = set()
+    for n, m in hosts:
+        b = m._parameters.get("bias") if hasattr(m, "_parameters") else None
+        if b is not None and id(b) not in seen and id(b) not in owned:
+            seen.add(id(b))
+            handle.trainable_base.append((f"{n}.bias", b, b.detach().clone()))

@@ -1,0 +1,82 @@
+"""Read and write adapter folders. Never unpickles unless asked; every failure names the file and the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path, write_text
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+
+def save_adapter(folder, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage; adapter tensors are small, so plain contiguous copies are fine.
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def resolve_folder(path) -> Path:
+    """A local adapter folder, or a hub repo id downloaded to the local cache (when online)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise NotADirectoryError(f"{path} is a file; an adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    looks_like_repo = str(path).count("/") == 1 and not str(path).startswith((".", "/"))
+    if looks_like_repo:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME]))
+        except Exception as e:  # offline, unknown repo, ...
+            raise FileNotFoundError(f"adapter {path!r} is not a local folder and could not be fetched from the hub: {e}") from e
+    raise FileNotFoundError(f"adapter folder {path} does not exist")
+
+
+def load_config_dict(folder) -> dict:
+    folder = Path(folder)
+    f = folder / CONFIG_NAME
+    if not f.is_file():
+        found = sorted(os.listdir(folder)) if folder.is_dir() else []
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder} (found: {found}); is this an adapter folder "
+                                f"written by save_pretrained?")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged — re-save the "
+                         f"adapter or restore the file") from None
+    if not isinstance(d, dict) or "peft_type" not in d:
+        raise ValueError(f"{f} has no 'peft_type' field, so the method is unknown; it must say e.g. "
+                         f"\"peft_type\": \"LORA\"")
+    return d
+
+
+def load_tensors(folder, allow_pickle: bool = False, device="cpu") -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    st, pk = folder / WEIGHTS_NAME, folder / PICKLE_NAME
+    if st.is_file():
+        try:
+            return load_file(str(st), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{st} is corrupt or truncated ({e}); re-save the adapter or restore the file") from None
+    if pk.is_file():
+        if not allow_pickle:
+            raise ValueError(f"{folder} holds only {PICKLE_NAME}, a pickle file that can run code when loaded; "
+                             f"unipeft reads it only with allow_pickle=True (if you trust its source)")
+        try:
+            return torch.load(pk, map_location=device, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{pk} could not be read ({e})") from None
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (found: {sorted(os.listdir(folder))})")

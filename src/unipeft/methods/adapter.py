@@ -1,0 +1,115 @@
+"""Bottleneck adapters: Δ = up(f(down(x))) at the attention and/or FFN sublayer, sequential or parallel.
+
+Presets (He et al. 2022, Table 1):
+    houlsby          @ attn + FFN · sequential · add          Houlsby et al. 2019, arXiv:1902.00751
+    pfeiffer         @ FFN        · sequential · add          Pfeiffer et al. 2021, arXiv:2005.00247
+    parallel         @ FFN        · parallel   · add          He et al. 2022, arXiv:2110.04366
+    scaled_parallel  @ FFN        · parallel   · scale s=4    He et al. 2022
+    multi_head_parallel @ attn    · parallel   · add, one bottleneck per head
+
+up = 0 at init, so the adapted model equals the base until it trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+from ..config import PeftConfig
+from ..registry import register_config, register_method
+from ..spec import AtSublayer, Bottleneck, Compose, Form, Insertion, Sublayer
+
+_POSITIONS = {"attn": (Sublayer.ATTN,), "ffn": (Sublayer.FFN,), "both": (Sublayer.ATTN, Sublayer.FFN)}
+
+
+@register_config
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig(PeftConfig):
+    peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
+
+    bottleneck_size: Union[int, None] = None  # m; or hidden_size // reduction_factor
+    reduction_factor: Union[float, None] = None
+    position: str = "ffn"  # "attn" | "ffn" | "both"
+    form: str = "sequential"  # "sequential" | "parallel"
+    scaling: Union[float, str] = 1.0  # a fixed s, or "learned" (a trained scalar starting at 1)
+    non_linearity: str = "relu"
+    layer_norm: bool = False
+    dropout: float = 0.0
+    bias: bool = True
+    init: str = "identity"  # "identity" (up = 0) | "random" (tests)
+    heads: int = 1  # > 1: block-diagonal, one bottleneck per attention head
+    layers_to_transform: Union[tuple[int, ...], int, None] = None
+
+    def validate(self) -> None:
+        if self.position not in _POSITIONS:
+            raise ValueError(f"position must be one of {list(_POSITIONS)}, got {self.position!r}")
+        Form(self.form)
+        if self.bottleneck_size is not None:
+            Bottleneck(size=self.bottleneck_size, dropout=self.dropout, init=self.init)
+        if self.reduction_factor is not None and not self.reduction_factor > 0:
+            raise ValueError(f"reduction_factor must be > 0, got {self.reduction_factor!r}")
+        if isinstance(self.scaling, str) and self.scaling != "learned":
+            raise ValueError(f"scaling must be a number or 'learned', got {self.scaling!r}")
+        from ..functional import activation
+
+        activation(self.non_linearity)
+        if isinstance(self.layers_to_transform, int):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+
+    # presets -------------------------------------------------------------------------------------------
+    @classmethod
+    def houlsby(cls, **kw) -> "AdapterConfig":
+        return cls(**{"position": "both", "form": "sequential", "non_linearity": "swish", **_rf(kw)})
+
+    @classmethod
+    def pfeiffer(cls, **kw) -> "AdapterConfig":
+        return cls(**{"position": "ffn", "form": "sequential", "non_linearity": "relu", **_rf(kw)})
+
+    @classmethod
+    def parallel(cls, **kw) -> "AdapterConfig":
+        return cls(**{"position": "ffn", "form": "parallel", "non_linearity": "relu", **_rf(kw)})
+
+    @classmethod
+    def scaled_parallel(cls, scaling: Union[float, str] = 4.0, **kw) -> "AdapterConfig":
+        return cls(**{"position": "ffn", "form": "parallel", "non_linearity": "relu", "scaling": scaling, **_rf(kw)})
+
+    @classmethod
+    def multi_head_parallel(cls, **kw) -> "AdapterConfig":
+        kw = _rf(kw)
+        return cls(**{"position": "attn", "form": "parallel", "non_linearity": "relu", "heads": -1, **kw})
+
+    # the design-space point ----------------------------------------------------------------------------
+    def resolved(self, model, arch):
+        cfg = super().resolved(model, arch)
+        d = getattr(model.config, "hidden_size", None) or model.config.d_model
+        heads = cfg.heads if cfg.heads > 0 else model.config.num_attention_heads
+        size = cfg.bottleneck_size or max(heads, int(d // (cfg.reduction_factor or 16)))
+        size = -(-size // heads) * heads  # a multiple of the head count
+        return dataclasses.replace(cfg, bottleneck_size=size, heads=heads)
+
+    def insertions(self, model, arch):
+        delta = Bottleneck(size=self.bottleneck_size, non_linearity=self.non_linearity, layer_norm=self.layer_norm,
+                           dropout=self.dropout, bias=self.bias, init=self.init, heads=self.heads)
+        learned = self.scaling == "learned"
+        return tuple(
+            Insertion(delta=delta, position=AtSublayer(sublayer=s, layers=self.layers_to_transform),
+                      form=Form(self.form), compose=Compose.LEARNED if learned else Compose.ADD,
+                      scale=1.0 if learned else float(self.scaling), name="adapter")
+            for s in _POSITIONS[self.position]
+        )
+
+
+def _rf(kw: dict) -> dict:
+    if kw.get("bottleneck_size") is None and kw.get("reduction_factor") is None:
+        kw = {**kw, "reduction_factor": 16}
+    return kw
+
+
+_PAPER = "arXiv:2110.04366"
+register_method("houlsby", AdapterConfig.houlsby, "bottleneck @ attn + FFN · sequential · add", "arXiv:1902.00751")
+register_method("pfeiffer", AdapterConfig.pfeiffer, "bottleneck @ FFN · sequential · add", "arXiv:2005.00247")
+register_method("parallel", AdapterConfig.parallel, "bottleneck @ FFN · parallel · add", _PAPER)
+register_method("scaled_parallel", AdapterConfig.scaled_parallel, "bottleneck @ FFN · parallel · scale s=4", _PAPER)
+register_method("multi_head_parallel", AdapterConfig.multi_head_parallel,
+                "per-head bottleneck @ attn · parallel · add", _PAPER)

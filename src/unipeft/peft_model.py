@@ -1,0 +1,175 @@
+"""The facade HF PEFT users know: get_peft_model, PeftModel(.from_pretrained/.save_pretrained/...)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from .arch import find_arch
+from .config import PeftConfig
+from .inject import Handle, inject
+from .io import load_config_dict, load_tensors, save_adapter
+from .io.checkpoint import resolve_folder
+from .io.keys import file_keys
+from .registry import config_class
+
+logger = logging.getLogger(__name__)
+
+# peft_types whose files follow HF PEFT's key names (so HF PEFT loads them).
+HF_FORMATS = {"LORA", "IA3"}
+
+
+class TunerModel(nn.Module):
+    """Holds the adapted model as `.model`, so state-dict keys read `base_model.model.*` as in HF PEFT."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(nn.Module):
+    """A model with one adapter injected. Forward, generate and everything else pass to the model."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
+        super().__init__()
+        arch = find_arch(model)
+        cfg = peft_config.resolved(model, arch)
+        handle = inject(model, cfg.insertions(model, arch), arch=arch, modules_to_save=cfg.modules_to_save or (),
+                        trainable_biases=cfg.bias_mode())
+        self.base_model = TunerModel(model)
+        self.peft_config = {adapter_name: cfg}
+        self.active_adapter = adapter_name
+        object.__setattr__(self, "_handle", handle)  # plain attribute: not a submodule
+
+    # pass-through --------------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_handle"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def handle(self) -> Handle:
+        return self._handle
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        # Non-reentrant checkpointing: adapter gradients flow even though the frozen inputs need none.
+        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+    # parameters ----------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    # adapter on/off, merge -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        was_merged = self._handle.merged
+        if was_merged:
+            self._handle.unmerge()
+        self._handle.set_enabled(False)
+        try:
+            yield
+        finally:
+            self._handle.set_enabled(True)
+            if was_merged:
+                self._handle.merge()
+
+    def merge_adapter(self) -> None:
+        self._handle.merge()
+
+    def unmerge_adapter(self) -> None:
+        self._handle.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the adapter into the weights and return the plain model (trained task heads kept)."""
+        return self._handle.unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter and return the base model exactly as it was before get_peft_model."""
+        return self._handle.remove()
+
+    # checkpoints -------------------------------------------------------------------------------------------
+    def _config(self):
+        return self.peft_config[self.active_adapter]
+
+    def _file_keys(self):
+        return file_keys(self._handle, hf_names=self._config().peft_type in HF_FORMATS)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p for k, (_, p) in self._file_keys().items()}
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **_) -> None:
+        if not safe_serialization:
+            raise ValueError("unipeft writes safetensors only (pickle files can run code when loaded)")
+        cfg = self._config().to_dict()
+        cfg["inference_mode"] = True
+        if cfg.get("base_model_name_or_path") is None:
+            cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
+        save_adapter(save_directory, cfg, self.adapter_state_dict())
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        config: PeftConfig | None = None, allow_pickle: bool = False, **_) -> "PeftModel":
+        folder = resolve_folder(model_id)
+        if config is None:
+            d = load_config_dict(folder)
+            config = config_class(d["peft_type"]).from_dict(d)
+        tensors = load_tensors(folder, allow_pickle=allow_pickle)
+        peft = cls(model, config, adapter_name)
+        try:
+            peft.load_adapter_weights(tensors, source=str(folder))
+        except Exception:
+            peft._handle.remove()  # the user's model is left exactly as it was
+            raise
+        if not is_trainable:
+            for p in peft.parameters():
+                p.requires_grad_(False)
+            peft.eval()
+        return peft
+
+    @torch.no_grad()
+    def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        keys = self._file_keys()
+        unexpected = sorted(set(tensors) - set(keys))
+        missing = sorted(set(keys) - set(tensors))
+        if unexpected or missing:
+            raise ValueError(
+                f"{source} does not fit this model: " + "; ".join(
+                    x for x in (f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}" if unexpected else "",
+                                f"{len(missing)} missing tensor(s), e.g. {missing[:3]}" if missing else "") if x)
+                + ". Is the adapter for another base model, or saved with another config?"
+            )
+        for k, (path, p) in keys.items():
+            if tuple(tensors[k].shape) != tuple(p.shape):
+                raise ValueError(f"{source}: tensor {k} has shape {tuple(tensors[k].shape)} but the model expects "
+                                 f"{tuple(p.shape)} at {path}; the adapter was made for a different base model or config")
+        for k, (_, p) in keys.items():
+            p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_) -> PeftModel:
+    """Inject `peft_config`'s method into `model` (in place) and return the wrapping PeftModel."""
+    return PeftModel(model, peft_config, adapter_name)

@@ -1,0 +1,81 @@
+"""A Site is one installed delta: the module it lives on, its hooks, and how to undo it.
+
+Deltas are registered as children of the module they modify (so `state_dict`, `.to()` and `parameters()`
+see them) and act through forward hooks; the model's own modules are never replaced, so base keys keep
+their names and `remove()` restores the model object-for-object.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..spec import Compose, Insertion
+
+
+class Switch:
+    """Shared on/off state of one adapter (disable_adapter() flips it)."""
+
+    def __init__(self):
+        self.on = True
+
+
+class Site:
+    def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch):
+        if ins.name in host._modules:
+            raise ValueError(f"{host_name} already holds a delta named {ins.name!r}; give the insertion another name")
+        self.host, self.host_name, self.ins, self.delta, self.switch = host, host_name, ins, delta, switch
+        self.merged = False
+        self._hooks: list = []
+        if ins.compose == Compose.LEARNED:  # the learned scale s lives with its delta
+            p = next(delta.parameters(), None)
+            delta.register_parameter("scale", nn.Parameter(torch.tensor(float(ins.scale), dtype=p.dtype if p is not None else None)))
+        host.add_module(ins.name, delta)
+
+    @property
+    def s(self):
+        return self.delta.scale if self.ins.compose == Compose.LEARNED else self.ins.scale
+
+    @property
+    def active(self) -> bool:
+        return self.switch.on and not self.merged
+
+    @property
+    def path(self) -> str:
+        return f"{self.host_name}.{self.ins.name}" if self.host_name else self.ins.name
+
+    def hook(self, handle) -> None:
+        self._hooks.append(handle)
+
+    def merge(self) -> None:
+        raise ValueError(
+            f"{type(self.delta).__name__} at {self.host_name} ({self.ins.describe()}) cannot be merged: only deltas "
+            f"that are linear in the weight (low-rank, scaling vectors, linear bottlenecks on a linear) merge"
+        )
+
+    def unmerge(self) -> None:
+        self.merged = False
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.host._modules.get(self.ins.name) is self.delta:
+            del self.host._modules[self.ins.name]
+
+
+def first_input(args, kwargs):
+    """The hidden-state input of a module call, whether passed positionally or as hidden_states=."""
+    if args:
+        return args[0]
+    for k in ("hidden_states", "x", "input"):
+        if k in kwargs:
+            return kwargs[k]
+    raise ValueError(f"cannot find the hidden-state input among keyword arguments {list(kwargs)}")
+
+
+def map_output(output, fn):
+    """Apply fn to the hidden-state part of a module's output (a tensor, or the first item of a tuple)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    return fn(output)

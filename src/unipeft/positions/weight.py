@@ -1,0 +1,75 @@
+"""Weight-level position: a delta on a linear layer (q, k, v, o, FFN linears), GPT-2 Conv1D included.
+
+    parallel · add       W x + s·Δ(x)          LoRA (s = α/r), linear bottleneck
+    multiply · out       (W x + b) ⊙ l         IA3 on keys / values
+    multiply · in        W (x ⊙ l) + b         IA3 on feed-forward linears
+
+Mergeable deltas fold into W (and b) exactly; merge/unmerge are inverse in fp32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as Fn
+from ..arch.resolve import linear_dims
+from ..spec import Compose, Form, Insertion
+from .base import Site
+
+
+class LinearDeltaSite(Site):
+    def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out"):
+        super().__init__(host, host_name, ins, delta, switch)
+        self.transposed = linear_dims(host)[2]
+        self.side = side
+        if ins.compose == Compose.MULTIPLY and side == "in":
+            self.hook(host.register_forward_pre_hook(self._scale_input))
+        elif ins.compose == Compose.MULTIPLY:
+            self.hook(host.register_forward_hook(self._scale_output))
+        elif ins.form == Form.SEQUENTIAL:
+            self.hook(host.register_forward_hook(self._sequential))
+        else:
+            if side == "in":
+                raise ValueError("an additive delta on a linear reads its input and adds to its output; side='in' "
+                                 "is only meaningful with compose=multiply")
+            self.hook(host.register_forward_hook(self._parallel))
+
+    # hooks -----------------------------------------------------------------------------------------
+    def _parallel(self, module, args, out):
+        if not self.active:
+            return out
+        return Fn.compose(out, self.delta(args[0]), self.s)
+
+    def _sequential(self, module, args, out):
+        return Fn.compose(out, self.delta(out), self.s) if self.active else out
+
+    def _scale_output(self, module, args, out):
+        return out * self.delta(out) if self.active else out
+
+    def _scale_input(self, module, args):
+        if not self.active:
+            return None
+        return (args[0] * self.delta(args[0]),) + tuple(args[1:])
+
+    # merge -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _apply(self, inverse: bool) -> None:
+        W, b = self.host.weight, getattr(self.host, "bias", None)
+        if self.ins.compose == Compose.MULTIPLY:
+            Fn.scale_linear(W, b, self.delta.l, self.side, self.transposed, inverse)
+        elif self.ins.form == Form.PARALLEL and self.delta.can_merge():
+            s = float(self.s)
+            dW = self.delta.delta_weight() * s
+            Fn.merge_linear(W, -dW if inverse else dW, self.transposed)
+        else:
+            super().merge()
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._apply(inverse=False)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._apply(inverse=True)
+            self.merged = False

@@ -1,0 +1,44 @@
+"""The method registry: named presets over the design space, listed by `unipeft.methods()`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+CONFIGS: dict[str, type] = {}  # peft_type -> config class (for loading checkpoints)
+METHODS: dict[str, "MethodInfo"] = {}
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    factory: Callable  # **options -> PeftConfig
+    summary: str
+    paper: str
+
+
+def register_config(cls):
+    if cls.peft_type in CONFIGS and CONFIGS[cls.peft_type] is not cls:
+        raise ValueError(f"peft_type {cls.peft_type!r} is registered twice")
+    CONFIGS[cls.peft_type] = cls
+    return cls
+
+
+def register_method(name: str, factory: Callable, summary: str, paper: str = "") -> None:
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is registered twice")
+    METHODS[name] = MethodInfo(name, factory, summary, paper)
+
+
+def config_class(peft_type: str):
+    try:
+        return CONFIGS[peft_type]
+    except KeyError:
+        raise ValueError(f"unknown peft_type {peft_type!r}; this unipeft knows {sorted(CONFIGS)}") from None
+
+
+def methods() -> dict[str, MethodInfo]:
+    """Every registered method, by name."""
+    from . import methods as _  # noqa: F401  (registers the presets)
+
+    return dict(METHODS)

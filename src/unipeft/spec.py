@@ -1,0 +1,161 @@
+"""The unified view as types (He et al., ICLR 2022, "Towards a Unified View of PETL").
+
+Every PEFT method computes a modification Δh and adds it to a hidden state h. A method is a tuple of
+`Insertion`s, each fixed by four choices:
+
+    delta    what Δh is          low-rank · bottleneck · scaling vector · prefix K/V · prompt
+    position where it goes       a linear weight · the attention or FFN sublayer · attention K/V · input
+    form     what Δh reads       sequential (the sublayer's output) · parallel (the sublayer's input)
+    compose  how it is combined  add · scale (s·Δh) · multiply (h ⊙ l, IA3) · gate (prefix softmax mass)
+
+Named methods (LoRA, Houlsby, MAM, ...) are presets that return such tuples; users may build their own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Union
+
+
+class Form(str, Enum):
+    SEQUENTIAL = "sequential"  # Δ reads h = f(x), the block's output:  h + s·Δ(h)
+    PARALLEL = "parallel"  # Δ reads x, the block's input:  f(x) + s·Δ(x)
+
+
+class Compose(str, Enum):
+    ADD = "add"  # h + s·Δ, s fixed (1 for plain add, α/r for LoRA, 4 for scaled PA)
+    LEARNED = "learned"  # h + s·Δ, s a trained scalar (initialised to `scale`)
+    MULTIPLY = "multiply"  # h ⊙ l (IA3); with side="in" the linear's input is scaled instead
+    GATE = "gate"  # (1-λ)·h + λ·Δ, λ from softmax mass (prefix attention: implicit in the concat)
+
+
+class Sublayer(str, Enum):
+    ATTN = "attn"
+    FFN = "ffn"
+
+
+# ---------------------------------------------------------------- positions: WHERE Δh goes
+
+
+@dataclass(frozen=True, kw_only=True)
+class AtLinear:
+    """A weight-level position: chosen linear layers (q, k, v, o, FFN linears).
+
+    `targets` follows HF PEFT: a list of names (a module matches when its name equals one or ends with
+    ".<name>"), a regex string (full match on the module name), or "all-linear" (every linear but the
+    output head). Methods fill defaults from the architecture table's roles before building positions.
+    """
+
+    targets: Union[tuple[str, ...], str]
+    exclude: Union[tuple[str, ...], str, None] = None
+    layers: Union[tuple[int, ...], None] = None
+    input_side: Union[tuple[str, ...], str, None] = None  # targets whose delta acts on the input (IA3 FFN)
+
+    def side_of(self, name: str) -> str:
+        return "in" if self.input_side is not None and name_matches(name, self.input_side) else "out"
+
+
+def name_matches(name: str, targets) -> bool:
+    """HF PEFT's rule: a regex string must fully match; a name in a list matches itself or a '.name' suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AtSublayer:
+    """A residual position: the attention or FFN sublayer of every (selected) transformer block."""
+
+    sublayer: Sublayer
+    layers: Union[tuple[int, ...], None] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AtAttentionKV:
+    """Prefix keys/values prepended inside every (selected) attention, through one attention seam."""
+
+    layers: Union[tuple[int, ...], None] = None
+    attention: str = "self"  # "self" | "cross" (encoder-decoders)
+    stack: Union[str, None] = None  # None: all stacks; "encoder" | "decoder" for encoder-decoders
+
+
+@dataclass(frozen=True, kw_only=True)
+class AtInput:
+    """Virtual-token embeddings placed in the input sequence."""
+
+
+Position = Union[AtLinear, AtSublayer, AtAttentionKV, AtInput]
+
+
+# ---------------------------------------------------------------- deltas: WHAT Δh is
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowRank:
+    """Δ(x) = dropout(x)·Aᵀ·Bᵀ with A (r × in), B (out × r). Hu et al. 2021, arXiv:2106.09685."""
+
+    r: int
+    dropout: float = 0.0
+    init: Union[bool, str] = True  # True: A kaiming, B 0 · "gaussian": A ~ N(0, 1/r), B 0 · False: both random
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in (True, False, "gaussian"):
+            raise ValueError(f"init must be True, False or 'gaussian', got {self.init!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scaling:
+    """A learned vector l: h ⊙ l. Liu et al. 2022 (IA3), arXiv:2205.05638."""
+
+    init: bool = True  # True: ones (identity) · False: random (for tests)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bottleneck:
+    """Δ(x) = up(f(down(LN(x)))). Houlsby et al. 2019, arXiv:1902.00751."""
+
+    size: int
+    non_linearity: str = "relu"
+    layer_norm: bool = False
+    dropout: float = 0.0
+    bias: bool = True
+    init: str = "identity"  # "identity": up = 0 (adapted model == base) · "random": both random (tests)
+    heads: int = 1  # > 1: one bottleneck per attention head, block-diagonal (multi-head parallel adapter)
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size <= 0:
+            raise ValueError(f"bottleneck_size must be a positive integer, got {self.size!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("identity", "random"):
+            raise ValueError(f"init must be 'identity' or 'random', got {self.init!r}")
+        if self.heads < 1 or self.size % self.heads:
+            raise ValueError(f"bottleneck size {self.size} must be divisible by heads={self.heads}")
+
+
+Delta = Union[LowRank, Scaling, Bottleneck]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Insertion:
+    """One point of the design space: a delta at a position, in a form, composed a certain way."""
+
+    delta: object
+    position: object
+    form: Form = Form.PARALLEL
+    compose: Compose = Compose.ADD
+    scale: float = 1.0
+    name: str = field(default="")  # the attribute the delta module gets on its site (e.g. "lora")
+
+    def describe(self) -> str:
+        d = type(self.delta).__name__
+        p = type(self.position).__name__
+        return f"{d} @ {p} · {self.form.value} · {self.compose.value}" + (
+            f"(s={self.scale:g})" if self.compose in (Compose.ADD, Compose.LEARNED) and self.scale != 1 else ""
+        )
