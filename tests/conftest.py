@@ -41,7 +41,8 @@ def tiny_bert(seed=0, task="seq-cls", **kw):
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=128, num_labels=3, pad_token_id=0, **kw)
+                     num_attention_heads=4, max_position_embeddings=128, num_labels=3, pad_token_id=0,
+                     initializer_range=0.2, **kw)
     cls = BertForSequenceClassification if task == "seq-cls" else BertForTokenClassification
     return cls(cfg).eval()
 

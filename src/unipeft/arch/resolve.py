@@ -107,7 +107,9 @@ def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> l
         if isinstance(targets, (list, set)):
             targets = tuple(targets)
         chosen = [(n, m) for n, m in linears if _matches(n, targets)]
-        if not chosen:
+        # Every listed name must match something: a typo must not silently train fewer modules.
+        unmatched = isinstance(targets, tuple) and any(not any(_matches(n, (t,)) for n, _ in linears) for t in targets)
+        if not chosen or unmatched:
             raise ValueError(_unknown_target_message(targets, linears, model))
     if pos.exclude:
         chosen = [(n, m) for n, m in chosen if not _matches(n, pos.exclude)]

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
+from ..arch.resolve import resolve_sublayers
 from ..config import PeftConfig
 from ..registry import register_config, register_method
 from ..spec import AtSublayer, Bottleneck, Compose, Form, Insertion, Sublayer
@@ -82,6 +83,8 @@ class AdapterConfig(PeftConfig):
     # the design-space point ----------------------------------------------------------------------------
     def resolved(self, model, arch):
         cfg = super().resolved(model, arch)
+        if arch is None:  # raises the unknown-architecture error, listing the model's modules
+            resolve_sublayers(model, AtSublayer(sublayer=Sublayer.FFN), arch)
         d = getattr(model.config, "hidden_size", None) or model.config.d_model
         heads = cfg.heads if cfg.heads > 0 else model.config.num_attention_heads
         size = cfg.bottleneck_size or max(heads, int(d // (cfg.reduction_factor or 16)))
