@@ -39,6 +39,8 @@ class PeftConfig:
     """Fields shared by every method. Subclasses set `peft_type` and build their insertions."""
 
     peft_type: ClassVar[str] = ""
+    hf_format: ClassVar[bool] = False  # files follow HF PEFT's key names, so HF PEFT loads them
+    key_prefix: ClassVar[str] = "base_model.model."  # HF PEFT's prefix for this kind of adapter
     # keys of foreign (HF PEFT) files that change the meaning of an adapter when not at these values
     unsupported: ClassVar[dict[str, Any]] = {}
 
@@ -77,6 +79,9 @@ class PeftConfig:
 
     trainable_biases: ClassVar[str] = "none"
 
+    def initialize(self, model, handle) -> None:
+        """Data-dependent initialisation after injection (e.g. from the activations of real tokens)."""
+
     def bias_mode(self) -> str:
         return self.trainable_biases
 
@@ -98,3 +103,47 @@ class PeftConfig:
         if dropped:
             logger.debug("ignoring adapter_config keys unipeft does not use: %s", dropped)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptLearningConfig(PeftConfig):
+    """HF PEFT's prompt-learning fields; the shape fields are re-derived from the model when null."""
+
+    key_prefix: ClassVar[str] = "base_model."
+    hf_format: ClassVar[bool] = True
+
+    num_virtual_tokens: int = 20
+    token_dim: Union[int, None] = None
+    num_transformer_submodules: Union[int, None] = None
+    num_attention_heads: Union[int, None] = None
+    num_layers: Union[int, None] = None
+
+    def validate(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+
+    def resolved(self, model, arch):
+        cfg = super().resolved(model, arch)
+        mc = model.config
+        enc_dec = bool(getattr(mc, "is_encoder_decoder", False))
+        return dataclasses.replace(
+            cfg, token_dim=cfg.token_dim or getattr(mc, "hidden_size", None) or mc.d_model,
+            num_transformer_submodules=cfg.num_transformer_submodules or (2 if enc_dec else 1),
+            num_attention_heads=cfg.num_attention_heads or mc.num_attention_heads,
+            num_layers=cfg.num_layers or getattr(mc, "num_hidden_layers", None) or mc.num_layers)
+
+
+def tokenize_init_text(text: str, tokenizer_name_or_path, limit: int, what: str) -> tuple[int, ...]:
+    """Token ids of an init text; it must fit in `limit` virtual tokens."""
+    if not tokenizer_name_or_path:
+        raise ValueError(f"{what} needs tokenizer_name_or_path (a tokenizer folder or hub id) to turn the text into tokens")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+    ids = tuple(tok(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"{what}: the init text {text!r} has no tokens")
+    if len(ids) > limit:
+        raise ValueError(f"{what}: the init text is {len(ids)} tokens long but num_virtual_tokens is {limit}; "
+                         f"shorten the text or raise num_virtual_tokens")
+    return ids

@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import find_arch, linear_dims, resolve_linears, resolve_sublayers
+from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_sublayers
+from .arch.resolve import get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
-from .spec import AtLinear, AtSublayer, Insertion
+from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
+from .positions.input import InputSite, PositionShift
+from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Insertion, Sublayer
 
-_INSTALLERS = {}  # position type -> installer(model, ins, arch, switch) -> list[Site]
+_INSTALLERS = {}  # position type -> installer(model, ins, arch, handle) -> list[Site]
 
 
 def position_installer(pos_type):
@@ -38,7 +41,8 @@ def _param_like(module: nn.Module):
 
 
 @position_installer(AtLinear)
-def _install_linear(model, ins: Insertion, arch, switch) -> list[Site]:
+def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
+    switch = handle.switch
     sites = []
     for name, mod in resolve_linears(model, ins.position, arch):
         d_in, d_out, _ = linear_dims(mod)
@@ -54,13 +58,74 @@ def hidden_size(model) -> int:
 
 
 @position_installer(AtSublayer)
-def _install_sublayer(model, ins: Insertion, arch, switch) -> list[Site]:
+def _install_sublayer(model, ins: Insertion, arch, handle) -> list[Site]:
+    switch = handle.switch
     sites = []
     d = hidden_size(model)
     for s in resolve_sublayers(model, ins.position, arch):
         delta = build_delta(ins.delta, d, d, side="out", **_param_like(s.out_module))
         sites.append(SublayerDeltaSite(s.in_module, s.out_module, s.out_name, ins, delta, switch))
     return sites
+
+
+class RootModule:
+    """A delta shared by many sites (a prefix table, a prompt), registered on the model root."""
+
+    def __init__(self, model: nn.Module, name: str, delta: nn.Module):
+        if name in model._modules:
+            raise ValueError(f"the model already has a submodule named {name!r}; name the insertion differently")
+        self.model, self.name, self.delta = model, name, delta
+        model.add_module(name, delta)
+
+    def remove(self):
+        if self.model._modules.get(self.name) is self.delta:
+            del self.model._modules[self.name]
+
+
+def attention_dims(model) -> tuple[int, int]:
+    """(kv_heads, head_dim) from the model config (GQA-aware; T5's d_kv)."""
+    cfg = model.config
+    H = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or hidden_size(model) // H
+    return getattr(cfg, "num_key_value_heads", None) or H, hd
+
+
+@position_installer(AtAttentionKV)
+def _install_attention_kv(model, ins: Insertion, arch, handle) -> list:
+    if arch is None:
+        resolve_sublayers(model, AtSublayer(sublayer=Sublayer.ATTN), arch)  # raises, listing the modules
+    paths = arch.attn if ins.position.attention == "self" else arch.cross_attn
+    modules = []
+    for b in blocks(model, arch):
+        if ins.position.layers is not None and b.index not in ins.position.layers:
+            continue
+        for p in paths:
+            m = get_submodule(b.module, p)
+            if m is not None:
+                modules.append((f"{b.path}.{p}", m))
+                break
+    if not modules:
+        raise ValueError(f"no {ins.position.attention}-attention modules found at {paths} in {type(model).__name__}")
+    for name, m in modules:
+        check_seam(m, name)
+    kv_heads, head_dim = attention_dims(model)
+    delta = build_delta(ins.delta, 0, 0, sites=len(modules), kv_heads=kv_heads, head_dim=head_dim, **_param_like(model))
+    handle.extras.append(RootModule(model, ins.name, delta))
+    if not any(isinstance(e, SeamConfigs) for e in handle.extras):
+        handle.extras.append(SeamConfigs(model))
+    if ins.position.position_shift:
+        handle.extras.append(PositionShift(model, ins.delta.length, handle.switch))
+    return [AttentionKVSite(m, n, ins, delta, i, handle.switch, ins.name) for i, (n, m) in enumerate(modules)]
+
+
+@position_installer(AtInput)
+def _install_input(model, ins: Insertion, arch, handle) -> list:
+    emb = model.get_input_embeddings()
+    subs = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
+    delta = build_delta(ins.delta, emb.embedding_dim, emb.embedding_dim, word_embeddings=emb, submodules=subs,
+                        **_param_like(emb))
+    handle.extras.append(RootModule(model, ins.name, delta))
+    return [InputSite(model, ins, delta, handle.switch, ins.name)]
 
 
 @dataclass
@@ -71,13 +136,13 @@ class Handle:
     sites: list = field(default_factory=list)
     copies: list = field(default_factory=list)  # TrainableCopy
     trainable_base: list = field(default_factory=list)  # (name, param, snapshot) base params made trainable
+    extras: list = field(default_factory=list)  # other undoable changes (root deltas, attention seam, hooks)
     switch: Switch = field(default_factory=Switch)
 
     # ownership ---------------------------------------------------------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter this adapter owns, by its path in the model (ownership, never name patterns)."""
         owned = {id(p) for s in self.sites for p in s.delta.parameters()}
-        owned |= {id(c.copy.weight) for c in self.copies if hasattr(c.copy, "weight")}
         owned |= {id(p) for c in self.copies for p in c.copy.parameters()}
         owned |= {id(p) for _, p, _ in self.trainable_base}
         return {n: p for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in owned}
@@ -118,6 +183,8 @@ class Handle:
             s.remove()
         for c in self.copies:
             c.remove()
+        for e in reversed(self.extras):
+            e.remove()
         with torch.no_grad():
             for _, p, snap in self.trainable_base:
                 p.copy_(snap)
@@ -133,7 +200,7 @@ class Handle:
             s.remove()
         for c in self.copies:  # the trained heads stay in the model
             c.parent._modules[c.attr] = c.copy
-        self.sites, self.copies, self.trainable_base = [], [], []
+        self.sites, self.copies, self.trainable_base, self.extras = [], [], [], []
         return self.model
 
 
@@ -166,7 +233,7 @@ def inject(
             except KeyError:
                 raise TypeError(f"no installer for position {type(ins.position).__name__}; known: "
                                 f"{[t.__name__ for t in _INSTALLERS]}") from None
-            handle.sites += installer(model, ins, arch, handle.switch)
+            handle.sites += installer(model, ins, arch, handle)
         _install_copies(model, handle, modules_to_save)
         _train_biases(model, handle, trainable_biases)
     except Exception:

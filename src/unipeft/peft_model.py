@@ -13,13 +13,10 @@ from .config import PeftConfig
 from .inject import Handle, inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
-from .io.keys import file_keys
+from .io.keys import exported, file_keys, hf_wrapper_prefixes
 from .registry import config_class
 
 logger = logging.getLogger(__name__)
-
-# peft_types whose files follow HF PEFT's key names (so HF PEFT loads them).
-HF_FORMATS = {"LORA", "IA3"}
 
 
 class TunerModel(nn.Module):
@@ -46,6 +43,11 @@ class PeftModel(nn.Module):
         self.peft_config = {adapter_name: cfg}
         self.active_adapter = adapter_name
         object.__setattr__(self, "_handle", handle)  # plain attribute: not a submodule
+        try:
+            cfg.initialize(model, handle)
+        except Exception:
+            handle.remove()
+            raise
 
     # pass-through --------------------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -116,10 +118,18 @@ class PeftModel(nn.Module):
         return self.peft_config[self.active_adapter]
 
     def _file_keys(self):
-        return file_keys(self._handle, hf_names=self._config().peft_type in HF_FORMATS)
+        cfg = self._config()
+        return file_keys(self._handle, hf_names=cfg.hf_format, prefix=cfg.key_prefix)
+
+    def _exports(self):
+        return exported(self._handle) if self._config().hf_format else {}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p for k, (_, p) in self._file_keys().items()}
+        """What save_pretrained writes: our weights under HF PEFT's names, plus HF's derived tensors."""
+        sd = {k: p.detach() for k, (_, p) in self._file_keys().items()}
+        for name, delta in self._exports().items():
+            sd[name] = delta.hf_tensors()[name]
+        return sd
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **_) -> None:
         if not safe_serialization:
@@ -152,7 +162,19 @@ class PeftModel(nn.Module):
 
     @torch.no_grad()
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        skip = hf_wrapper_prefixes(self._handle, self._config().key_prefix)
+        tensors = {k: v for k, v in tensors.items() if not (skip and k.startswith(skip))}
+        exports = self._exports()
+        # A file with only HF's derived tensor for a delta (an HF PEFT prompt-learning checkpoint) loads
+        # through it; the delta then continues from that tensor.
+        for delta in {id(d): d for d in exports.values()}.values():
+            own = [k for k, (_, p) in self._file_keys().items() if any(p is q for q in delta.parameters())]
+            names = [n for n, d in exports.items() if d is delta]
+            if not all(k in tensors for k in own) and all(n in tensors for n in names):
+                delta.load_hf_tensors({n: tensors[n] for n in names})
+                self._handle.mark_trainable()
         keys = self._file_keys()
+        tensors = {k: v for k, v in tensors.items() if k not in exports}  # derived: written for HF PEFT only
         unexpected = sorted(set(tensors) - set(keys))
         missing = sorted(set(keys) - set(tensors))
         if unexpected or missing:

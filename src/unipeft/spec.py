@@ -78,12 +78,13 @@ class AtAttentionKV:
 
     layers: Union[tuple[int, ...], None] = None
     attention: str = "self"  # "self" | "cross" (encoder-decoders)
-    stack: Union[str, None] = None  # None: all stacks; "encoder" | "decoder" for encoder-decoders
+    position_shift: bool = False  # HF PEFT's semantics: real tokens' positions start at P (its cache route)
 
 
 @dataclass(frozen=True, kw_only=True)
 class AtInput:
-    """Virtual-token embeddings placed in the input sequence."""
+    """Virtual-token embeddings placed in the input sequence: prepended, or at the slots a template marks
+    (input ids < 0, see `unipeft.prompts.apply_template`). For encoder-decoders, in the encoder input."""
 
 
 Position = Union[AtLinear, AtSublayer, AtAttentionKV, AtInput]
@@ -139,7 +140,48 @@ class Bottleneck:
             raise ValueError(f"bottleneck size {self.size} must be divisible by heads={self.heads}")
 
 
-Delta = Union[LowRank, Scaling, Bottleneck]
+@dataclass(frozen=True, kw_only=True)
+class Prefix:
+    """Per-layer key/value prefixes P_k, P_v (length P) attended to by every query.
+
+    Li & Liang 2021 (arXiv:2101.00190); flat (projection=None) is P-tuning v2 (arXiv:2110.07602).
+    With `projection` = m, P = MLP(E) with E (P × d) and a tanh MLP d → m → layers·2·d_kv (reparameterization).
+    """
+
+    length: int
+    projection: Union[int, None] = None
+    init: str = "random"  # "random" | "zeros"
+
+    def __post_init__(self):
+        if not isinstance(self.length, int) or self.length <= 0:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.length!r}")
+        if self.projection is not None and self.projection <= 0:
+            raise ValueError(f"encoder_hidden_size must be positive, got {self.projection!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """Virtual-token embeddings at the input (prompt tuning, arXiv:2104.08691), optionally produced by a
+    prompt encoder (P-tuning v1, arXiv:2103.10385: "LSTM" = bi-LSTM + MLP, "MLP" = 2-layer MLP)."""
+
+    length: int
+    encoder: Union[str, None] = None  # None | "LSTM" | "MLP"
+    encoder_hidden_size: Union[int, None] = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    init: str = "RANDOM"  # "RANDOM" | "SAMPLE_VOCAB" | "TEXT"
+    init_ids: tuple[int, ...] = ()  # token ids for TEXT init
+
+    def __post_init__(self):
+        if not isinstance(self.length, int) or self.length <= 0:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.length!r}")
+        if self.encoder not in (None, "LSTM", "MLP"):
+            raise ValueError(f"encoder_reparameterization_type must be 'LSTM' or 'MLP', got {self.encoder!r}")
+        if self.init not in ("RANDOM", "SAMPLE_VOCAB", "TEXT"):
+            raise ValueError(f"prompt init must be RANDOM, SAMPLE_VOCAB or TEXT, got {self.init!r}")
+
+
+Delta = Union[LowRank, Scaling, Bottleneck, Prefix, Prompt]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,8 @@
 from .base import DeltaModule, build_delta
 from .bottleneck import BottleneckDelta
 from .low_rank import LowRankDelta
+from .prefix import PrefixDelta
+from .prompt import PromptDelta
 from .scaling import ScalingDelta
 
-__all__ = ["DeltaModule", "build_delta", "LowRankDelta", "ScalingDelta", "BottleneckDelta"]
+__all__ = ["DeltaModule", "build_delta", "LowRankDelta", "ScalingDelta", "BottleneckDelta", "PrefixDelta", "PromptDelta"]

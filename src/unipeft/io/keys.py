@@ -1,34 +1,59 @@
 """Checkpoint keys: our parameters' paths <-> the names in adapter_model.safetensors.
 
-Keys read `base_model.model.<path in the HF model>` as in HF PEFT. Deltas that exist in HF PEFT declare
-their HF names (`hf_keys`, e.g. LoRA's A -> lora_A.weight) and are written under them, so either library
-loads the other's files; our own methods keep their parameter paths.
+Keys read `<prefix><path in the HF model>` with HF PEFT's prefix (`base_model.model.`, or `base_model.` for
+prompt learning). Deltas that exist in HF PEFT declare their HF names (`hf_keys`, e.g. LoRA's A ->
+lora_A.weight) and are written under them; deltas whose HF form is a derived tensor (a prefix table made by
+an MLP, P-tuning's encoder output) export it under its HF name (`hf_tensors`) beside their own weights,
+so HF PEFT loads our files and we can still resume training from them.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-PREFIX = "base_model.model."
+
+def _unique_sites(handle):
+    seen = set()
+    for s in handle.sites:
+        if id(s.delta) not in seen:
+            seen.add(id(s.delta))
+            yield s
 
 
-def file_keys(handle, hf_names: bool) -> dict[str, tuple[str, nn.Parameter]]:
+def file_keys(handle, hf_names: bool, prefix: str) -> dict[str, tuple[str, nn.Parameter]]:
     """file key -> (parameter path in the model, parameter), for every parameter the adapter owns."""
     out: dict[str, tuple[str, nn.Parameter]] = {}
     hf_hosts = set()
-    for s in handle.sites:
+    for s in _unique_sites(handle):
         hf = hf_names and bool(type(s.delta).hf_keys)
         if hf:
             hf_hosts.add(s.host_name)
         for pname, p in s.delta.named_parameters():
             path = f"{s.path}.{pname}"
             key = f"{s.host_name}.{type(s.delta).hf_keys[pname]}" if hf and pname in type(s.delta).hf_keys else path
-            out[PREFIX + key] = (path, p)
+            out[prefix + key] = (path, p)
     for c in handle.copies:
         for pname, p in c.copy.named_parameters():
-            out[f"{PREFIX}{c.name}.{pname}"] = (f"{c.name}.{pname}", p)
+            out[f"{prefix}{c.name}.{pname}"] = (f"{c.name}.{pname}", p)
     for name, p, _ in handle.trainable_base:
         host = name.rsplit(".", 1)[0]
         key = f"{host}.base_layer.bias" if host in hf_hosts else name  # HF PEFT wraps the biased linear
-        out[PREFIX + key] = (name, p)
+        out[prefix + key] = (name, p)
     return out
+
+
+def exported(handle) -> dict[str, object]:
+    """HF export name -> the delta that makes it; names claimed twice are dropped (no HF equivalent)."""
+    out, clash = {}, set()
+    for s in _unique_sites(handle):
+        for name in getattr(type(s.delta), "hf_exports", ()):
+            if name in out:
+                clash.add(name)
+            out[name] = s.delta
+    return {k: v for k, v in out.items() if k not in clash}
+
+
+def hf_wrapper_prefixes(handle, prefix: str) -> tuple[str, ...]:
+    """Keys HF PEFT writes for its ModulesToSaveWrapper internals (with bias="all": `<head>.original_module.*`,
+    `<head>.modules_to_save.*`); they carry nothing the head's own keys don't, so loading skips them."""
+    return tuple(f"{prefix}{c.name}.{inner}." for c in handle.copies for inner in ("original_module", "modules_to_save"))

@@ -19,6 +19,7 @@ from ..spec import AtLinear, Compose, Form, Insertion, Scaling, name_matches
 @dataclass(frozen=True, kw_only=True)
 class IA3Config(PeftConfig):
     peft_type: ClassVar[str] = "IA3"
+    hf_format: ClassVar[bool] = True
 
     target_modules: Union[tuple[str, ...], str, None] = None
     exclude_modules: Union[tuple[str, ...], str, None] = None

@@ -21,6 +21,7 @@ from ..spec import AtLinear, Compose, Form, Insertion, LowRank
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig(PeftConfig):
     peft_type: ClassVar[str] = "LORA"
+    hf_format: ClassVar[bool] = True
     unsupported: ClassVar[dict] = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
                                    "layer_replication": None, "trainable_token_indices": None,
                                    "target_parameters": None, "layers_pattern": None}

@@ -1,0 +1,81 @@
+"""Prefix keys/values.  Li & Liang 2021 (arXiv:2101.00190); flat = P-tuning v2 (arXiv:2110.07602).
+
+One table serves all the attention sites of an insertion: row p, column block l holds layer l's
+[key (H_kv·d) | value (H_kv·d)] for virtual token p — HF PEFT's `prompt_embeddings` layout, so its
+checkpoints load as they are. With reparameterization the table is MLP(E):
+
+    E (P × d_e) ─ Linear(d_e → m) ─ tanh ─ Linear(m → L·2·H_kv·d) ─> table (P × L·2·H_kv·d)
+
+and each site computes only its own slice of the last layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..spec import Prefix
+from .base import DeltaModule
+
+
+class PrefixDelta(DeltaModule):
+    spec_type = Prefix
+    hf_exports = ("prompt_embeddings",)
+
+    def __init__(self, spec: Prefix, d_in: int, d_out: int, *, sites: int, kv_heads: int, head_dim: int,
+                 side: str = "out", dtype=None, device=None):
+        super().__init__()
+        self.P, self.L, self.H, self.hd = spec.length, sites, kv_heads, head_dim
+        width = sites * 2 * kv_heads * head_dim
+        kw = dict(dtype=dtype, device=device)
+        if spec.projection:
+            d_e = kv_heads * head_dim
+            self.embedding = nn.Parameter(torch.randn(spec.length, d_e, **kw))  # (P, d_e), as nn.Embedding
+            self.transform = nn.Sequential(nn.Linear(d_e, spec.projection, **kw), nn.Tanh(),
+                                           nn.Linear(spec.projection, width, **kw))
+        else:
+            init = torch.zeros if spec.init == "zeros" else torch.randn
+            self.table = nn.Parameter(init(spec.length, width, **kw))  # (P, L·2·H·d)
+
+    @property
+    def reparameterized(self) -> bool:
+        return hasattr(self, "transform")
+
+    def kv(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Site `slot`'s prefix keys and values, each (B, H_kv, P, d)."""
+        w = 2 * self.H * self.hd
+        if self.reparameterized:
+            h = self.transform[1](self.transform[0](self.embedding))  # (P, m)
+            last = self.transform[2]
+            rows = slice(slot * w, (slot + 1) * w)
+            block = nn.functional.linear(h, last.weight[rows], last.bias[rows])  # (P, 2·H·d)
+        else:
+            block = self.table[:, slot * w:(slot + 1) * w]
+        kv = block.to(dtype).view(self.P, 2, self.H, self.hd).permute(1, 2, 0, 3)  # (2, H, P, d)
+        return kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)
+
+    def full_table(self) -> torch.Tensor:
+        return self.transform(self.embedding) if self.reparameterized else self.table
+
+    # HF PEFT stores only the final table, as `prompt_embeddings` -----------------------------------
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.full_table().detach()}
+
+    @torch.no_grad()
+    def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        t = tensors["prompt_embeddings"]
+        want = (self.P, self.L * 2 * self.H * self.hd)
+        if tuple(t.shape) != want:
+            raise ValueError(f"prompt_embeddings has shape {tuple(t.shape)} but this model's prefix table is {want} "
+                             f"(num_virtual_tokens × layers·2·kv_heads·head_dim); the adapter is for another model")
+        ref = self.embedding if self.reparameterized else self.table
+        if self.reparameterized:  # only the table was saved: continue with it, flat
+            del self.embedding, self.transform
+        self.table = nn.Parameter(t.to(dtype=ref.dtype, device=ref.device).clone())
+
+    @torch.no_grad()
+    def set_table(self, table: torch.Tensor) -> None:
+        """Initialise from given key/value activations (P × L·2·H·d), e.g. those of real tokens."""
+        if self.reparameterized:
+            raise ValueError("init from activations needs the flat table (prefix_projection=False)")
+        self.table.copy_(table.to(self.table.dtype))

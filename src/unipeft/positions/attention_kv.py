@@ -1,0 +1,149 @@
+"""Attention-KV position: prefix keys/values through ONE attention seam (transformers' AttentionInterface).
+
+The model's attention implementation (sdpa, eager, ...) is wrapped by `seam`, registered under a new name:
+
+    seam(module, q, k, v, mask):   k ← [P_k ; k],  v ← [P_v ; v],  mask ← [visible | mask]
+
+Prefixes never enter the KV cache, so generation with a cache and a full forward see the same thing, and
+real tokens keep their positions (set position_shift for HF PEFT's shifted positions). The mask is always
+explicit: SDPA's own is_causal would align top-left once keys outnumber queries. Prefix K/V have the
+model's KV-head count (GQA); T5's relative position bias gets zero columns for the prefix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+from torch import nn
+
+from ..spec import Insertion
+from .base import Switch
+
+_SEAM_PREFIX = "unipeft_prefix_"
+
+
+def _registries():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    return ALL_ATTENTION_FUNCTIONS, AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+
+def _extend_mask(mask, P: int, q_len: int, kv_len: int, causal: bool, ref: torch.Tensor):
+    """[visible prefix | mask] over P + kv_len keys; builds the bottom-right causal mask when mask is None."""
+    if mask is None:
+        if not causal or q_len == 1:
+            return None  # everything visible: no mask needed
+        i = torch.arange(q_len, device=ref.device)[:, None] + (kv_len - q_len)
+        mask = (torch.arange(kv_len, device=ref.device)[None, :] <= i)[None, None]  # (1, 1, T, S)
+    pad_shape = (*mask.shape[:-1], P)
+    if mask.dtype == torch.bool:
+        visible = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
+    else:
+        visible = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask], dim=-1)
+
+
+def _pad_bias(bias, P: int):
+    if bias is None:
+        return None
+    return torch.cat([bias.new_zeros((*bias.shape[:-1], P)), bias], dim=-1)
+
+
+def make_seam(base_name: str):
+    ALL, _, _, _ = _registries()
+
+    def seam(module, query, key, value, attention_mask, **kwargs):
+        base = ALL[base_name] if base_name in ALL else _eager_of(module)
+        site = getattr(module, "_unipeft_kv", None)
+        if site is None or not site.active:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+        pk, pv = site.delta.kv(site.slot, B, key.dtype)  # (B, H_kv, P, d)
+        P = pk.shape[2]
+        causal = kwargs.get("is_causal", None)
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query)
+        if "position_bias" in kwargs:
+            kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P)
+        if "is_causal" in kwargs:
+            kwargs["is_causal"] = False  # the mask is explicit now
+        return base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask, **kwargs)
+
+    return seam
+
+
+def _eager_of(module):
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to fall back to")
+    return fn
+
+
+def seam_name(base_name: str) -> str:
+    if base_name.startswith(_SEAM_PREFIX):
+        return base_name
+    if "flash" in base_name:
+        raise ValueError(f"prefix methods need a dense attention mask; attn_implementation={base_name!r} has none. "
+                         f"Load the model with attn_implementation='sdpa' or 'eager'")
+    ALL, AI, MASKS, MI = _registries()
+    name = _SEAM_PREFIX + base_name
+    if name not in ALL:
+        AI.register(name, make_seam(base_name))
+        MI.register(name, MASKS[base_name])
+    return name
+
+
+def check_seam(module: nn.Module, name: str) -> None:
+    """Refuse attention modules that do not route through the AttentionInterface (no seam to hook)."""
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        src = ""
+    if "ALL_ATTENTION_FUNCTIONS" not in src:
+        raise ValueError(
+            f"{name} ({type(module).__name__}) does not call transformers' AttentionInterface, so prefix keys/values "
+            f"cannot be inserted there; prefix methods need an architecture whose attention uses it (transformers "
+            f">= 4.48 for Llama/GPT-2/BERT/T5)"
+        )
+
+
+class AttentionKVSite:
+    """A prefix at one attention module. The shared prefix table lives on the model root."""
+
+    def __init__(self, module: nn.Module, name: str, ins: Insertion, delta, slot: int, switch: Switch, root_name: str):
+        self.host, self.host_name, self.ins, self.delta, self.slot, self.switch = module, name, ins, delta, slot, switch
+        self.merged, self.path = False, root_name
+        module._unipeft_kv = self
+
+    @property
+    def active(self) -> bool:
+        return self.switch.on
+
+    def merge(self):
+        raise ValueError(f"prefix keys/values ({self.ins.describe()}) cannot be merged into weights")
+
+    def unmerge(self):
+        pass
+
+    def remove(self):
+        if getattr(self.host, "_unipeft_kv", None) is self:
+            del self.host._unipeft_kv
+
+
+class SeamConfigs:
+    """Switches every config of the model to the seam implementation, and back on remove()."""
+
+    def __init__(self, model: nn.Module):
+        from transformers import PretrainedConfig
+
+        cfgs = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
+        self.saved = [(c, c._attn_implementation) for c in cfgs.values()]
+        for c, impl in self.saved:
+            c._attn_implementation = seam_name(impl or "eager")
+
+    def remove(self):
+        for c, impl in self.saved:
+            c._attn_implementation = impl
