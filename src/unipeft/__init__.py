@@ -3,16 +3,20 @@
 from . import methods as _methods  # noqa: F401  (registers the presets)
 from .config import PeftConfig, TaskType
 from .inject import Handle, inject
-from .methods import AdapterConfig, IA3Config, LoraConfig
+from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig, PTuningV2Config)
+from .prompts import apply_template
 from .peft_model import PeftModel, get_peft_model
 from .registry import methods
 from .spec import (AtAttentionKV, AtInput, AtLinear, AtSublayer, Bottleneck, Compose, Form, Insertion, LowRank,
-                   Scaling, Sublayer)
+                   Prefix, Prompt, Scaling, Sublayer)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "get_peft_model", "PeftModel", "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "AdapterConfig",
+    "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PTuningV2Config", "MAMConfig", "apply_template",
+    "Prefix", "Prompt",
     "methods", "inject", "Handle", "Insertion", "Form", "Compose", "AtLinear", "AtSublayer", "AtAttentionKV",
     "AtInput", "Sublayer", "LowRank", "Scaling", "Bottleneck",
 ]

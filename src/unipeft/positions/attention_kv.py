@@ -58,6 +58,9 @@ def make_seam(base_name: str):
     def seam(module, query, key, value, attention_mask, **kwargs):
         base = ALL[base_name] if base_name in ALL else _eager_of(module)
         site = getattr(module, "_unipeft_kv", None)
+        if site is not None and site.capture is not None:  # recording real tokens' keys/values
+            site.capture[site] = (key, value)
+            return base(module, query, key, value, attention_mask, **kwargs)
         if site is None or not site.active:
             return base(module, query, key, value, attention_mask, **kwargs)
         B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
@@ -115,7 +118,7 @@ class AttentionKVSite:
 
     def __init__(self, module: nn.Module, name: str, ins: Insertion, delta, slot: int, switch: Switch, root_name: str):
         self.host, self.host_name, self.ins, self.delta, self.slot, self.switch = module, name, ins, delta, slot, switch
-        self.merged, self.path = False, root_name
+        self.merged, self.path, self.capture = False, root_name, None
         module._unipeft_kv = self
 
     @property
@@ -147,3 +150,30 @@ class SeamConfigs:
     def remove(self):
         for c, impl in self.saved:
             c._attn_implementation = impl
+
+
+@torch.no_grad()
+def init_prefix_from_tokens(model: nn.Module, handle, ids: tuple[int, ...]) -> None:
+    """Set each prefix table to the keys/values real tokens produce at each site (tiled to P rows)."""
+    sites = [s for s in handle.sites if isinstance(s, AttentionKVSite)]
+    captured: dict = {}
+    for s in sites:
+        s.capture = captured
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    kw = {"decoder_input_ids": x} if getattr(model.config, "is_encoder_decoder", False) else {}
+    was_training = model.training
+    try:
+        model.eval()
+        model(input_ids=x, **kw)
+    finally:
+        model.train(was_training)
+        for s in sites:
+            s.capture = None
+    for delta in {id(s.delta): s.delta for s in sites}.values():
+        cols = []
+        for s in sorted((s for s in sites if s.delta is delta), key=lambda s: s.slot):
+            k, v = captured[s]  # (1, H_kv, T, d)
+            cols.append(torch.cat([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], -1))
+        table = torch.cat(cols, -1)  # (T, L·2·H·d)
+        reps = -(-delta.P // table.shape[0])
+        delta.set_table(table.repeat(reps, 1)[: delta.P])

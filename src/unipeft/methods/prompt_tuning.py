@@ -1,0 +1,46 @@
+"""Prompt tuning: P learned embeddings at the input.  Lester et al. 2021, arXiv:2104.08691.
+
+x ← [E_1 … E_P ; x]. Init: RANDOM, SAMPLE_VOCAB (rows of the vocabulary) or TEXT (the embeddings of a
+text's tokens, repeated to fill P) — the paper's class-label / vocabulary init.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+from ..config import PromptLearningConfig, tokenize_init_text
+from ..registry import register_config, register_method
+from ..spec import AtInput, Compose, Form, Insertion, Prompt
+
+
+@register_config
+@dataclass(frozen=True, kw_only=True)
+class PromptTuningConfig(PromptLearningConfig):
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Union[str, None] = None
+    tokenizer_name_or_path: Union[str, None] = None
+    tokenizer_kwargs: Union[dict, None] = None
+
+    def validate(self) -> None:
+        super().validate()
+        init = str(self.prompt_tuning_init).upper().split(".")[-1]
+        object.__setattr__(self, "prompt_tuning_init", init)
+        Prompt(length=self.num_virtual_tokens, init=init)
+        if init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+
+    def insertions(self, model, arch):
+        init, ids = self.prompt_tuning_init, ()
+        if init == "TEXT" and self.inference_mode:
+            init = "RANDOM"  # loading a checkpoint: the saved table replaces any init
+        elif init == "TEXT":
+            ids = tokenize_init_text(self.prompt_tuning_init_text, self.tokenizer_name_or_path,
+                                     self.num_virtual_tokens, "prompt_tuning_init_text")
+        delta = Prompt(length=self.num_virtual_tokens, init=init, init_ids=ids)
+        return (Insertion(delta=delta, position=AtInput(), form=Form.SEQUENTIAL, compose=Compose.ADD, name="prompt"),)
+
+
+register_method("prompt_tuning", PromptTuningConfig, "prompt embeddings @ input · concat", "arXiv:2104.08691")

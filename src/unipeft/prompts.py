@@ -1,0 +1,29 @@
+"""Templates for P-tuning v1: virtual tokens anywhere in the input, between anchor text."""
+
+from __future__ import annotations
+
+import re
+
+SLOT = -1  # an input id < 0 marks a virtual-token slot; the input position fills slots in order
+
+
+def apply_template(template: str, text: str, tokenizer, add_special_tokens: bool = True) -> list[int]:
+    """Token ids for `text` placed in `template`, with SLOT where the template has [P].
+
+    "[P][P] {text} [P] It was [MASK]."  ->  [cls, -1, -1, <text ids>, -1, <It was>, <mask id>, <.>, sep]
+    """
+    if "{text}" not in template:
+        raise ValueError(f"template {template!r} has no {{text}} placeholder")
+    ids: list[int] = []
+    for piece in re.split(r"(\[P\]|\[MASK\]|\{text\})", template):
+        if piece == "[P]":
+            ids.append(SLOT)
+        elif piece == "[MASK]":
+            if tokenizer.mask_token_id is None:
+                raise ValueError("the template has [MASK] but the tokenizer has no mask token")
+            ids.append(tokenizer.mask_token_id)
+        elif piece == "{text}":
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif piece.strip():
+            ids += tokenizer(piece.strip(), add_special_tokens=False)["input_ids"]
+    return tokenizer.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
