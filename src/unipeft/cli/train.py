@@ -1,0 +1,203 @@
+"""`unipeft train`: resolve options, read and encode data, build the adapted model, run the loop, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+from . import options as O
+from .data import read_rows
+from .errors import CliError
+from .evaluate import generation_eval, run_eval
+from .loop import CKPT, Trainer
+from .modeling import infer_task, load_model, load_tokenizer, resolve_model
+from .report import MetricsLog, box, fmt_metrics, human, plot_losses, size_of, write_json
+from .tasks import task_class
+
+logger = logging.getLogger("unipeft.cli")
+RUN_FILES = ("run.yaml", "metrics.jsonl", "eval_results.json", "loss.png", "adapter", CKPT, f".{CKPT}.tmp", "labels.json")
+TASK_FILE = "unipeft_task.json"
+
+
+def prepare_output(opts: dict) -> Path:
+    out = Path(opts["output"])
+    has_run = any((out / f).exists() for f in ("run.yaml", CKPT, "adapter", "metrics.jsonl"))
+    if opts["resume"]:
+        if not (out / CKPT / "state.json").is_file():
+            raise CliError(f"nothing to resume in {out}: no {CKPT}/ folder from an earlier run",
+                           "drop --resume to start a new run, or point --output at the run to continue")
+    elif has_run:
+        if not opts["overwrite"]:
+            raise CliError(f"--output {out} already holds a run (run.yaml / adapter / checkpoint)",
+                           "pass --resume to continue it, --overwrite to replace it, or choose another --output")
+        for f in RUN_FILES:
+            p = out / f
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_accelerator(precision: str):
+    import torch
+    from accelerate import Accelerator
+
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(precision)
+    if precision == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise CliError("--precision fp16 needs a GPU", "use --precision bf16 or fp32 on CPU")
+    return Accelerator(mixed_precision=mp)
+
+
+def load_data(opts, tok, task_name):
+    train_rows = read_rows(opts["train"], "--train", opts["max_train_samples"])
+    src = Path(opts["train"]).name
+    task = task_class(task_name).from_data(tok, opts["max_length"], train_rows, src, opts)
+    train_feats, t_trunc = task.encode(train_rows, src)
+    eval_feats, e_trunc = [], 0
+    if opts["eval"]:
+        eval_rows = read_rows(opts["eval"], "--eval", opts["max_eval_samples"])
+        esrc = Path(opts["eval"]).name
+        task.check_columns(eval_rows, esrc)
+        eval_feats, e_trunc = task.encode(eval_rows, esrc)
+    return task, train_feats, eval_feats, (t_trunc, e_trunc)
+
+
+def method_config(opts, model, task_name):
+    """The method's config; target_roles (a method default) become target_modules from the architecture table."""
+    from .. import methods
+
+    info = methods().get(opts["method"])
+    mopts = dict(opts.get("method_options") or {})
+    roles = opts.get("target_roles")
+    fields = O.method_fields(info) if info else {}
+    if roles and "target_modules" in fields and "target_modules" not in mopts:
+        from ..arch import find_arch
+        from ..arch.resolve import default_targets
+
+        try:
+            mopts["target_modules"] = list(default_targets(model, find_arch(model), tuple(roles)))
+        except (ValueError, KeyError):
+            pass  # unknown architecture: the method's own default (or its clear error) applies
+    return O.build_method_config(opts["method"], task_name, mopts)
+
+
+def adapter_saver(peft, task, opts, model_spec):
+    def save(folder: Path):
+        folder = Path(folder)
+        peft.save_pretrained(folder)
+        meta = {"task": task.name, "method": opts["method"], "model": model_spec, "max_length": opts["max_length"],
+                **task.meta}
+        (folder / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return save
+
+
+def train_command(opts: dict) -> int:
+    t_start = time.time()
+    if not opts.get("train"):
+        raise CliError("no training data given", "pass --train FILE (.jsonl, .csv, .tsv, .parquet)")
+    opts["output"] = opts.get("output") or f"runs/{opts['method']}-{opts.get('task') or 'auto'}-" \
+                                           f"{datetime.now():%Y%m%d-%H%M%S}"
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .. import get_peft_model
+
+    model_path = resolve_model(opts.get("model"))
+    task_name = opts.get("task") or infer_task(model_path)
+    out = prepare_output(opts)
+    acc = make_accelerator(opts["precision"])
+    set_seed(opts["seed"])
+    tok = load_tokenizer(model_path, task_name)
+    task, train_feats, eval_feats, (t_trunc, e_trunc) = load_data(opts, tok, task_name)
+    model = load_model(model_path, task, tok)
+    cfg = method_config(opts, model, task_name)
+    try:
+        peft = get_peft_model(model, cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CliError(f"cannot apply {opts['method']} to {model_path}: {e}",
+                       "adjust the method options (e.g. --target-modules) or pick another --method") from None
+    if opts["gradient_checkpointing"]:
+        peft.gradient_checkpointing_enable()
+    resolved_cfg = {k: v for k, v in peft.peft_config["default"].to_dict().items()
+                    if k not in O.BASE_FIELDS and k != "peft_type"}
+    run = {"command": "train", **{k: opts.get(k) for k in O.BY_NAME}, "task": task_name,
+           "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in resolved_cfg.items()
+                              if k in O.method_fields(O.registry_info(opts["method"]))}}
+    run["resume"], run["overwrite"] = False, False
+    if acc.is_main_process:
+        O.dump_yaml(out / "run.yaml", run)
+        if "labels" in task.meta:
+            write_json(out / "labels.json", {"id2label": dict(enumerate(task.meta["labels"]))})
+    save = adapter_saver(peft, task, opts, opts.get("model"))
+    resume_step = None
+    if opts["resume"]:
+        resume_step = json.loads((out / CKPT / "state.json").read_text())["step"]
+    log = MetricsLog(out / "metrics.jsonl", keep_until_step=resume_step)
+    trainer = Trainer(acc, peft, task, train_feats, eval_feats, opts, out, log, save)
+    if opts["resume"]:
+        trainer.load_checkpoint()
+    trainable, total = peft.get_nb_trainable_parameters()
+    if acc.is_main_process:
+        print(box("unipeft train", [
+            ("model", f"{model_path}" + ("  (embedded default)" if not opts.get("model") else "")),
+            ("task", f"{task_name}  ({task.auto_class}; columns {task.meta.get('columns')})"),
+            ("method", f"{opts['method']}  {_short_cfg(resolved_cfg)}"),
+            ("trainable", f"{human(trainable)} of {human(total)} params ({100 * trainable / total:.3f}%)"),
+            ("labels", f"{len(task.meta['labels'])}: {task.meta['labels'][:8]}" if "labels" in task.meta else None),
+            ("train data", f"{len(train_feats):,} examples, {t_trunc:,} truncated to {opts['max_length']} tokens"),
+            ("eval data", f"{len(eval_feats):,} examples, {e_trunc:,} truncated" if eval_feats else "none"),
+            ("schedule", f"{trainer.total} steps ({trainer.steps_per_epoch}/epoch) x batch {opts['batch_size']}"
+                         f"x{opts['grad_accum']}x{acc.num_processes} dev, lr {opts['lr']:g} {opts['scheduler']}, "
+                         f"warmup {trainer.warmup}"),
+            ("device", f"{acc.device} x{acc.num_processes}, precision {acc.mixed_precision}"
+                       + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")),
+            ("output", str(out) + (f"  (resuming at step {trainer.state.step})" if opts["resume"] else "")),
+        ]), flush=True)
+    bar = tqdm(total=trainer.total, initial=trainer.state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not acc.is_main_process)
+    try:
+        state = trainer.run(bar)
+    finally:
+        bar.close()
+    results = final_eval(trainer, peft, task, tok, eval_feats, opts, out, acc)
+    results.update({"train_loss": state.train_loss, "steps": state.step, "best_step": state.best_step,
+                    "train_runtime_s": round(state.elapsed_s, 2)})
+    if acc.is_main_process:
+        write_json(out / "eval_results.json", results)
+        plot_losses(log.read(), out / "loss.png", f"{opts['method']} · {task_name}")
+        print(box("done", [
+            ("metrics", fmt_metrics({k: v for k, v in results.items() if k not in ("samples",)})),
+            ("adapter", f"{out / 'adapter'}  ({human(size_of(out / 'adapter'))}B"
+                        + (f", best eval at step {state.best_step})" if state.best_step is not None else ")")),
+            ("files", f"{out}/metrics.jsonl, eval_results.json, loss.png, run.yaml, {CKPT}/"),
+            ("time", f"{time.time() - t_start:.1f} s total, {state.elapsed_s:.1f} s training"),
+        ]), flush=True)
+    return 0
+
+
+def final_eval(trainer, peft, task, tok, eval_feats, opts, out, acc) -> dict:
+    if not eval_feats:
+        return {}
+    from ..io import load_tensors
+
+    if trainer.state.best_step is not None and trainer.state.best_step != trainer.state.step:
+        peft.load_adapter_weights(load_tensors(out / "adapter"), source=str(out / "adapter"))
+    m = run_eval(peft, task, eval_feats, opts["batch_size"], acc)
+    if task.generates and opts["gen_samples"]:
+        g, pairs = generation_eval(peft, task, tok, eval_feats, opts["gen_samples"], opts["max_new_tokens"],
+                                   opts["batch_size"], acc)
+        m.update(g)
+        m["samples"] = [{"prediction": p, "reference": r} for p, r in pairs[:5]]
+    return m
+
+
+def _short_cfg(cfg: dict) -> str:
+    keep = {k: v for k, v in cfg.items() if v not in (None, False, (), [], {}) and k != "modules_to_save"}
+    s = ", ".join(f"{k}={v}" for k, v in list(keep.items())[:6])
+    return f"({s})" if s else ""
