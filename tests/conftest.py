@@ -56,8 +56,12 @@ def tiny_t5(seed=0, **kw):
     return T5ForConditionalGeneration(cfg).eval()
 
 
-BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "t5": tiny_t5}
-TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+def tiny_bert_tok(seed=0, **kw):
+    return tiny_bert(seed, task="token-cls", **kw)
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "bert_tok": tiny_bert_tok, "t5": tiny_t5}
+TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "bert_tok": "TOKEN_CLS", "t5": "SEQ_2_SEQ_LM"}
 
 
 def batch_for(arch: str, seed: int = 0, batch: int = 3, length: int = 7) -> dict:
@@ -69,6 +73,8 @@ def batch_for(arch: str, seed: int = 0, batch: int = 3, length: int = 7) -> dict
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
     if arch == "bert":
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (batch,), generator=g)}
+    if arch == "bert_tok":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (batch, length), generator=g)}
     dec = torch.randint(3, VOCAB, (batch, 5), generator=g)
     return {"input_ids": ids, "attention_mask": mask, "labels": dec}
 

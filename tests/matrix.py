@@ -8,7 +8,7 @@ import unipeft
 
 CORE = ("lora", "ia3", "houlsby", "pfeiffer", "parallel", "scaled_parallel")
 ARCHS = ("llama", "gpt2", "bert", "t5")
-TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "bert_tok": "TOKEN_CLS", "t5": "SEQ_2_SEQ_LM"}
 MERGEABLE = ("lora", "ia3")
 
 # Options that start a method away from the identity, so equalities cannot hold vacuously.
@@ -16,13 +16,34 @@ RANDOM = {"lora": {"init_lora_weights": False}, "ia3": {"init_ia3_weights": Fals
 SMALL = {"lora": {"r": 4, "lora_alpha": 8}}
 
 
+# The prompt family, with variants (name -> registered method, options); sizes small for tiny models.
+PROMPT_VARIANTS = {
+    "prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 4}),
+    "prefix": ("prefix_tuning", {"num_virtual_tokens": 4}),
+    "prefix_proj": ("prefix_tuning", {"num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16}),
+    "p_tuning_lstm": ("p_tuning", {"num_virtual_tokens": 4, "encoder_reparameterization_type": "LSTM",
+                                   "encoder_hidden_size": 16}),
+    "p_tuning_mlp": ("p_tuning", {"num_virtual_tokens": 4, "encoder_reparameterization_type": "MLP",
+                                  "encoder_hidden_size": 16}),
+    "p_tuning_v2": ("p_tuning_v2", {"num_virtual_tokens": 4}),
+    "multi_head_parallel": ("multi_head_parallel", {"bottleneck_size": 8}),
+    "mam": ("mam", {"num_virtual_tokens": 4, "encoder_hidden_size": 16, "bottleneck_size": 8}),
+}
+PROMPT = tuple(PROMPT_VARIANTS)
+PROMPT_ARCHS = ("llama", "gpt2", "bert", "bert_tok", "t5")
+RANDOM.update({"multi_head_parallel": {"init": "random"}, "mam": {"adapter_init": "random"}})
+
+
 def random_options(method: str) -> dict:
+    if method in PROMPT_VARIANTS and method not in RANDOM:
+        return {}  # prompts and prefixes are not the identity at init
     return RANDOM.get(method, {"init": "random"})
 
 
 def config(method: str, arch: str, random: bool = False, **kw):
-    opts = {**SMALL.get(method, {}), **(random_options(method) if random else {}), **kw}
-    return unipeft.methods()[method].factory(task_type=TASKS[arch], **opts)
+    name, base = PROMPT_VARIANTS.get(method, (method, {}))
+    opts = {**base, **SMALL.get(method, {}), **(random_options(method) if random else {}), **kw}
+    return unipeft.methods()[name].factory(task_type=TASKS[arch], **opts)
 
 
 def cases(methods=CORE, archs=ARCHS):

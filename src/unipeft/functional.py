@@ -59,3 +59,17 @@ def scale_linear(W: torch.Tensor, bias, l: torch.Tensor, side: str, transposed: 
     W.data.copy_((W.data.float() * v.view(shape)).to(W.dtype))
     if side == "out" and bias is not None:
         bias.data.copy_((bias.data.float() * v).to(bias.dtype))
+
+
+def attention(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ/√d) v and the log of the softmax normaliser, per query.  q: (.., T, d), k/v: (.., S, d)."""
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (.., T, S)
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1, keepdim=True)
+
+
+def prefix_attention_gated(q, k, v, pk, pv) -> torch.Tensor:
+    """He et al. 2022, eq. 7: (1-λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v), λ = the prefix's softmax mass."""
+    h, lse = attention(q, k, v)
+    hp, lse_p = attention(q, pk, pv)
+    lam = torch.sigmoid(lse_p - lse)  # Σexp(q·P_k) / (Σexp(q·P_k) + Σexp(q·K))
+    return (1 - lam) * h + lam * hp

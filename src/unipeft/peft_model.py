@@ -173,6 +173,9 @@ class PeftModel(nn.Module):
             if not all(k in tensors for k in own) and all(n in tensors for n in names):
                 delta.load_hf_tensors({n: tensors[n] for n in names})
                 self._handle.mark_trainable()
+                tensors = dict(tensors)  # the delta's weights are now what the file meant
+                tensors.update({k: p.detach() for k, (_, p) in self._file_keys().items()
+                                if any(p is q for q in delta.parameters())})
         keys = self._file_keys()
         tensors = {k: v for k, v in tensors.items() if k not in exports}  # derived: written for HF PEFT only
         unexpected = sorted(set(tensors) - set(keys))
