@@ -26,4 +26,17 @@ def apply_template(template: str, text: str, tokenizer, add_special_tokens: bool
             ids += tokenizer(text, add_special_tokens=False)["input_ids"]
         elif piece.strip():
             ids += tokenizer(piece.strip(), add_special_tokens=False)["input_ids"]
-    return tokenizer.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
+    if not add_special_tokens:
+        return ids
+    head, tail = _special_tokens(tokenizer)
+    return head + ids + tail
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text ([CLS] … [SEP], <s> …)."""
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
