@@ -136,6 +136,15 @@ def default_targets(model, arch: ArchSpec | None, roles: tuple[str, ...]) -> tup
     return tuple(dict.fromkeys(t for r in roles for t in arch.role(r)))
 
 
+def stores_transposed(model, targets, arch) -> bool:
+    """True when the targets are Conv1D-style (W stored (in, out)): HF PEFT's `fan_in_fan_out`, recorded in
+    saved configs so HF PEFT loads them without a warning. unipeft itself detects it per module."""
+    try:
+        return any(linear_dims(m)[2] for _, m in resolve_linears(model, AtLinear(targets=targets), arch))
+    except ValueError:
+        return False  # unresolvable targets raise their clear error at injection
+
+
 def _short_names(named) -> list[str]:
     return sorted({n.split(".")[-1] for n, _ in named} | {".".join(n.split(".")[-2:]) for n, _ in named})
 

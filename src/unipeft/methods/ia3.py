@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from ..arch.resolve import default_targets
+from ..arch.resolve import default_targets, stores_transposed
 from ..config import PeftConfig
 from ..registry import register_config, register_method
 from ..spec import AtLinear, Compose, Form, Insertion, Scaling, name_matches
@@ -38,7 +38,7 @@ class IA3Config(PeftConfig):
             cfg = dataclasses.replace(cfg, target_modules=default_targets(model, arch, ("k", "v", "ffn_out")))
         if cfg.feedforward_modules is None:
             cfg = dataclasses.replace(cfg, feedforward_modules=default_targets(model, arch, ("ffn_out",)))
-        return cfg
+        return dataclasses.replace(cfg, fan_in_fan_out=stores_transposed(model, cfg.target_modules, arch))
 
     def insertions(self, model, arch):
         pos = AtLinear(targets=self.target_modules, exclude=self.exclude_modules, input_side=self.feedforward_modules)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from ..arch.resolve import default_targets
+from ..arch.resolve import default_targets, stores_transposed
 from ..config import PeftConfig
 from ..registry import register_config, register_method
 from ..spec import AtLinear, Compose, Form, Insertion, LowRank
@@ -52,7 +52,7 @@ class LoraConfig(PeftConfig):
         cfg = super().resolved(model, arch)
         if cfg.target_modules is None:
             cfg = dataclasses.replace(cfg, target_modules=default_targets(model, arch, ("q", "v")))
-        return cfg
+        return dataclasses.replace(cfg, fan_in_fan_out=stores_transposed(model, cfg.target_modules, arch))
 
     def insertions(self, model, arch):
         pos = AtLinear(targets=self.target_modules, exclude=self.exclude_modules, layers=self.layers_to_transform)
