@@ -42,3 +42,12 @@ def methods() -> dict[str, MethodInfo]:
     from . import methods as _  # noqa: F401  (registers the presets)
 
     return dict(METHODS)
+
+
+def methods_table() -> str:
+    """The README's method table, generated from the registry (tests keep the README in sync)."""
+    lines = ["| method | config | unified-view point | paper |", "|---|---|---|---|"]
+    for name, info in methods().items():
+        cfg = info.factory.__self__ if hasattr(info.factory, "__self__") else info.factory
+        lines.append(f"| `{name}` | `{cfg.__name__}` | {info.summary} | {info.paper} |")
+    return "\n".join(lines)
