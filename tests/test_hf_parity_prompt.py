@@ -102,3 +102,14 @@ def test_our_default_prefix_positions_differ_only_by_the_shift(tmp_path):
         pos = torch.arange(6)[None] + P
         torch.testing.assert_close(shifted(**b).logits, ours(**b, position_ids=pos.expand(2, -1)).logits,
                                    rtol=0, atol=1e-5)
+
+
+def test_hf_t5_prefix_checkpoint_is_refused_clearly(tmp_path):
+    """HF PEFT shares one prefix table between T5's decoder self- and cross-attention (and gives the encoder none);
+    ours keeps Li & Liang's separate prefixes, so HF's T5 prefix files are refused with a clear message."""
+    theirs = hf.get_peft_model(BUILDERS["t5"](), hf.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    theirs.save_pretrained(tmp_path)
+    model = BUILDERS["t5"]()
+    with pytest.raises(ValueError, match="one table cannot fill"):
+        unipeft.PeftModel.from_pretrained(model, tmp_path)
+    assert "prefix" not in model._modules

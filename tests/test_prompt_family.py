@@ -86,7 +86,7 @@ def _no_dropout(model):
             m.dropout = 0.0
 
 
-@pytest.mark.parametrize("method,arch", CASES)
+@pytest.mark.parametrize("method,arch", CASES + cases(("lora", "ia3", "houlsby", "scaled_parallel"), ("llama", "bert", "t5")))
 def test_gradient_checkpointing_gives_the_same_gradients(method, arch):
     b = batch_for(arch)
     grads = []

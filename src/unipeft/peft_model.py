@@ -13,7 +13,7 @@ from .config import PeftConfig
 from .inject import Handle, inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
-from .io.keys import exported, file_keys, hf_wrapper_prefixes
+from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
 from .registry import config_class
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,12 @@ class PeftModel(nn.Module):
         tensors = {k: v for k, v in tensors.items() if k not in exports}  # derived: written for HF PEFT only
         unexpected = sorted(set(tensors) - set(keys))
         missing = sorted(set(keys) - set(tensors))
+        derived = [k for k in unexpected if k in clashing_exports(self._handle)]
+        if derived:
+            raise ValueError(f"{source} holds only {derived}, HF PEFT's single derived table, but this model's "
+                             f"{self._config().peft_type} is made of several deltas (e.g. separate encoder, decoder and "
+                             f"cross-attention prefixes) that one table cannot fill; HF PEFT's layout for this model "
+                             f"is not supported")
         if unexpected or missing:
             raise ValueError(
                 f"{source} does not fit this model: " + "; ".join(

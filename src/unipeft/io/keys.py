@@ -53,6 +53,15 @@ def exported(handle) -> dict[str, object]:
     return {k: v for k, v in out.items() if k not in clash}
 
 
+def clashing_exports(handle) -> set[str]:
+    """HF export names that several deltas of this adapter would each make (no single HF counterpart)."""
+    seen, clash = set(), set()
+    for s in _unique_sites(handle):
+        for name in getattr(type(s.delta), "hf_exports", ()):
+            (clash if name in seen else seen).add(name)
+    return clash
+
+
 def hf_wrapper_prefixes(handle, prefix: str) -> tuple[str, ...]:
     """Keys HF PEFT writes for its ModulesToSaveWrapper internals (with bias="all": `<head>.original_module.*`,
     `<head>.modules_to_save.*`); they carry nothing the head's own keys don't, so loading skips them."""
