@@ -196,7 +196,7 @@ def main(argv=None):
     summary = {}
     for r in results:
         summary.setdefault((r["method"], r["lr"]), []).append(r["score"])
-    print(f"\n| task | method | lr | per seed | mean |\n|---|---|---:|---|---:|")
+    print("\n| task | method | lr | per seed | mean |\n|---|---|---:|---|---:|")
     for (m, lr), s in summary.items():
         print(f"| {a.task} | {m} | {lr:g} | {', '.join(f'{x:.4f}' for x in s)} | **{sum(s) / len(s):.4f}** |")
     if a.out:

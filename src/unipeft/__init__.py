@@ -2,7 +2,8 @@
 
 from . import methods as _methods  # noqa: F401  (registers the presets)
 from .config import PeftConfig, TaskType
-from .inject import Handle, inject
+from .handle import Handle
+from .inject import inject
 from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig,
                       PromptTuningConfig, PTuningV2Config)
 from .prompts import apply_template

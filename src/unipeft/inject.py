@@ -6,8 +6,6 @@ failure while installing rolls back what was done. The model is never left half-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
@@ -15,7 +13,8 @@ from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_subla
 from .arch.resolve import get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
-from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
+from .handle import Handle
+from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
 from .positions.input import InputSite, PositionShift
 from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Insertion, Sublayer
@@ -126,88 +125,6 @@ def _install_input(model, ins: Insertion, arch, handle) -> list:
                         **_param_like(emb))
     handle.extras.append(RootModule(model, ins.name, delta))
     return [InputSite(model, ins, delta, handle.switch, ins.name)]
-
-
-@dataclass
-class Handle:
-    """What inject() did to a model, and how to undo it."""
-
-    model: nn.Module
-    sites: list = field(default_factory=list)
-    copies: list = field(default_factory=list)  # TrainableCopy
-    trainable_base: list = field(default_factory=list)  # (name, param, snapshot) base params made trainable
-    extras: list = field(default_factory=list)  # other undoable changes (root deltas, attention seam, hooks)
-    switch: Switch = field(default_factory=Switch)
-
-    # ownership ---------------------------------------------------------------------------------------
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """Every parameter this adapter owns, by its path in the model (ownership, never name patterns)."""
-        owned = {id(p) for s in self.sites for p in s.delta.parameters()}
-        owned |= {id(p) for c in self.copies for p in c.copy.parameters()}
-        owned |= {id(p) for _, p, _ in self.trainable_base}
-        return {n: p for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in owned}
-
-    def mark_trainable(self) -> None:
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for p in self.adapter_parameters().values():
-            p.requires_grad_(True)
-
-    # on / off, merge ---------------------------------------------------------------------------------
-    def set_enabled(self, on: bool) -> None:
-        self.switch.on = on
-        for c in self.copies:
-            c.set_enabled(on)
-
-    def merge(self) -> None:
-        mergeable = [s for s in self.sites if not s.merged]
-        for s in mergeable:  # check all first: merging is all or nothing
-            if not _can_merge(s):
-                s.merge()  # raises the delta's clear error
-        for s in mergeable:
-            s.merge()
-
-    def unmerge(self) -> None:
-        for s in self.sites:
-            s.unmerge()
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.sites) and all(s.merged for s in self.sites)
-
-    def remove(self) -> nn.Module:
-        """Undo everything: hooks, delta modules, head copies, trained base params (restored from snapshots)."""
-        for s in reversed(self.sites):
-            if s.merged:
-                s.unmerge()
-            s.remove()
-        for c in self.copies:
-            c.remove()
-        for e in reversed(self.extras):
-            e.remove()
-        with torch.no_grad():
-            for _, p, snap in self.trainable_base:
-                p.copy_(snap)
-                p.requires_grad_(False)
-        self.sites, self.copies, self.trainable_base = [], [], []
-        return self.model
-
-    def unload(self, merge: bool) -> nn.Module:
-        """Drop the adapter machinery, keeping merged weights (merge_and_unload) or the base (unload)."""
-        if merge:
-            self.merge()
-        for s in reversed(self.sites):
-            s.remove()
-        for c in self.copies:  # the trained heads stay in the model
-            c.parent._modules[c.attr] = c.copy
-        self.sites, self.copies, self.trainable_base, self.extras = [], [], [], []
-        return self.model
-
-
-def _can_merge(site) -> bool:
-    from .spec import Compose
-
-    return isinstance(site, LinearDeltaSite) and (site.ins.compose == Compose.MULTIPLY or site.delta.can_merge())
 
 
 def inject(

@@ -10,7 +10,8 @@ from torch import nn
 
 from .arch import find_arch
 from .config import PeftConfig
-from .inject import Handle, inject
+from .handle import Handle
+from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
 from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
