@@ -2,6 +2,10 @@
 
     x ──┬──────── W ───────────┐
         └─ dropout ─ A (r×in) ─ B (out×r) ─ ·s ─(+)─> h      s = α/r  (α/√r with rsLoRA)
+
+Lean by construction: dropout 0 keeps no copy of x; otherwise the dropped copy is shared with the sibling
+deltas that read the same x (see `dropout.py`), and `add_scaled` adds s·B·(A·x) to h with one addmm, so no
+(…, out) temporaries besides the result are made.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import nn
 from .. import functional as Fn
 from ..spec import LowRank
 from .base import DeltaModule
+from .dropout import SharedDropout
 
 
 class LowRankDelta(DeltaModule):
@@ -27,7 +32,7 @@ class LowRankDelta(DeltaModule):
         self.A = nn.Parameter(torch.empty(spec.r, d_in, dtype=dtype, device=device))  # (r, in)
         self.B = nn.Parameter(torch.empty(d_out, spec.r, dtype=dtype, device=device))  # (out, r)
         # Dropout 0 must cost nothing: no extra copy of x is kept for backward.
-        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.dropout = SharedDropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.reset(spec.init)
 
     @torch.no_grad()
@@ -43,6 +48,13 @@ class LowRankDelta(DeltaModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return Fn.low_rank(self.dropout(x), self.A.to(x.dtype), self.B.to(x.dtype))
+
+    def add_scaled(self, h: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
+        """h + s·Δ(x) as one addmm: h (..., out), x (..., in)."""
+        z = nn.functional.linear(self.dropout(x), self.A.to(x.dtype))  # (..., r)
+        B = self.B.to(h.dtype)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r).to(h.dtype), B.t(), alpha=s)
+        return out.view(h.shape)
 
     def delta_weight(self) -> torch.Tensor:
         return self.B.float() @ self.A.float()  # (out, in)

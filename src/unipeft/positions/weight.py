@@ -4,17 +4,34 @@
     multiply · out       (W x + b) ⊙ l         IA3 on keys / values
     multiply · in        W (x ⊙ l) + b         IA3 on feed-forward linears
 
-Mergeable deltas fold into W (and b) exactly; merge/unmerge are inverse in fp32 arithmetic.
+Mergeable deltas fold into W (and b) exactly; merge/unmerge are inverse in fp32 arithmetic. A quantized
+host (integer weight storage) must be dequantized first (`unipeft.quant.dequantize_model`).
+
+Deltas whose dropout can be shared (`delta.dropout.cache`) get the adapter's DropoutCache, so siblings
+reading the same x draw one mask; deltas offering `add_scaled(h, x, s)` add s·Δ(x) in one fused op.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from .. import functional as Fn
 from ..arch.resolve import linear_dims
+from ..deltas.dropout import DropoutCache
 from ..spec import Compose, Form, Insertion
 from .base import Site
+
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> DropoutCache
+
+
+def dropout_cache(switch) -> DropoutCache:
+    """The adapter's shared DropoutCache (one per Switch, i.e. per injected adapter)."""
+    cache = _CACHES.get(switch)
+    if cache is None:
+        cache = _CACHES[switch] = DropoutCache()
+    return cache
 
 
 class LinearDeltaSite(Site):
@@ -22,6 +39,9 @@ class LinearDeltaSite(Site):
         super().__init__(host, host_name, ins, delta, switch)
         self.transposed = linear_dims(host)[2]
         self.side = side
+        if hasattr(getattr(delta, "dropout", None), "cache"):
+            delta.dropout.cache = dropout_cache(switch)
+        self._fused = callable(getattr(delta, "add_scaled", None)) and ins.compose == Compose.ADD
         if ins.compose == Compose.MULTIPLY and side == "in":
             self.hook(host.register_forward_pre_hook(self._scale_input))
         elif ins.compose == Compose.MULTIPLY:
@@ -38,6 +58,8 @@ class LinearDeltaSite(Site):
     def _parallel(self, module, args, out):
         if not self.active:
             return out
+        if self._fused:
+            return self.delta.add_scaled(out, args[0], float(self.s))
         return Fn.compose(out, self.delta(args[0]), self.s)
 
     def _sequential(self, module, args, out):
@@ -55,6 +77,9 @@ class LinearDeltaSite(Site):
     @torch.no_grad()
     def _apply(self, inverse: bool) -> None:
         W, b = self.host.weight, getattr(self.host, "bias", None)
+        if not W.is_floating_point():
+            raise ValueError(f"{self.host_name} is a quantized linear ({type(self.host).__name__}); merging into "
+                             f"integer weights is lossy: dequantize first (unipeft.quant.dequantize_model)")
         if self.ins.compose == Compose.MULTIPLY:
             Fn.scale_linear(W, b, self.delta.l, self.side, self.transposed, inverse)
         elif self.ins.form == Form.PARALLEL and self.delta.can_merge():
