@@ -175,8 +175,8 @@ class Trainer:
         t0, tokens, window = time.time(), 0, []
         try:
             while st.step < self.total:
-                groups = self.groups(st.epoch)
-                while st.batch < len(groups) and st.step < self.total:
+                epoch, groups = st.epoch, self.groups(st.epoch)
+                while st.epoch == epoch and st.step < self.total:
                     loss, ntok = self.train_step(groups[st.batch])
                     st.step += 1
                     st.batch += 1

@@ -83,7 +83,7 @@ def load_model(path: str, task, tokenizer):
 
     cls = getattr(transformers, task.auto_class)
     try:
-        model = cls.from_pretrained(path, dtype="float32", **task.model_kwargs())
+        model = cls.from_pretrained(path, dtype="float32", ignore_mismatched_sizes=True, **task.model_kwargs())
     except Exception as e:
         raise CliError(f"cannot load {path} as a {task.name} model ({task.auto_class}): {_short(e)}",
                        "check --model and --task (a decoder-only model cannot do seq2seq, for instance)") from None

@@ -89,7 +89,7 @@ BY_NAME = {o.name: o for o in OPTIONS}
 # A MethodInfo may also carry its own `train_defaults` dict, which wins. `target_roles` fills the method's
 # target_modules from the architecture table (q, k, v, o, ffn_out) when the user names none.
 METHOD_DEFAULTS: dict[str, dict] = {
-    "lora": {"lr": 2e-3, "batch_size": 32, "method_options": {"r": 16, "lora_alpha": 32},
+    "lora": {"lr": 1e-3, "batch_size": 32, "method_options": {"r": 16, "lora_alpha": 32},
              "target_roles": ("q", "k", "v", "o", "ffn_out")},
     "ia3": {"lr": 5e-3, "batch_size": 32},
 }
