@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .arch import find_arch
+from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig
 from .handle import Handle
 from .inject import inject
@@ -72,10 +73,11 @@ class PeftModel(nn.Module):
     def handle(self) -> Handle:
         return self._handle
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        # Non-reentrant checkpointing: adapter gradients flow even though the frozen inputs need none.
-        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, offload_activations: bool = False):
+        """Non-reentrant checkpointing (adapter gradients flow though the frozen inputs need none); with
+        `offload_activations` the checkpointed layer inputs wait in host memory (see unipeft.checkpointing)."""
+        enable_gradient_checkpointing(self.base_model.model, offload=offload_activations,
+                                      checkpoint_kwargs=gradient_checkpointing_kwargs)
 
     # parameters ----------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
