@@ -15,6 +15,7 @@ class MethodInfo:
     factory: Callable  # **options -> PeftConfig
     summary: str
     paper: str
+    train_defaults: dict | None = None  # recommended lr / batch / options for the CLI (measured, see benchmarks/)
 
 
 def register_config(cls):
@@ -24,10 +25,10 @@ def register_config(cls):
     return cls
 
 
-def register_method(name: str, factory: Callable, summary: str, paper: str = "") -> None:
+def register_method(name: str, factory: Callable, summary: str, paper: str = "", train_defaults: dict | None = None) -> None:
     if name in METHODS:
         raise ValueError(f"method {name!r} is registered twice")
-    METHODS[name] = MethodInfo(name, factory, summary, paper)
+    METHODS[name] = MethodInfo(name, factory, summary, paper, train_defaults)
 
 
 def config_class(peft_type: str):

@@ -43,4 +43,5 @@ class MAMConfig(PromptLearningConfig):
         return prefix.insertions(model, arch) + adapter.insertions(model, arch)
 
 
-register_method("mam", MAMConfig, "prefix @ attention + scaled parallel adapter @ FFN", "arXiv:2110.04366")
+register_method("mam", MAMConfig, "prefix @ attention + scaled parallel adapter @ FFN", "arXiv:2110.04366",
+                train_defaults={"lr": 5e-4, "method_options": {"num_virtual_tokens": 20, "bottleneck_size": 64}})

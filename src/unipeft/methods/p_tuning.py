@@ -50,4 +50,5 @@ class PromptEncoderConfig(PromptLearningConfig):
 
 
 register_method("p_tuning", PromptEncoderConfig, "prompt encoder (LSTM/MLP) @ input, template slots · concat",
-                "arXiv:2103.10385")
+                "arXiv:2103.10385",
+                train_defaults={"lr": 1e-2, "method_options": {"num_virtual_tokens": 20}})

@@ -37,4 +37,5 @@ class PTuningV2Config(PromptLearningConfig):
 
 
 register_method("p_tuning_v2", PTuningV2Config, "flat prefix K/V @ chosen layers · gate, task head",
-                "arXiv:2110.07602")
+                "arXiv:2110.07602",
+                train_defaults={"lr": 3e-2, "method_options": {"num_virtual_tokens": 20}})

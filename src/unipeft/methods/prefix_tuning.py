@@ -64,4 +64,6 @@ class PrefixTuningConfig(PromptLearningConfig):
 
 
 register_method("prefix_tuning", PrefixTuningConfig, "prefix K/V (MLP reparam) @ every attention · gate",
-                "arXiv:2101.00190")
+                "arXiv:2101.00190",
+                train_defaults={"lr": 1e-3, "method_options": {"num_virtual_tokens": 20, "prefix_projection": True,
+                                                             "encoder_hidden_size": 512}})

@@ -43,4 +43,5 @@ class PromptTuningConfig(PromptLearningConfig):
         return (Insertion(delta=delta, position=AtInput(), form=Form.SEQUENTIAL, compose=Compose.ADD, name="prompt"),)
 
 
-register_method("prompt_tuning", PromptTuningConfig, "prompt embeddings @ input · concat", "arXiv:2104.08691")
+register_method("prompt_tuning", PromptTuningConfig, "prompt embeddings @ input · concat", "arXiv:2104.08691",
+                train_defaults={"lr": 3e-2, "method_options": {"num_virtual_tokens": 20}})
