@@ -31,7 +31,8 @@ def test_lora_equals_parallel_adapter_with_identity_activation(arch):
         b = batch_for(arch)
         out = logits_of(peft, b)
         assert not torch.allclose(out, logits_of(BUILDERS[arch](), b), atol=1e-4)
-        torch.testing.assert_close(logits_of(pa_model, b), out, rtol=0, atol=1e-6)
+        # rtol: LoRA projects sibling inputs in one matmul (deltas/siblings.py), a different summation order
+        torch.testing.assert_close(logits_of(pa_model, b), out, rtol=1e-5, atol=1e-6)
         # and the linear bottleneck merges exactly like LoRA
         handle.merge()
         torch.testing.assert_close(logits_of(pa_model, b), out, rtol=0, atol=1e-5)

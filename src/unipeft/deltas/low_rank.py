@@ -4,8 +4,8 @@
         └─ dropout ─ A (r×in) ─ B (out×r) ─ ·s ─(+)─> h      s = α/r  (α/√r with rsLoRA)
 
 Lean by construction: dropout 0 keeps no copy of x; otherwise the dropped copy is shared with the sibling
-deltas that read the same x (see `dropout.py`), and `add_scaled` adds s·B·(A·x) to h with one addmm, so no
-(…, out) temporaries besides the result are made.
+deltas that read the same x (`dropout.py`), whose A-projections run as one matmul (`siblings.py`); and
+`add_scaled` adds s·B·(A·x) to h with one addmm, so no (…, out) temporaries besides the result are made.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class LowRankDelta(DeltaModule):
         self.B = nn.Parameter(torch.empty(d_out, spec.r, dtype=dtype, device=device))  # (out, r)
         # Dropout 0 must cost nothing: no extra copy of x is kept for backward.
         self.dropout = SharedDropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.siblings = None  # a SiblingProjections shared by the adapter's low-rank deltas (set by the site)
         self.reset(spec.init)
 
     @torch.no_grad()
@@ -51,7 +52,10 @@ class LowRankDelta(DeltaModule):
 
     def add_scaled(self, h: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
         """h + s·Δ(x) as one addmm: h (..., out), x (..., in)."""
-        z = nn.functional.linear(self.dropout(x), self.A.to(x.dtype))  # (..., r)
+        if self.siblings is not None:
+            z = self.siblings.project(self, x)  # (..., r)
+        else:
+            z = nn.functional.linear(self.dropout(x), self.A.to(x.dtype))  # (..., r)
         B = self.B.to(h.dtype)
         out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r).to(h.dtype), B.t(), alpha=s)
         return out.view(h.shape)

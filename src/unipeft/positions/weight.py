@@ -8,7 +8,8 @@ Mergeable deltas fold into W (and b) exactly; merge/unmerge are inverse in fp32 
 host (integer weight storage) must be dequantized first (`unipeft.quant.dequantize_model`).
 
 Deltas whose dropout can be shared (`delta.dropout.cache`) get the adapter's DropoutCache, so siblings
-reading the same x draw one mask; deltas offering `add_scaled(h, x, s)` add s·Δ(x) in one fused op.
+reading the same x draw one mask; deltas with a `siblings` slot get the adapter's SiblingProjections
+(one matmul for the siblings' input projections); deltas offering `add_scaled(h, x, s)` add s·Δ(x) in one op.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ import torch
 from .. import functional as Fn
 from ..arch.resolve import linear_dims
 from ..deltas.dropout import DropoutCache
+from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
 from .base import Site
 
-_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> DropoutCache
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
 
 
-def dropout_cache(switch) -> DropoutCache:
-    """The adapter's shared DropoutCache (one per Switch, i.e. per injected adapter)."""
-    cache = _CACHES.get(switch)
-    if cache is None:
-        cache = _CACHES[switch] = DropoutCache()
-    return cache
+def adapter_caches(switch) -> tuple[DropoutCache, SiblingProjections]:
+    """What the deltas of one adapter (one Switch) share: dropout draws and sibling projections."""
+    caches = _CACHES.get(switch)
+    if caches is None:
+        caches = _CACHES[switch] = (DropoutCache(), SiblingProjections())
+    return caches
 
 
 class LinearDeltaSite(Site):
@@ -39,8 +41,11 @@ class LinearDeltaSite(Site):
         super().__init__(host, host_name, ins, delta, switch)
         self.transposed = linear_dims(host)[2]
         self.side = side
+        dropouts, projections = adapter_caches(switch)
         if hasattr(getattr(delta, "dropout", None), "cache"):
-            delta.dropout.cache = dropout_cache(switch)
+            delta.dropout.cache = dropouts
+        if hasattr(delta, "siblings") and ins.compose == Compose.ADD and ins.form == Form.PARALLEL:
+            delta.siblings = projections
         self._fused = callable(getattr(delta, "add_scaled", None)) and ins.compose == Compose.ADD
         if ins.compose == Compose.MULTIPLY and side == "in":
             self.hook(host.register_forward_pre_hook(self._scale_input))

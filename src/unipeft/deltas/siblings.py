@@ -1,0 +1,104 @@
+"""Sibling low-rank deltas that read the same x project it in one matmul: z = dropout(x)·[A₁; A₂; …]ᵀ.
+
+q, k and v (and gate, up) each compute dropout(x)·Aᵢᵀ, a thin matmul that reads all of x for r outputs.
+Stacking their A's reads x once forward and once backward (for ∂A), and the backward returns one ∂x
+instead of one per sibling plus the additions that sum them.
+
+Which deltas read the same x is learned from the calls: deltas that read one tensor in a forward pass
+form a group, and from then on the first of them to see an input projects it for the whole group; the
+others take their slice. A delta outside the group, or a group member that never comes, changes nothing
+but the work done. Entries hold x weakly and die with it; groups hold deltas weakly.
+
+A learned group takes effect only after the backward pass of the forward that found it (or at once when
+no gradient is being recorded): gradient-checkpointing recomputation of that forward must make the same
+choices as the forward itself.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+
+class SiblingProjections:
+    max_entries = 8
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # delta -> tuple of weakrefs
+        self._pending: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # learned, not yet in effect
+        self._entries: OrderedDict = OrderedDict()  # key -> (weakref x, readers, {id(delta): z})
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._groups.clear()
+        self._pending.clear()
+
+    def project(self, delta, x: torch.Tensor) -> torch.Tensor:
+        """dropout(x)·Aᵀ of `delta` (…, r), computed with its group's when it has one."""
+        if not self.enabled:
+            return F.linear(delta.dropout(x), delta.A.to(x.dtype))
+        key = (id(x), torch.is_grad_enabled(), delta.training)
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not x:
+            entries = self._entries
+            entry = entries[key] = (weakref.ref(x, lambda _, k=key: entries.pop(k, None)), [], {})
+            while len(entries) > self.max_entries:
+                entries.popitem(last=False)
+        readers, ready = entry[1], entry[2]
+        readers.append(weakref.ref(delta))
+        z = ready.pop(id(delta), None)
+        if z is None:
+            group = self._group_of(delta)
+            if len(group) > 1:
+                A = torch.cat([d.A.to(x.dtype) for d in group])  # (Σr, in)
+                parts = F.linear(delta.dropout(x), A).split([d.r for d in group], -1)
+                for d, zd in zip(group, parts):
+                    if d is delta:
+                        z = zd
+                    else:
+                        ready[id(d)] = zd
+            else:
+                z = F.linear(delta.dropout(x), delta.A.to(x.dtype))
+        if len(readers) > 1 and delta not in self._groups:
+            self._learn(readers, z)
+        return z
+
+    def _group_of(self, delta) -> tuple:
+        refs = self._groups.get(delta, ())
+        group = tuple(r() for r in refs)
+        if not group or any(d is None for d in group) or not _compatible(group):
+            return (delta,)
+        return group
+
+    def _learn(self, readers, z: torch.Tensor) -> None:
+        group = tuple(r() for r in readers)
+        if any(d is None for d in group) or len({id(d) for d in group}) != len(group) or not _compatible(group):
+            return
+        for d in group:
+            self._pending[d] = tuple(readers)
+        if not torch.is_grad_enabled():
+            self._promote()
+        elif z.requires_grad:
+            z.register_hook(self._queue_promotion)
+
+    def _queue_promotion(self, grad):
+        torch.autograd.Variable._execution_engine.queue_callback(self._promote)  # runs when backward ends
+
+    def _promote(self) -> None:
+        self._groups.update(self._pending)
+        self._pending.clear()
+
+
+def _compatible(group) -> bool:
+    """One shared dropout(x) and one matmul: same dropout rate, device and training mode."""
+    d0 = group[0]
+    p0 = getattr(d0.dropout, "p", 0.0)
+    return all(getattr(d.dropout, "p", 0.0) == p0 and d.A.device == d0.A.device and d.training == d0.training
+               for d in group)

@@ -1,0 +1,203 @@
+"""Quantize a model's linears in place, or build a quantized model layer by layer without ever holding
+its full-precision weights: parameters are created on the meta device, then each linear is materialized
+(from safetensors shards, or randomly for shape-only benchmarks), quantized, and its float copy dropped
+before the next one. Peak host memory ≈ the quantized model + one float linear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .bnb import SCHEMES, quantized_linear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization:
+    """How the frozen base is stored. `skip`: linear names (or '.name' suffixes) kept in full precision;
+    the output head is always kept (it is usually tied to the input embeddings)."""
+
+    scheme: str = "nf4"  # "nf4" (4-bit NormalFloat, QLoRA) | "int8" (LLM.int8() weight-only)
+    compute_dtype: torch.dtype = torch.bfloat16
+    double_quant: bool = True  # nf4: quantize the block absmax too (≈0.37 bit/weight saved)
+    blocksize: int = 64
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {self.scheme!r}; choose one of {SCHEMES}")
+
+
+def as_quantization(q: Union[str, Quantization], compute_dtype=None) -> Quantization:
+    q = Quantization(scheme=q) if isinstance(q, str) else q
+    return q if compute_dtype is None else Quantization(**{**q.__dict__, "compute_dtype": compute_dtype})
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at `name`, carrying over the old module's children and hooks (installed deltas keep working)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = parent._modules[attr]
+    for child_name, child in old._modules.items():
+        new._modules.setdefault(child_name, child)
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                  "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks"):
+        if getattr(old, hooks, None):
+            setattr(new, hooks, getattr(old, hooks))  # the same dicts: RemovableHandles still remove them
+    new.train(old.training)
+    parent._modules[attr] = new
+    return old
+
+
+def _quantizable(model: nn.Module, q: Quantization):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and mod is not head and not any(name == s or name.endswith("." + s) for s in q.skip):
+            yield name, mod
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, quantization: Union[str, Quantization] = "nf4", *, compute_dtype=None) -> nn.Module:
+    """Replace every nn.Linear of `model` (but the output head and `skip`) by its quantized form, one at a
+    time, and cast the remaining floating parameters to the compute dtype. Returns `model` (changed in place)."""
+    q = as_quantization(quantization, compute_dtype)
+    n = 0
+    for name, mod in _quantizable(model, q):
+        new = quantized_linear(mod.weight, mod.bias, q.scheme, q.compute_dtype, double_quant=q.double_quant,
+                               blocksize=q.blocksize, device=mod.weight.device)
+        swap_module(model, name, new)
+        mod.weight = None  # free the float weight now, not when the loop ends
+        n += 1
+    _cast_floats(model, q.compute_dtype)
+    logger.info("quantized %d linears of %s to %s", n, type(model).__name__, q.scheme)
+    return model
+
+
+def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    for mod in model.modules():
+        for k, p in mod._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+# --------------------------------------------------------------------------- building layer by layer
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Create module parameters on the meta device (buffers stay real: rotary tables and the like)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+Source = Callable[[str, torch.Size, torch.dtype], Optional[torch.Tensor]]  # name, shape, dtype -> tensor | None
+
+
+def safetensors_source(folder: Union[str, Path]) -> Source:
+    """Read parameters by name from a HF folder's safetensors file(s) (sharded or not), one at a time."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        f = folder / "model.safetensors"
+        with safe_open(str(f), framework="pt") as h:
+            where = {k: f for k in h.keys()}
+
+    def read(name, shape, dtype):
+        f = where.get(name)
+        if f is None:
+            return None
+        with safe_open(str(f), framework="pt") as h:  # opened per tensor: read pages leave the process
+            return h.get_tensor(name).to(dtype)
+
+    return read
+
+
+def random_source(std: float = 0.02, seed: int = 0) -> Source:
+    """Random weights with the right shapes (norm weights 1, biases 0): for memory and speed benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(name, shape, dtype):
+        if name.endswith("bias"):
+            return torch.zeros(shape, dtype=dtype)
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=g)
+
+    return make
+
+
+def _read(source: Source, name: str, shape, dtype) -> torch.Tensor:
+    t = source(name, shape, dtype)
+    if t is None:
+        raise KeyError(f"{name} is not in the checkpoint")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(shape)}")
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+@torch.no_grad()
+def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4", *, source: Source | None = None,
+                   model_class=None, compute_dtype=None) -> nn.Module:
+    """Build a quantized model without materializing its full-precision weights.
+
+    `config_or_path`: a HF folder (its safetensors are the source unless `source` is given) or a config
+    (then `source` is required, e.g. `random_source()`). `model_class`: default AutoModelForCausalLM.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    q = as_quantization(quantization, compute_dtype)
+    if isinstance(config_or_path, PretrainedConfig):
+        config = config_or_path
+        if source is None:
+            raise ValueError("building from a config needs a weight source, e.g. unipeft.quant.random_source()")
+    else:
+        config = AutoConfig.from_pretrained(str(config_or_path))
+        source = source or safetensors_source(config_or_path)
+    with params_on_meta():
+        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=q.compute_dtype)
+    for name, mod in _quantizable(model, q):
+        W = _read(source, f"{name}.weight", mod.weight.shape, q.compute_dtype)
+        b = None if mod.bias is None else _read(source, f"{name}.bias", mod.bias.shape, q.compute_dtype)
+        swap_module(model, name, quantized_linear(W, b, q.scheme, q.compute_dtype, double_quant=q.double_quant,
+                                                  blocksize=q.blocksize))
+        del W, b
+    tied = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings", False)
+    head = model.get_output_embeddings()
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if tied and mod is head and pname == "weight":
+                continue  # tied to the input embeddings below
+            full = f"{mname}.{pname}" if mname else pname
+            t = _read(source, full, p.shape, q.compute_dtype)
+            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    if tied and head is not None:
+        head.weight = model.get_input_embeddings().weight
+    model.requires_grad_(False)
+    model.eval()
+    return model
