@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# One thread: tiny models gain nothing from more, and lose a lot when the cores are busy.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONWARNINGS": "ignore"}
+       "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FAST = ["--batch-size", "4", "--max-steps", "3", "--log-every", "1"]
 
 
@@ -30,6 +31,20 @@ def cli(*args, cwd, ok=True, env=None, timeout=300):
     if ok and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
+
+
+def cli_in_process(*args, cwd, capsys):
+    """The same entry point in this process (for the many fast bad-input cases): (exit code, stdout, stderr)."""
+    from unipeft.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main([str(a) for a in args])
+    finally:
+        os.chdir(old)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def fails(p, *phrases, code=None):
@@ -143,8 +158,16 @@ def test_help_lists_every_option_and_methods(ws):
     listed = cli("methods", cwd=ws).stdout
     for name, info in unipeft.methods().items():
         assert name in listed and info.summary in listed
+
+
+def test_command_help(ws, capsys):
+    from unipeft.cli.main import build_parser
+
+    parser = build_parser([])
     for cmd in ("eval", "generate", "merge", "info", "demo"):
-        assert "usage: unipeft " + cmd in cli(cmd, "--help", cwd=ws).stdout
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--help"])
+        assert "usage: unipeft " + cmd in capsys.readouterr().out
 
 
 # -- each task, JSONL and CSV ----------------------------------------------------------------------------------
@@ -282,7 +305,15 @@ def test_ctrl_c_saves_a_resumable_checkpoint(ws):
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
-def test_bad_inputs_give_a_message_and_no_traceback(ws):
+def test_missing_file_in_a_subprocess(ws):
+    p = cli("train", "--model", ws / "bert", "--task", "seq-cls", "--train", ws / "data/missing.jsonl", cwd=ws, ok=False)
+    fails(p, "file not found", "missing.jsonl")
+
+
+def test_bad_inputs_give_a_message_and_no_traceback(ws, capsys):
+    def cli(*args, cwd, ok):  # in this process: a traceback would fail the test as an exception
+        return cli_in_process(*args, cwd=cwd, capsys=capsys)
+
     d, bert = ws / "data", ws / "bert"
     base = ["train", "--model", bert, "--task", "seq-cls", *FAST]
     out = ws / "runs" / "bad"
@@ -322,7 +353,7 @@ def test_bad_inputs_give_a_message_and_no_traceback(ws):
     assert not out.exists() or not (out / "adapter").exists()  # nothing half-written
 
 
-def test_output_folder_holding_a_run_is_refused(ws):
+def test_output_folder_holding_a_run_is_refused(ws, capsys):
     out = ws / "runs" / "taken"
     args = ["train", "--model", ws / "bert", "--task", "seq-cls", "--train", ws / "data/cls.jsonl", "--batch-size", "4",
             "--max-steps", "1", "--output", out]
@@ -330,9 +361,11 @@ def test_output_folder_holding_a_run_is_refused(ws):
     before = (out / "adapter/adapter_model.safetensors").read_bytes()
     fails(cli(*args, cwd=ws, ok=False), "already holds a run", "--overwrite", "--resume")
     assert (out / "adapter/adapter_model.safetensors").read_bytes() == before  # nothing lost
-    cli(*args, "--overwrite", "--seed", "7", cwd=ws)
-    fails(cli("train", "--output", ws / "runs/fresh", "--resume", "--train", ws / "data/cls.jsonl", cwd=ws, ok=False),
-          "nothing to resume")
+    p = cli_in_process("train", "--output", ws / "runs/fresh", "--resume", "--train", ws / "data/cls.jsonl", cwd=ws,
+                       capsys=capsys)
+    fails(p, "nothing to resume")
+    assert cli_in_process(*args, "--overwrite", "--seed", "7", cwd=ws, capsys=capsys).returncode == 0
+    assert (out / "adapter/adapter_model.safetensors").read_bytes() != before
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ws):
@@ -346,11 +379,14 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ws):
     assert f"step {state['step']} in" in p.stderr
 
 
-def test_merge_refuses_a_method_that_cannot_merge(ws):
+def test_merge_refuses_a_method_that_cannot_merge(ws, capsys):
     out = ws / "runs" / "houlsby"
-    cli("train", "--model", ws / "bert", "--task", "seq-cls", "--method", "houlsby", "--train", ws / "data/cls.jsonl",
-        "--batch-size", "4", "--max-steps", "1", "--output", out, cwd=ws)
-    fails(cli("merge", "--adapter", out, "--output", ws / "runs/houlsby_merged", cwd=ws, ok=False), "cannot be merged")
+    p = cli_in_process("train", "--model", ws / "bert", "--task", "seq-cls", "--method", "houlsby", "--train",
+                       ws / "data/cls.jsonl", "--batch-size", "4", "--max-steps", "1", "--output", out, cwd=ws,
+                       capsys=capsys)
+    assert p.returncode == 0, p.stderr
+    p = cli_in_process("merge", "--adapter", out, "--output", ws / "runs/houlsby_merged", cwd=ws, capsys=capsys)
+    fails(p, "cannot be merged")
 
 
 def test_console_script_is_installed():

@@ -55,10 +55,10 @@ def demo_command(ns) -> int:
 
     t0 = time.time()
     out = Path(ns.output)
-    steps, samples = ns.steps or 60, ns.samples or 24
+    steps, samples = ns.steps or 40, ns.samples or 24
     print("unipeft demo: LoRA-tune SmolLM2-135M-Instruct to turn sentences into JSON records (offline, CPU)\n"
           "preparing the embedded model (the first run converts the GGUF file once)...", flush=True)
-    model_path = resolve_model(None)
+    model_path = resolve_model(ns.model)
     data = out.parent / f"{out.name}-data"
     write_jsonl(data / "train.jsonl", make_rows(480, TRAIN_NAMES, TRAIN_CITIES, seed=1))
     eval_rows = make_rows(samples, EVAL_NAMES, EVAL_CITIES, seed=2)
@@ -68,13 +68,13 @@ def demo_command(ns) -> int:
     tok = load_tokenizer(model_path, "causal-lm")
     task = task_class("causal-lm").from_data(tok, 128, eval_rows, "eval.jsonl", {})
     feats, _ = task.encode(eval_rows, "eval.jsonl")
-    base, tok, _, task = load_base_and_adapter({"model": None, "task": "causal-lm"}, None, task.meta, task)
+    base, tok, _, task = load_base_and_adapter({"model": ns.model, "task": "causal-lm"}, None, task.meta, task)
     before, before_pairs = generation_eval(base, task, tok, feats, samples, 40, 8)
     print(f"base model, before tuning: exact match {before['exact_match']:.0%} on {len(before_pairs)} held-out "
           f"sentences ({time.time() - t0:.0f} s)\n", flush=True)
     del base
 
-    given = {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "output": str(out),
+    given = {"model": ns.model, "train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "output": str(out),
              "overwrite": True, "task": "causal-lm", "method": "lora", "max_steps": steps, "batch_size": 8,
              "lr": 2e-3, "max_length": 128, "warmup": 0.1, "eval_every": 0, "save_every": 1000,
              "log_every": 5, "gen_samples": samples, "max_new_tokens": 40, "precision": "fp32"}

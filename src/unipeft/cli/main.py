@@ -52,18 +52,26 @@ def _add_method_flags(p: argparse.ArgumentParser, method: str) -> None:
         return  # reported when options are resolved
     g = p.add_argument_group(f"options of method {method!r} ({info.summary}); also --opt key=value",
                              "use --method NAME --help for another method's options; comma lists for tuples")
-    md = O.method_defaults(method, info).get("method_options", {})
+    mdefs = O.method_defaults(method, info)
+    md = dict(mdefs.get("method_options", {}))
+    if mdefs.get("target_roles"):
+        md["target_modules"] = f"the architecture's {'/'.join(mdefs['target_roles'])} linears"
     cls = O.config_class(info)
     defaults = {}
     if cls is not None:
         import dataclasses
 
         defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        try:  # a preset's own values (e.g. houlsby's swish) rather than the dataclass defaults
+            made = info.factory()
+            defaults.update({f.name: getattr(made, f.name) for f in dataclasses.fields(made)})
+        except Exception:
+            pass
     for name, tp in O.method_fields(info).items():
         if name in O.BY_NAME or name in ("config", "opt"):
             continue  # clashes with a general option: --opt name=value sets it
         d = md.get(name, defaults.get(name))
-        tname = str(tp).replace("typing.", "").replace("NoneType", "None")
+        tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace("NoneType", "None")
         g.add_argument("--" + name.replace("_", "-"), dest="m__" + name, default=argparse.SUPPRESS, metavar="V",
                        help=f"{tname}" + (f" (default: {d})" if d is not None else ""))
 
@@ -115,6 +123,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     d.add_argument("--output", default="runs/demo", help="run folder (replaced if it exists)")
     d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: tuned for 2 CPU cores)")
     d.add_argument("--samples", type=int, default=None, help="held-out sentences scored before and after")
+    d.add_argument("--model", default=None, help="another causal LM folder to tune (default: the embedded SmolLM2)")
     return p
 
 
