@@ -236,7 +236,8 @@ class Trainer:
             ntok += int(batch["attention_mask"].sum())
         if self.args["max_grad_norm"]:
             norm = acc.clip_grad_norm_([p for _, p in self.named], self.args["max_grad_norm"])
-            if not _all_finite(acc, torch.as_tensor(norm)):
+            # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal
+            if acc.scaler is None and not _all_finite(acc, torch.as_tensor(norm)):
                 self._nonfinite(float(norm), what="gradient norm")
         self.opt.step()
         self.sched.step()

@@ -130,6 +130,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("unipeft").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # optional backends announce missing extras at import time; not the user's problem here
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers

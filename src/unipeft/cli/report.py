@@ -36,8 +36,10 @@ def fmt_metrics(m: dict) -> str:
 class MetricsLog:
     """metrics.jsonl: one JSON line per logged train step and per evaluation."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
+    def __init__(self, path: Path, keep_until_step: int | None = None, active: bool = True):
         self.path = Path(path)
+        if not active:  # other processes of a multi-device run only read it
+            return
         if keep_until_step is not None and self.path.is_file():
             # on resume, drop lines past the checkpoint: those steps are about to be replayed
             kept = [ln for ln in self.path.read_text().splitlines()

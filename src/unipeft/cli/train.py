@@ -24,7 +24,8 @@ RUN_FILES = ("run.yaml", "metrics.jsonl", "eval_results.json", "loss.png", "adap
 TASK_FILE = "unipeft_task.json"
 
 
-def prepare_output(opts: dict) -> Path:
+def prepare_output(opts: dict, main: bool = True) -> Path:
+    """Check the output folder (every process) and clear it for --overwrite (the main process only)."""
     out = Path(opts["output"])
     has_run = any((out / f).exists() for f in ("run.yaml", CKPT, "adapter", "metrics.jsonl"))
     if opts["resume"]:
@@ -35,10 +36,11 @@ def prepare_output(opts: dict) -> Path:
         if not opts["overwrite"]:
             raise CliError(f"--output {out} already holds a run (run.yaml / adapter / checkpoint)",
                            "pass --resume to continue it, --overwrite to replace it, or choose another --output")
-        for f in RUN_FILES:
+        for f in RUN_FILES if main else ():
             p = out / f
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -110,8 +112,9 @@ def train_command(opts: dict) -> int:
 
     model_path = resolve_model(opts.get("model"))
     task_name = opts.get("task") or infer_task(model_path)
-    out = prepare_output(opts)
     acc = make_accelerator(opts["precision"])
+    out = prepare_output(opts, main=acc.is_main_process)
+    acc.wait_for_everyone()
     set_seed(opts["seed"])
     tok = load_tokenizer(model_path, task_name)
     task, train_feats, eval_feats, (t_trunc, e_trunc) = load_data(opts, tok, task_name)
@@ -138,7 +141,7 @@ def train_command(opts: dict) -> int:
     resume_step = None
     if opts["resume"]:
         resume_step = json.loads((out / CKPT / "state.json").read_text())["step"]
-    log = MetricsLog(out / "metrics.jsonl", keep_until_step=resume_step)
+    log = MetricsLog(out / "metrics.jsonl", keep_until_step=resume_step, active=acc.is_main_process)
     trainer = Trainer(acc, peft, task, train_feats, eval_feats, opts, out, log, save)
     if opts["resume"]:
         trainer.load_checkpoint()
