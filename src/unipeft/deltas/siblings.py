@@ -97,8 +97,10 @@ class SiblingProjections:
 
 
 def _compatible(group) -> bool:
-    """One shared dropout(x) and one matmul: same dropout rate, device and training mode."""
+    """One dropout(x) for all (none, or one shared draw) and one matmul: same rate, cache, device, mode."""
     d0 = group[0]
-    p0 = getattr(d0.dropout, "p", 0.0)
-    return all(getattr(d.dropout, "p", 0.0) == p0 and d.A.device == d0.A.device and d.training == d0.training
-               for d in group)
+    p0, cache0 = getattr(d0.dropout, "p", 0.0), getattr(d0.dropout, "cache", None)
+    if p0 > 0 and (cache0 is None or not cache0.enabled):
+        return False  # each delta draws its own mask: nothing to share
+    return all(getattr(d.dropout, "p", 0.0) == p0 and getattr(d.dropout, "cache", None) is cache0
+               and d.A.device == d0.A.device and d.training == d0.training for d in group)
