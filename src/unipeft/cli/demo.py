@@ -2,8 +2,8 @@
 
 The task is made here: turn a sentence like "Alice is 31 and lives in Paris." into the JSON record
 {"name": "Alice", "age": 31, "city": "Paris"}. The base model answers in its own words (exact match near 0);
-after a few minutes of LoRA it answers with the exact record. Held-out sentences use names, cities and
-phrasings... the names and cities are unseen in training, so the model must copy, not memorize.
+after a few minutes of LoRA it answers with the exact record. The held-out names and cities are unseen in training (half the training rows use made-up ones), so the model
+must learn to copy from the sentence, not to recall a list.
 """
 
 from __future__ import annotations
@@ -19,22 +19,35 @@ from .errors import CliError
 INSTRUCTION = "Extract the person's name, age and city from the sentence as a JSON object."
 TRAIN_NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemal", "Lena",
                "Marco", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wei", "Yara",
-               "Zoe", "Liam", "Maya", "Noah", "Olga", "Pablo"]
+               "Zoe", "Liam", "Maya", "Noah", "Olga", "Pablo", "Amara", "Bruno", "Chloe", "Dmitri", "Elif", "Felix",
+               "Gita", "Hugo", "Ivan", "Jana", "Kenji", "Leila", "Mohan", "Nina", "Otto", "Petra", "Rahul", "Sofia"]
 EVAL_NAMES = ["Hannah", "Igor", "Julia", "Kofi", "Lucia", "Mateo", "Nora", "Omar", "Paula", "Ravi", "Sara", "Tomas"]
 TRAIN_CITIES = ["Paris", "Tokyo", "Berlin", "Lagos", "Lima", "Oslo", "Madrid", "Cairo", "Toronto", "Mumbai", "Seoul",
-                "Nairobi", "Dublin", "Vienna", "Quito", "Hanoi", "Prague", "Denver", "Athens", "Lisbon"]
+                "Nairobi", "Dublin", "Vienna", "Quito", "Hanoi", "Prague", "Denver", "Athens", "Lisbon", "Chicago",
+                "Dakar", "Kyiv", "Perth", "Havana", "Tunis", "Bergen", "Porto", "Austin", "Delhi", "Lyon", "Riga",
+                "Sydney", "Taipei", "Warsaw", "Munich", "Santiago", "Montreal", "Istanbul", "Jakarta"]
 EVAL_CITIES = ["Rome", "Boston", "Zurich", "Manila", "Accra", "Helsinki", "Bogota", "Osaka"]
+# Made-up names and places (half the training rows) teach copying from the sentence, not recalling a list.
+SYLLABLES = ["ka", "lo", "mi", "ra", "to", "ven", "sa", "dor", "li", "ne", "bo", "tur", "ga", "shi", "mel", "an"]
 TEMPLATES = ["{name} is {age} and lives in {city}.", "{name}, aged {age}, lives in {city}.",
              "At {age}, {name} calls {city} home.", "{name} ({age}) is from {city}.",
              "Meet {name}: {age} years old, living in {city}.", "{city} is where {name}, {age}, lives.",
              "My friend {name} is {age} years old and lives in {city}.", "{name} moved to {city} and is now {age}."]
 
 
-def make_rows(n: int, names, cities, seed: int) -> list[dict]:
+def _invented(rng) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def make_rows(n: int, names, cities, seed: int, invent: bool = False) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         name, city, age = rng.choice(names), rng.choice(cities), rng.randint(18, 89)
+        if invent and rng.random() < 0.5:
+            name = _invented(rng)
+        if invent and rng.random() < 0.5:
+            city = _invented(rng)
         sentence = rng.choice(TEMPLATES).format(name=name, age=age, city=city)
         rows.append({"instruction": INSTRUCTION, "input": sentence,
                      "output": json.dumps({"name": name, "age": age, "city": city})})
@@ -60,7 +73,7 @@ def demo_command(ns) -> int:
           "preparing the embedded model (the first run converts the GGUF file once)...", flush=True)
     model_path = resolve_model(ns.model)
     data = out.parent / f"{out.name}-data"
-    write_jsonl(data / "train.jsonl", make_rows(480, TRAIN_NAMES, TRAIN_CITIES, seed=1))
+    write_jsonl(data / "train.jsonl", make_rows(480, TRAIN_NAMES, TRAIN_CITIES, seed=1, invent=True))
     eval_rows = make_rows(samples, EVAL_NAMES, EVAL_CITIES, seed=2)
     write_jsonl(data / "eval.jsonl", eval_rows)
 

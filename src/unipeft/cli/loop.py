@@ -128,11 +128,18 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         folder = self.out / CKPT
-        tensors = load_file(folder / "trainable.safetensors")
-        with torch.no_grad():
-            for n, p in self.named:
-                p.copy_(tensors[n].to(p.device, p.dtype))
-        self.opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+        try:
+            tensors = load_file(folder / "trainable.safetensors")
+            with torch.no_grad():
+                for n, p in self.named:
+                    p.copy_(tensors[n].to(p.device, p.dtype))
+            if set(tensors) != {n for n, _ in self.named}:
+                raise KeyError(sorted(set(tensors) ^ {n for n, _ in self.named})[:3])
+            self.opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+        except (KeyError, RuntimeError, ValueError, OSError) as e:
+            raise TrainingStopped(f"the checkpoint in {folder} does not fit this model and method ({type(e).__name__}: "
+                                  f"{str(e)[:200]})", "resume with the run's own options (drop method flags), or "
+                                  "start a new run with --overwrite", exit_code=2) from None
         self.sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         if self.acc.scaler is not None and (folder / "scaler.pt").is_file():
             self.acc.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
