@@ -89,7 +89,7 @@ def demo_command(ns) -> int:
 
     given = {"model": ns.model, "train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "output": str(out),
              "overwrite": True, "task": "causal-lm", "method": "lora", "max_steps": steps, "batch_size": 8,
-             "lr": 2e-3, "max_length": 128, "warmup": 0.1, "eval_every": 0, "save_every": 1000,
+             "lr": 1e-3, "max_length": 128, "warmup": 0.1, "eval_every": 0, "save_every": 1000,
              "log_every": 5, "gen_samples": samples, "max_new_tokens": 40, "precision": "fp32"}
     opts = O.resolve(given, None, {"r": 16, "lora_alpha": 32}, None)
     train_command(opts)
