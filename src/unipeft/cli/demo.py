@@ -108,7 +108,8 @@ def demo_command(ns) -> int:
         print(f"\n  sentence: {row['input']}\n  before:   {_clip(p0)}\n  after:    {_clip(p1)}"
               f"{'   ✓' if p1.strip() == ref.strip() else '   ✗'}")
     print(f"\ndemo finished in {time.time() - t0:.0f} s; the adapter is in {out / 'adapter'}. Try:\n"
-          f"  unipeft generate --adapter {out} --prompt \"{INSTRUCTION}\\n\\nOlga is 52 and lives in Kyoto.\"")
+          f"  unipeft generate --adapter {out} --prompt $'{INSTRUCTION.replace(chr(39), chr(92) + chr(39))}\\n\\n"
+          f"Olga is 52 and lives in Kyoto.'")
     return 0
 
 
