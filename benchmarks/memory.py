@@ -42,19 +42,23 @@ LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, num_hidden_layers=80, num_attention
 SHAPES = {"llama1b": LLAMA_1B, "llama8b": LLAMA_8B, "llama70b": LLAMA_70B}
 
 # name -> (label, settings); model "smollm2" = the embedded SmolLM2-135M-Instruct, else a random Llama shape
+_SMOL = dict(model="smollm2", batch=4, seq=256)
+_1B = dict(model="llama1b", batch=1, seq=512, gc=True, warmup=1, steps=2)
 SUITES = {
     "smollm2": [
-        ("full", dict(model="smollm2", method="full", batch=4, seq=256)),
-        ("hf_lora", dict(model="smollm2", method="hf_lora", batch=4, seq=256)),
-        ("ours_lora", dict(model="smollm2", method="lora", batch=4, seq=256, chunked_loss=True)),
-        ("ours_lora_hf_loss", dict(model="smollm2", method="lora", batch=4, seq=256, chunked_loss=False)),
-        ("ours_qlora_nf4", dict(model="smollm2", method="lora", quant="nf4", dtype="bfloat16", batch=4, seq=256,
-                                chunked_loss=True)),
+        ("full", dict(_SMOL, method="full")),
+        ("hf_lora", dict(_SMOL, method="hf_lora")),
+        ("ours_lora", dict(_SMOL, method="lora", chunked_loss=True)),
+        ("ours_lora_hf_loss", dict(_SMOL, method="lora", chunked_loss=False)),  # diagnostic: loss vs LoRA share
+        ("hf_lora_lean_heap", dict(_SMOL, method="hf_lora", lean_heap=True)),  # fairness: same heap setting
+        ("ours_lora_lean_heap", dict(_SMOL, method="lora", chunked_loss=True, lean_heap=True)),
+        ("ours_qlora_nf4", dict(_SMOL, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
     ],
     "llama1b": [
-        ("ours_qlora_nf4_gc", dict(model="llama1b", method="lora", quant="nf4", dtype="bfloat16", batch=1, seq=512,
-                                   chunked_loss=True, gc=True, warmup=1, steps=2)),
-        ("hf_lora_fp32_gc", dict(model="llama1b", method="hf_lora", batch=1, seq=512, gc=True, warmup=1, steps=1)),
+        ("ours_qlora_nf4_gc", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
+        ("ours_qlora_nf4_gc_lean_heap", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True,
+                                             lean_heap=True)),
+        ("hf_lora_fp32_gc", dict(_1B, method="hf_lora", steps=1)),
     ],
 }
 
@@ -122,6 +126,9 @@ def _build(cfg: dict):
 def worker(cfg: dict) -> dict:
     import torch
 
+    if cfg.get("lean_heap"):
+        from unipeft.hostmem import lean_heap
+        lean_heap()
     torch.set_num_threads(int(cfg.get("threads", 2)))
     torch.manual_seed(0)
     device = cfg.get("device", "cpu")

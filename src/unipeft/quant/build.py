@@ -16,6 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..hostmem import release_free_memory  # building one float linear at a time leaves free heap behind
 from .bnb import SCHEMES, quantized_linear
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def quantize_model(model: nn.Module, quantization: Union[str, Quantization] = "n
         mod.weight = None  # free the float weight now, not when the loop ends
         n += 1
     _cast_floats(model, q.compute_dtype)
+    release_free_memory()
     logger.info("quantized %d linears of %s to %s", n, type(model).__name__, q.scheme)
     return model
 
@@ -200,4 +202,5 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
         head.weight = model.get_input_embeddings().weight
     model.requires_grad_(False)
     model.eval()
+    release_free_memory()
     return model
