@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test test-fast demo bench-sst2 clean
+.PHONY: setup test test-fast demo bench-sst2 venv-adapters clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,19 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/unipeft demo
 
-bench-sst2: $(STAMP)
+# AdapterHub `adapters` 1.3 pins transformers 4.57: the SST-2 benchmark runs it from a venv of its own.
+AVENV   := .venv-adapters
+ASTAMP  := $(AVENV)/.installed
+
+$(ASTAMP):
+	test -x $(AVENV)/bin/python || $(PY) -m venv $(AVENV)
+	$(AVENV)/bin/pip install -q torch==2.13.0
+	$(AVENV)/bin/pip install -q 'transformers==4.57.*' 'adapters==1.3.*'
+	touch $(ASTAMP)
+
+venv-adapters: $(ASTAMP)
+
+bench-sst2: $(STAMP) $(ASTAMP)
 	$(BIN)/python benchmarks/sst2.py
 
 clean:
