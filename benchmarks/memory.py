@@ -54,6 +54,13 @@ SUITES = {
         ("ours_lora_lean_heap", dict(_SMOL, method="lora", chunked_loss=True, lean_heap=True)),
         ("ours_qlora_nf4", dict(_SMOL, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
     ],
+    # GPU (--device cuda): 8B shape at 2048 tokens, ours vs HF PEFT's QLoRA recipe on the same NF4 modules
+    "llama8b": [
+        ("ours_qlora_nf4_gc", dict(model="llama8b", batch=1, seq=2048, gc=True, warmup=1, steps=3, method="lora",
+                                   quant="nf4", dtype="bfloat16", chunked_loss=True)),
+        ("hf_qlora_nf4_gc", dict(model="llama8b", batch=1, seq=2048, gc=True, warmup=1, steps=3, method="hf_lora",
+                                 quant="nf4", dtype="bfloat16")),
+    ],
     "llama1b": [
         ("ours_qlora_nf4_gc", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
         ("ours_qlora_nf4_gc_lean_heap", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True,
@@ -93,8 +100,8 @@ def _build(cfg: dict):
     if cfg.get("quant"):
         from unipeft.quant import Quantization, load_quantized, random_source
         q = Quantization(scheme=cfg["quant"], compute_dtype=dtype)
-        model = load_quantized(config or path, q, source=random_source() if config else None)
-        model.to(device)
+        model = load_quantized(config or path, q, source=random_source(device=device) if config else None,
+                               device=device)
     elif path:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     else:
@@ -109,11 +116,13 @@ def _build(cfg: dict):
         return model, model
     if method == "hf_lora":
         import peft
-        if cfg.get("gc"):
+        if cfg.get("quant"):  # HF's QLoRA recipe on the same bitsandbytes modules (flags its loader would set)
+            model.is_loaded_in_4bit, model.is_loaded_in_8bit = cfg["quant"] == "nf4", cfg["quant"] == "int8"
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.get("gc")),
+                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif cfg.get("gc"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        if cfg.get("quant"):
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.get("gc")))
         pm = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
         return pm, pm
     import unipeft

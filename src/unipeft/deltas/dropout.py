@@ -37,12 +37,12 @@ class _Dropout16(torch.autograd.Function):
         scale = 65536.0 / (65536 - cut)
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        return torch.where(keep, x, 0).mul_(scale)  # where: float × bool multiplies take a slow casting path
 
     @staticmethod
     def backward(ctx, g):
         (keep,) = ctx.saved_tensors
-        return g.mul(keep).mul_(ctx.scale), None
+        return torch.where(keep, g, 0).mul_(ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:

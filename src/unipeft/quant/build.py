@@ -138,16 +138,16 @@ def safetensors_source(folder: Union[str, Path]) -> Source:
     return read
 
 
-def random_source(std: float = 0.02, seed: int = 0) -> Source:
+def random_source(std: float = 0.02, seed: int = 0, device="cpu") -> Source:
     """Random weights with the right shapes (norm weights 1, biases 0): for memory and speed benchmarks."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
 
     def make(name, shape, dtype):
         if name.endswith("bias"):
-            return torch.zeros(shape, dtype=dtype)
+            return torch.zeros(shape, dtype=dtype, device=device)
         if len(shape) == 1:
-            return torch.ones(shape, dtype=dtype)
-        return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=g)
+            return torch.ones(shape, dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=g)
 
     return make
 
@@ -163,11 +163,12 @@ def _read(source: Source, name: str, shape, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4", *, source: Source | None = None,
-                   model_class=None, compute_dtype=None) -> nn.Module:
+                   model_class=None, compute_dtype=None, device="cpu") -> nn.Module:
     """Build a quantized model without materializing its full-precision weights.
 
     `config_or_path`: a HF folder (its safetensors are the source unless `source` is given) or a config
     (then `source` is required, e.g. `random_source()`). `model_class`: default AutoModelForCausalLM.
+    `device`: where the quantized model lives (each float linear is quantized there, then dropped).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -185,7 +186,7 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
         W = _read(source, f"{name}.weight", mod.weight.shape, q.compute_dtype)
         b = None if mod.bias is None else _read(source, f"{name}.bias", mod.bias.shape, q.compute_dtype)
         swap_module(model, name, quantized_linear(W, b, q.scheme, q.compute_dtype, double_quant=q.double_quant,
-                                                  blocksize=q.blocksize))
+                                                  blocksize=q.blocksize, device=device))
         del W, b
     tied = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings", False)
     head = model.get_output_embeddings()
@@ -197,9 +198,10 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
                 continue  # tied to the input embeddings below
             full = f"{mname}.{pname}" if mname else pname
             t = _read(source, full, p.shape, q.compute_dtype)
-            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+            mod._parameters[pname] = nn.Parameter(t.to(device), requires_grad=False)
     if tied and head is not None:
         head.weight = model.get_input_embeddings().weight
+    model.to(device)  # buffers (rotary tables)
     model.requires_grad_(False)
     model.eval()
     release_free_memory()
