@@ -39,7 +39,9 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, 
 LLAMA_8B = dict(LLAMA_1B, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, head_dim=128,
                 tie_word_embeddings=False)
 LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, intermediate_size=28672)
-SHAPES = {"llama1b": LLAMA_1B, "llama8b": LLAMA_8B, "llama70b": LLAMA_70B}
+LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=512, head_dim=16)  # dry runs of the GPU suites on a CPU
+SHAPES = {"llama1b": LLAMA_1B, "llama8b": LLAMA_8B, "llama70b": LLAMA_70B, "tiny": LLAMA_TINY}
 
 # name -> (label, settings); model "smollm2" = the embedded SmolLM2-135M-Instruct, else a random Llama shape
 _SMOL = dict(model="smollm2", batch=4, seq=256)
@@ -60,6 +62,13 @@ SUITES = {
                                    quant="nf4", dtype="bfloat16", chunked_loss=True)),
         ("hf_qlora_nf4_gc", dict(model="llama8b", batch=1, seq=2048, gc=True, warmup=1, steps=3, method="hf_lora",
                                  quant="nf4", dtype="bfloat16")),
+        ("ours_qlora_nf4_gc_offload", dict(model="llama8b", batch=1, seq=2048, gc=True, offload=True, warmup=1, steps=3,
+                                           method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
+    ],
+    # GPU: a 70B shape at 2048 tokens, built layer by layer, under a 48 GiB cap (--mem-cap-gib 48)
+    "llama70b": [
+        ("ours_qlora_nf4_gc", dict(model="llama70b", batch=1, seq=2048, gc=True, warmup=1, steps=2, method="lora",
+                                   quant="nf4", dtype="bfloat16", chunked_loss=True)),
     ],
     "llama1b": [
         ("ours_qlora_nf4_gc", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
@@ -142,6 +151,9 @@ def worker(cfg: dict) -> dict:
     torch.manual_seed(0)
     device = cfg.get("device", "cpu")
     cuda = device.startswith("cuda")
+    if cuda and cfg.get("mem_cap_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cfg["mem_cap_gib"] * 2**30 / total)
     t0 = time.time()
     model, pm = _build(cfg)
     load_s = time.time() - t0
@@ -280,14 +292,17 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, help="measured steps per process (default per config)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mem-cap-gib", type=float, help="CUDA: cap this process's GPU memory (set_per_process_memory_fraction)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="override the model shape of every config (dry runs)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out", default=str(RESULTS / "memory"))
     args = ap.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    configs = [(lbl, dict(c, device=args.device, **({"steps": args.steps} if args.steps else {})))
-               for lbl, c in SUITES[args.suite] if not args.only or lbl in args.only]
+    extra = {"device": args.device, **({"steps": args.steps} if args.steps else {}),
+             **({"mem_cap_gib": args.mem_cap_gib} if args.mem_cap_gib else {}), **({"model": args.shape} if args.shape else {})}
+    configs = [(lbl, dict(c, **extra)) for lbl, c in SUITES[args.suite] if not args.only or lbl in args.only]
     meta = {"versions": _versions(), "host": f"{platform.machine()} {os.cpu_count()} cpus", "suite": args.suite,
             "command": " ".join([Path(sys.executable).name, "benchmarks/memory.py"] + sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -298,6 +313,9 @@ def main(argv=None) -> None:
             rec["round"] = rnd
             records.append(rec)
             print(json.dumps({k: v for k, v in rec.items() if k not in ("config",)})[:600], flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(f"{args.out}_{args.suite}_records.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
     table = summarize(records)
     labels = [lbl for lbl, _ in configs]
     ref = next((lbl for lbl in labels if lbl.startswith("hf_")), None)

@@ -294,3 +294,37 @@ def test_load_quantized_from_a_config_builds_random_weights_of_the_right_shapes(
     ids = torch.randint(0, VOCAB, (2, 8))
     causal_lm_loss(peft, ids).backward()
     assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_trains_lora_on_a_quantized_base_with_offloaded_checkpointing(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from unipeft.models import embedded_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(embedded_path()))
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"SmolLM2 tokenizer not available: {e}")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"the {c} fox jumps"}) + "\n"
+                                              for c in ["red", "brown", "quick"] * 4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "unipeft.cli", "train", "--model", tmp_path / "m", "--task", "causal-lm",
+                        "--train", tmp_path / "t.jsonl", "--output", tmp_path / "run", "--batch-size", "4",
+                        "--max-steps", "2", "--quantize", "nf4", "--gradient-checkpointing", "--offload-activations"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "nf4 base" in p.stdout and "gradient checkpointing" in p.stdout
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -75,6 +75,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("save_every", int, 100, "write a resumable checkpoint every N steps"),
     Opt("log_every", int, 10, "append train loss to metrics.jsonl every N steps"),
     Opt("gradient_checkpointing", bool, False, "recompute activations in backward to save memory"),
+    Opt("offload_activations", bool, False, "with --gradient-checkpointing: keep the checkpointed layer inputs in "
+        "host memory (GPU memory saver; nothing moves on a CPU)"),
+    Opt("quantize", str, None, "store the frozen base quantized with bitsandbytes: nf4 (4-bit, QLoRA) or int8; "
+        "adapters train in the compute precision (needs pip install 'unipeft[quant]')", choices=("nf4", "int8")),
     Opt("precision", str, "auto", "auto: bf16 on GPUs that support it, else fp32", choices=("auto", "fp32", "bf16", "fp16"),
         commands=_GEN),
     Opt("max_train_samples", int, None, "use only the first N training rows"),

@@ -56,6 +56,18 @@ def make_accelerator(precision: str):
     return Accelerator(mixed_precision=mp)
 
 
+def quantize_base(model, scheme: str, mixed_precision: str):
+    """The frozen base in NF4/int8 (unipeft.quant); its other weights in the compute precision."""
+    import torch
+
+    try:
+        from ..quant import quantize_model
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+        return quantize_model(model, scheme, compute_dtype=dtype)
+    except ImportError as e:
+        raise CliError(f"--quantize {scheme}: {e}", "pip install 'unipeft[quant]' (bitsandbytes)") from None
+
+
 def load_data(opts, tok, task_name):
     train_rows = read_rows(opts["train"], "--train", opts["max_train_samples"])
     src = Path(opts["train"]).name
@@ -119,6 +131,8 @@ def train_command(opts: dict) -> int:
     tok = load_tokenizer(model_path, task_name)
     task, train_feats, eval_feats, (t_trunc, e_trunc) = load_data(opts, tok, task_name)
     model = load_model(model_path, task, tok)
+    if opts.get("quantize"):
+        model = quantize_base(model, opts["quantize"], acc.mixed_precision)
     cfg = method_config(opts, model, task_name)
     try:
         peft = get_peft_model(model, cfg)
@@ -126,7 +140,7 @@ def train_command(opts: dict) -> int:
         raise CliError(f"cannot apply {opts['method']} to {model_path}: {e}",
                        "adjust the method options (e.g. --target-modules) or pick another --method") from None
     if opts["gradient_checkpointing"]:
-        peft.gradient_checkpointing_enable()
+        peft.gradient_checkpointing_enable(offload_activations=bool(opts.get("offload_activations")))
     resolved_cfg = {k: v for k, v in peft.peft_config["default"].to_dict().items()
                     if k not in O.BASE_FIELDS and k != "peft_type"}
     run = {"command": "train", **{k: opts.get(k) for k in O.BY_NAME}, "task": task_name,
@@ -159,7 +173,8 @@ def train_command(opts: dict) -> int:
                          f"x{opts['grad_accum']}x{acc.num_processes} dev, lr {opts['lr']:g} {opts['scheduler']}, "
                          f"warmup {trainer.warmup}"),
             ("device", f"{acc.device} x{acc.num_processes}, precision {acc.mixed_precision}"
-                       + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")),
+                       + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")
+                       + (f", {opts['quantize']} base" if opts.get("quantize") else "")),
             ("output", str(out) + (f"  (resuming at step {trainer.state.step})" if opts["resume"] else "")),
         ]), flush=True)
     bar = tqdm(total=trainer.total, initial=trainer.state.step, desc="train", unit="step", dynamic_ncols=True,
