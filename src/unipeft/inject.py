@@ -17,7 +17,7 @@ from .handle import Handle
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
 from .positions.input import InputSite, PositionShift
-from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Insertion, Sublayer
+from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Form, Insertion, Sublayer
 
 _INSTALLERS = {}  # position type -> installer(model, ins, arch, handle) -> list[Site]
 
@@ -61,9 +61,11 @@ def _install_sublayer(model, ins: Insertion, arch, handle) -> list[Site]:
     switch = handle.switch
     sites = []
     d = hidden_size(model)
-    for s in resolve_sublayers(model, ins.position, arch):
+    after_add = ins.form == Form.AFTER_ADD_NORM
+    for s in resolve_sublayers(model, ins.position, arch, residual=after_add):
         delta = build_delta(ins.delta, d, d, side="out", **_param_like(s.out_module))
-        sites.append(SublayerDeltaSite(s.in_module, s.out_module, s.out_name, ins, delta, switch))
+        residual = (s.residual, arch.post_norm) if after_add else None
+        sites.append(SublayerDeltaSite(s.in_module, s.out_module, s.out_name, ins, delta, switch, residual=residual))
     return sites
 
 

@@ -5,7 +5,8 @@ Every PEFT method computes a modification Δh and adds it to a hidden state h. A
 
     delta    what Δh is          low-rank · bottleneck · scaling vector · prefix K/V · prompt
     position where it goes       a linear weight · the attention or FFN sublayer · attention K/V · input
-    form     what Δh reads       sequential (the sublayer's output) · parallel (the sublayer's input)
+    form     what Δh reads       sequential (the sublayer's output) · parallel (the sublayer's input) ·
+                                 after_add_norm (the sublayer's output after its residual add and norm)
     compose  how it is combined  add · scale (s·Δh) · multiply (h ⊙ l, IA3) · gate (prefix softmax mass)
 
 Named methods (LoRA, Houlsby, MAM, ...) are presets that return such tuples; users may build their own.
@@ -20,8 +21,11 @@ from typing import Union
 
 
 class Form(str, Enum):
-    SEQUENTIAL = "sequential"  # Δ reads h = f(x), the block's output:  h + s·Δ(h)
-    PARALLEL = "parallel"  # Δ reads x, the block's input:  f(x) + s·Δ(x)
+    SEQUENTIAL = "sequential"  # Δ reads h = f(x), the sublayer's output:  x + h + s·Δ(h)
+    PARALLEL = "parallel"  # Δ reads x, the sublayer's input:  x + f(x) + s·Δ(x)
+    # Δ reads y = N(x + f(x)), the output of the sublayer's "Add & Norm" (N: a post-norm, or the identity in
+    # pre-norm models), and is added before N:  N(x + f(x) + s·Δ(y)). Pfeiffer et al.'s placement (AdapterHub).
+    AFTER_ADD_NORM = "after_add_norm"
 
 
 class Compose(str, Enum):

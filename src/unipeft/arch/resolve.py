@@ -169,9 +169,12 @@ class SublayerSite:
     in_module: nn.Module
     out_name: str
     out_module: nn.Module
+    residual: nn.Module | None = None  # where x + f(x) is reachable (ArchSpec.attn_residual / ffn_residual)
 
 
-def resolve_sublayers(model: nn.Module, pos: AtSublayer, arch: ArchSpec | None) -> list[SublayerSite]:
+def resolve_sublayers(model: nn.Module, pos: AtSublayer, arch: ArchSpec | None, *,
+                      residual: bool = False) -> list[SublayerSite]:
+    """The sublayer of every selected block; with `residual`, also the module where its residual sum lives."""
     if arch is None:
         mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(
@@ -190,7 +193,21 @@ def resolve_sublayers(model: nn.Module, pos: AtSublayer, arch: ArchSpec | None) 
                 f"block {b.path} has no {pos.sublayer.value} sublayer at {ins}/{outs}; its modules: "
                 f"{[n for n, _ in b.module.named_modules() if n][:40]}"
             )
-        sites.append(SublayerSite(b, f"{b.path}.{i}", get_submodule(b.module, i), f"{b.path}.{o}", get_submodule(b.module, o)))
+        res = None
+        if residual:
+            alts = arch.attn_residual if pos.sublayer == Sublayer.ATTN else arch.ffn_residual
+            r = _first(b.module, alts)
+            if r is None:
+                other = "ffn" if pos.sublayer == Sublayer.ATTN else "attn"
+                hint = f", or position={other!r}" if (arch.ffn_residual if other == "ffn" else arch.attn_residual) else ""
+                raise ValueError(
+                    f"the {pos.sublayer.value} sublayer of {arch.name} blocks adds its residual inside the block's "
+                    f"forward, where no hook can reach it, so form 'after_add_norm' is not available there; use "
+                    f"form 'sequential' or 'parallel'{hint}"
+                )
+            res = get_submodule(b.module, r)
+        sites.append(SublayerSite(b, f"{b.path}.{i}", get_submodule(b.module, i), f"{b.path}.{o}",
+                                  get_submodule(b.module, o), res))
     return sites
 
 

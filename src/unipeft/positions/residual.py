@@ -1,7 +1,12 @@
 """Residual positions: a delta at the attention or FFN sublayer of a block.
 
-    sequential   h = f(x);  h + s·Δ(h)       Houlsby, Pfeiffer (Δ reads the sublayer's output)
-    parallel     f(x) + s·Δ(x)              parallel / scaled parallel adapters (Δ reads its input)
+    sequential      h = f(x);  h + s·Δ(h)          Houlsby (Δ reads the sublayer's output)
+    parallel        f(x) + s·Δ(x)                  parallel / scaled parallel adapters (Δ reads its input)
+    after_add_norm  z = x + f(x);  N(z + s·Δ(N z))  Pfeiffer (Δ reads the output of Add & Norm)
+
+after_add_norm needs the residual sum z, which lives on another module than f: in post-norm models (BERT)
+it is the input of the norm N, so a pre-hook adds s·Δ(N z) there; in pre-norm models N is the identity and
+z is the output of a module (the block, or T5's T5LayerFF), so a forward hook adds s·Δ(z) to it.
 
 f's input and output may sit on different modules (BERT's FFN is `intermediate` → `output.dense`): the
 parallel form then captures x with a pre-hook on the input module. Under gradient checkpointing the
@@ -16,10 +21,16 @@ from .. import functional as Fn
 
 
 class SublayerDeltaSite(Site):
-    def __init__(self, in_module, out_module, out_name: str, ins: Insertion, delta, switch):
+    def __init__(self, in_module, out_module, out_name: str, ins: Insertion, delta, switch, *, residual=None):
         super().__init__(out_module, out_name, ins, delta, switch)
         self._x = None
-        if ins.form == Form.SEQUENTIAL:
+        if ins.form == Form.AFTER_ADD_NORM:
+            module, post_norm = residual
+            if post_norm:
+                self.hook(module.register_forward_pre_hook(self._before_norm, with_kwargs=True))
+            else:
+                self.hook(module.register_forward_hook(self._sequential))
+        elif ins.form == Form.SEQUENTIAL:
             self.hook(out_module.register_forward_hook(self._sequential))
         elif in_module is out_module:
             self.hook(out_module.register_forward_hook(self._parallel_same, with_kwargs=True))
@@ -46,3 +57,13 @@ class SublayerDeltaSite(Site):
         if not self.active or x is None:
             return out
         return map_output(out, lambda h: Fn.compose(h, self.delta(x), self.s))
+
+    def _before_norm(self, norm, args, kwargs):
+        if not self.active:
+            return None
+        z = first_input(args, kwargs)
+        z = Fn.compose(z, self.delta(norm.forward(z)), self.s)  # .forward: N z without re-entering this hook
+        if args:
+            return (z,) + tuple(args[1:]), kwargs
+        key = next(k for k in ("hidden_states", "x", "input") if k in kwargs)
+        return args, {**kwargs, key: z}
