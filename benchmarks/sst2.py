@@ -241,6 +241,7 @@ def summarise(runs: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
             "peak_rss_delta_mb": max((r["peak_rss_delta_mb"] for r in rs if "peak_rss_delta_mb" in r), default=None),
             "trainable_params": rs[0]["trainable_params"],
+            "cpus": sorted({r.get("machine", {}).get("cpu", "?") for r in rs}),
         })
     order = {k: i for i, k in enumerate(list(METHODS))}
     rows.sort(key=lambda r: (["lora", "ia3", "houlsby", "pfeiffer", "scaled_parallel"].index(r["method"]),
@@ -260,7 +261,9 @@ def summarise(runs: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict
             ok, text = delta >= -TOLERANCE - 1e-12, f"≥ {METHODS[m.ref].lib} {m.name} − 0.5 pt"
         else:
             ok, text = None, f"vs {METHODS[m.ref].lib} {m.name} (info)"
-        time_ratio = r["s_per_step"] / ref["s_per_step"]
+        # Times compare only when both sides ran on the same CPU model (reruns may land on another machine).
+        same_cpu = r["cpus"] == ref["cpus"] and len(r["cpus"]) == 1
+        time_ratio = r["s_per_step"] / ref["s_per_step"] if same_cpu else None
         r.update(ref=m.ref, delta=delta, time_ratio=time_ratio, criterion=text, passed=ok)
         criteria.append({"method": m.name, "ours": r["mean"], "reference": ref["mean"], "ref_lib": ref["lib"],
                          "delta": delta, "criterion": text, "passed": ok, "same_seeds": same_seeds,
@@ -284,7 +287,7 @@ def markdown(result: dict) -> str:
         accs = " | ".join(f"{r['acc'][s]:.4f}" if s in r["acc"] else "—" for s in seeds)
         has_ref = "delta" in r
         passed = {True: "PASS", False: "FAIL", None: "—"}[r.get("passed")] if has_ref else ""
-        ratio = f"{r['time_ratio']:.2f}" if has_ref else ""
+        ratio = ("n/a (other CPU)" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}") if has_ref else ""
         rss = f"{r['peak_rss_mb']:.0f}" + (f" (+{r['peak_rss_delta_mb']:.0f})" if r.get("peak_rss_delta_mb") else "")
         delta = f"{100 * r['delta']:+.2f} pt" if has_ref else ""
         L.append(f"| {r['method']} | {r['lib']} | {r['lr']:g} | {accs} | **{r['mean']:.4f}** | "
@@ -300,7 +303,12 @@ def markdown(result: dict) -> str:
              f"tokenizers {vm.get('tokenizers')}, peft {vm.get('peft')}, unipeft {vm.get('unipeft')}; "
              f"adapters venv: torch {va.get('torch', '—')}, transformers {va.get('transformers', '—')}, "
              f"tokenizers {va.get('tokenizers', '—')}, adapters {va.get('adapters', '—')}.  ")
-    L.append(f"Machine: {mach.get('cpu')}, {mach.get('cores')} cores, torch threads {P.NUM_THREADS}; "
+    cpus: dict[str, list[str]] = {}
+    for r in rows:
+        for c in r.get("cpus", [mach.get("cpu")]):
+            cpus.setdefault(c, []).append(f"{r['method']}/{r['lib']}")
+    where = "; ".join(f"{c} ({', '.join(v)})" for c, v in cpus.items()) if len(cpus) > 1 else mach.get("cpu")
+    L.append(f"Machine: {where}; {mach.get('cores')} cores, torch threads {P.NUM_THREADS}; "
              f"{mach.get('platform')}. Wall time {result['wall_s'] / 60:.1f} min.  ")
     gits = {}
     for r in result["runs"]:
@@ -411,8 +419,8 @@ def main(argv=None) -> int:
     if args.resume and out.exists():
         prev = json.loads(out.read_text())
         args.superseded = prev.get("superseded_runs", []) + [r for r in prev.get("runs", []) if r["key"] in args.rerun]
-        runs = [r for r in prev.get("runs", []) if r["key"] in keys and r["seed"] in args.seeds
-                and r["key"] not in args.rerun
+        # Runs of methods not asked for this time stay too: a resume never drops results.
+        runs = [r for r in prev.get("runs", []) if r["key"] not in args.rerun
                 and r["train_rows"] == len(data.train) and r["val_rows"] == len(data.val)]
         t0 -= prev.get("wall_s", 0.0)  # the wall time reported covers the earlier part too
         args.command = prev.get("command", "") + " ; then " + args.command
