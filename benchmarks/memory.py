@@ -40,12 +40,14 @@ LLAMA_8B = dict(LLAMA_1B, hidden_size=4096, num_hidden_layers=32, intermediate_s
                 tie_word_embeddings=False)
 LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, intermediate_size=28672)
 LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=512, head_dim=16)  # dry runs of the GPU suites on a CPU
+                  intermediate_size=128, vocab_size=512, head_dim=16,
+                  tie_word_embeddings=False)  # dry runs of the GPU suites on a CPU
 SHAPES = {"llama1b": LLAMA_1B, "llama8b": LLAMA_8B, "llama70b": LLAMA_70B, "tiny": LLAMA_TINY}
 
 # name -> (label, settings); model "smollm2" = the embedded SmolLM2-135M-Instruct, else a random Llama shape
 _SMOL = dict(model="smollm2", batch=4, seq=256)
 _1B = dict(model="llama1b", batch=1, seq=512, gc=True, warmup=1, steps=2)
+_8B = dict(model="llama8b", batch=1, seq=2048, gc=True, warmup=1, steps=3)
 SUITES = {
     "smollm2": [
         ("full", dict(_SMOL, method="full")),
@@ -58,17 +60,28 @@ SUITES = {
     ],
     # GPU (--device cuda): 8B shape at 2048 tokens, ours vs HF PEFT's QLoRA recipe on the same NF4 modules
     "llama8b": [
-        ("ours_qlora_nf4_gc", dict(model="llama8b", batch=1, seq=2048, gc=True, warmup=1, steps=3, method="lora",
-                                   quant="nf4", dtype="bfloat16", chunked_loss=True)),
-        ("hf_qlora_nf4_gc", dict(model="llama8b", batch=1, seq=2048, gc=True, warmup=1, steps=3, method="hf_lora",
-                                 quant="nf4", dtype="bfloat16")),
-        ("ours_qlora_nf4_gc_offload", dict(model="llama8b", batch=1, seq=2048, gc=True, offload=True, warmup=1, steps=3,
-                                           method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
+        ("ours_qlora_nf4_gc", dict(_8B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
+        ("hf_qlora_nf4_gc", dict(_8B, method="hf_lora", quant="nf4", dtype="bfloat16")),
+        ("ours_qlora_nf4_gc_offload", dict(_8B, offload=True, method="lora", quant="nf4", dtype="bfloat16",
+                                           chunked_loss=True)),
+        # + the input embedding table in host memory (unipeft.host_embedding)
+        ("ours_qlora_nf4_gc_hostemb", dict(_8B, host_emb=True, method="lora", quant="nf4", dtype="bfloat16",
+                                           chunked_loss=True)),
+        ("ours_qlora_nf4_gc_offload_hostemb", dict(_8B, host_emb=True, offload=True, method="lora", quant="nf4",
+                                                   dtype="bfloat16", chunked_loss=True)),
+        # batch 4, as in the GPU baseline's 8B LoRA rows (../shared/reference/gpu-baseline.md)
+        ("ours_qlora_nf4_gc_b4", dict(_8B, batch=4, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True,
+                                      vs="hf_qlora_nf4_gc_b4")),
+        ("hf_qlora_nf4_gc_b4", dict(_8B, batch=4, method="hf_lora", quant="nf4", dtype="bfloat16")),
     ],
     # GPU: a 70B shape at 2048 tokens, built layer by layer, under a 48 GiB cap (--mem-cap-gib 48)
     "llama70b": [
         ("ours_qlora_nf4_gc", dict(model="llama70b", batch=1, seq=2048, gc=True, warmup=1, steps=2, method="lora",
                                    quant="nf4", dtype="bfloat16", chunked_loss=True)),
+        # stretch: under a 24 GiB cap, the frozen NF4 layers wait in pinned host memory and visit one at a time
+        ("ours_qlora_nf4_gc_stream", dict(model="llama70b", batch=1, seq=2048, gc=True, warmup=1, steps=2,
+                                          method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True,
+                                          stream=True, host_emb=True, mem_cap_gib=24)),
     ],
     "llama1b": [
         ("ours_qlora_nf4_gc", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
@@ -110,7 +123,7 @@ def _build(cfg: dict):
         from unipeft.quant import Quantization, load_quantized, random_source
         q = Quantization(scheme=cfg["quant"], compute_dtype=dtype)
         model = load_quantized(config or path, q, source=random_source(device=device) if config else None,
-                               device=device)
+                               device=device, stream=bool(cfg.get("stream")))
     elif path:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     else:
@@ -118,6 +131,11 @@ def _build(cfg: dict):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
+    if cfg.get("host_emb"):  # the untied input table to host memory (1 GiB of bf16 on an 8B Llama)
+        from unipeft.host_embedding import embeddings_on_host
+        embeddings_on_host(model, device)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     method = cfg["method"]
     if method == "full":
         if cfg.get("gc"):
@@ -200,9 +218,14 @@ def worker(cfg: dict) -> dict:
                           "util": (c3 - c0) / (w3 - w0)})
     out = {"load_s": round(load_s, 2), "rss_before_loop_mib": rss_before, "losses": losses, "steps": steps,
            "trainable": sum(p.numel() for p in params)}
+    stream = getattr(model, "_unipeft_stream", None)  # PeftModel passes attributes through to the base model
+    if stream is not None:
+        out["layer_loads"] = stream.loads
     if cuda:
         out["peak_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        out["host_peak_rss_mib"] = _status("VmHWM")  # never reset: building the model is included
+        out["gpu"] = torch.cuda.get_device_name(0)
     else:
         out["peak_rss_mib"] = _status("VmHWM")
     return out
@@ -247,14 +270,19 @@ def summarize(records: list[dict]) -> dict:
             table[label] = {"error": rs[-1]["error"][-300:]}
             continue
         steps = [s for r in ok for s in r["steps"]]
-        clean = [s for s in steps if s["util"] >= CLEAN_UTIL]
+        # CPU runs: a step is clean when the process had both cores; a GPU step's wall time is the GPU's
+        clean = steps if "peak_alloc_mib" in ok[0] else [s for s in steps if s["util"] >= CLEAN_UTIL]
         med = lambda k, xs=(clean or steps): statistics.median(s[k] for s in xs)  # noqa: E731
         row = {"step_s": med("s"), "fwd_s": med("fwd"), "bwd_s": med("bwd"), "opt_s": med("opt"),
                "cpu_s": statistics.median(s["cpu"] for s in steps),
                "step_s_all": statistics.median(s["s"] for s in steps), "n_steps": len(steps), "n_clean": len(clean),
                "util_median": statistics.median(s["util"] for s in steps), "trainable": ok[0]["trainable"],
                "losses": ok[0]["losses"], "runs": len(ok)}
-        for k in ("peak_rss_mib", "peak_alloc_mib", "peak_reserved_mib"):
+        for k in ("mem_cap_gib", "layer_loads"):
+            v = ok[0].get(k, ok[0].get("config", {}).get(k))
+            if v is not None:
+                row[k] = v
+        for k in ("peak_rss_mib", "peak_alloc_mib", "peak_reserved_mib", "host_peak_rss_mib"):
             if k in ok[0]:
                 row[k] = max(r[k] for r in ok)
                 row[k + "_runs"] = [round(r[k]) for r in ok]
@@ -262,25 +290,36 @@ def summarize(records: list[dict]) -> dict:
     return table
 
 
-def markdown(suite: str, table: dict, ref: str | None, ours: str | None, meta: dict) -> str:
+def markdown(suite: str, table: dict, ref: str | None, refs: dict, meta: dict) -> str:
+    """`ref`: the default reference row; `refs`: label -> its own reference (a config's "vs")."""
     mem = "peak_rss_mib" if any("peak_rss_mib" in r for r in table.values()) else "peak_alloc_mib"
     lines = [f"### {suite}", "", f"| config | step s (median; clean/all steps) | fwd / bwd / opt s | CPU s/step | peak "
-             f"{'RSS' if mem == 'peak_rss_mib' else 'CUDA alloc'} MiB | trainable | util | vs {ref}: time / CPU time / memory |",
+             f"{'RSS' if mem == 'peak_rss_mib' else 'CUDA alloc (reserved; host RSS)'} MiB | trainable | util | "
+             + (f"vs {ref} (or the row's own reference): time / CPU time / memory |" if ref else "vs — |"),
              "|---|---|---|---|---|---|---|---|"]
-    base = table.get(ref, {})
     for label, r in table.items():
+        base = table.get(refs.get(label) or ref, {})
         if "error" in r:
             lines.append(f"| {label} | error: {r['error'][-120:]!r} | | | | | | |")
             continue
         vs = ""
-        if base and "error" not in base and mem in base:
+        if label == ref or label in refs.values():
+            vs = "reference"
+        elif base and "error" not in base and mem in base:
             vs = (f"{r['step_s'] / base['step_s']:.2f}× / {r['cpu_s'] / base['cpu_s']:.2f}× / "
                   f"{r[mem] / base[mem]:.2f}×")
+        peak = f"{r[mem]:.0f}"
+        if "peak_reserved_mib" in r:  # CUDA: allocated (reserved; host peak RSS)
+            peak += f" ({r['peak_reserved_mib']:.0f}; host {r.get('host_peak_rss_mib', 0):.0f})"
+        if r.get("mem_cap_gib"):
+            peak += f" under a {r['mem_cap_gib']:g} GiB cap"
         lines.append(f"| {label} | {r['step_s']:.2f} ({r['n_clean']}/{r['n_steps']}) | {r['fwd_s']:.2f} / {r['bwd_s']:.2f} / "
-                     f"{r['opt_s']:.3f} | {r['cpu_s']:.2f} | {r[mem]:.0f} | {r['trainable']:,} | {r['util_median']:.2f} | {vs} |")
-    lines += ["", f"Step time = median over clean steps (util ≥ {CLEAN_UTIL}) when a configuration has any, else over all "
-              f"steps (then the machine was shared and wall times are inflated; CPU s/step is the steadier measure).",
-              f"versions: {json.dumps(meta['versions'])}; host: {meta['host']}; {meta['date']}", ""]
+                     f"{r['opt_s']:.3f} | {r['cpu_s']:.2f} | {peak} | {r['trainable']:,} | {r['util_median']:.2f} | {vs} |")
+    lines += ["", f"Step time = median over clean steps (CPU: util ≥ {CLEAN_UTIL}; GPU: all) when a configuration has any, "
+              f"else over all steps (then the machine was shared and wall times are inflated; CPU s/step is the steadier "
+              f"measure).",
+              f"versions: {json.dumps(meta['versions'])}; host: {meta['host']}; {meta['date']}",
+              f"command: `{meta['command']}`" if meta.get("command") else "", ""]
     return "\n".join(lines)
 
 
@@ -302,7 +341,8 @@ def main(argv=None) -> None:
         return
     extra = {"device": args.device, **({"steps": args.steps} if args.steps else {}),
              **({"mem_cap_gib": args.mem_cap_gib} if args.mem_cap_gib else {}), **({"model": args.shape} if args.shape else {})}
-    configs = [(lbl, dict(c, **extra)) for lbl, c in SUITES[args.suite] if not args.only or lbl in args.only]
+    configs = [(lbl, {**c, **extra, **{k: c[k] for k in ("mem_cap_gib",) if k in c}})  # a config's own cap wins
+               for lbl, c in SUITES[args.suite] if not args.only or lbl in args.only]
     meta = {"versions": _versions(), "host": f"{platform.machine()} {os.cpu_count()} cpus", "suite": args.suite,
             "command": " ".join([Path(sys.executable).name, "benchmarks/memory.py"] + sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -319,7 +359,7 @@ def main(argv=None) -> None:
     table = summarize(records)
     labels = [lbl for lbl, _ in configs]
     ref = next((lbl for lbl in labels if lbl.startswith("hf_")), None)
-    md = markdown(args.suite, table, ref, None, meta)
+    md = markdown(args.suite, table, ref, {lbl: c.get("vs") for lbl, c in configs}, meta)
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

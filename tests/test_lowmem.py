@@ -195,15 +195,84 @@ def test_causal_lm_loss_falls_back_when_the_head_is_adapted():
         torch.testing.assert_close(causal_lm_loss(peft, **b), peft(**b).loss)
 
 
+# ----------------------------------------------------------------------------------------- host embeddings
+
+
+def _inputs(b):
+    return {k: v for k, v in b.items() if k != "labels"}
+
+
+def _untied_llama():
+    return tiny_llama(tie_word_embeddings=False)
+
+
+def test_host_embedding_looks_up_like_the_table_and_keeps_its_state_dict_key():
+    from unipeft import HostEmbedding, embeddings_on_host
+
+    b = _inputs(batch_for("llama"))
+    ref = _untied_llama()
+    model = embeddings_on_host(_untied_llama())
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, HostEmbedding) and not list(emb.parameters())  # a frozen buffer, not a parameter
+    assert "model.embed_tokens.weight" in model.state_dict()
+    torch.testing.assert_close(model.state_dict()["model.embed_tokens.weight"], ref.model.embed_tokens.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**b).logits, ref(**b).logits, rtol=0, atol=0)
+    model.to(torch.bfloat16)  # follows the model's dtype for lookups; the host table keeps its own
+    assert emb.weight.dtype == torch.float32 and emb(b["input_ids"]).dtype == torch.bfloat16
+    assert emb.weight.device.type == "cpu" and emb.compute_device.type == "cpu"
+
+
+def test_host_embedding_follows_the_model_to_another_device():
+    from unipeft import embeddings_on_host
+
+    emb = embeddings_on_host(_untied_llama()).get_input_embeddings()
+    table = emb.weight
+    # a device move is a function of tensors: probe it with the meta device, no accelerator needed
+    emb._apply(lambda t: t.to("meta"))
+    assert emb.compute_device.type == "meta" and emb.weight is table  # lookups go there, the table stays
+    assert emb(torch.tensor([[3, 4]])).device.type == "meta"
+
+
+@pytest.mark.parametrize("config", [LoraConfig(**LORA), IA3Config(init_ia3_weights=False)], ids=["lora", "ia3"])
+def test_adapters_train_the_same_with_the_embedding_table_on_the_host(config):
+    from unipeft import embeddings_on_host
+
+    b = batch_for("llama")
+    torch.manual_seed(1)
+    ref = get_peft_model(_untied_llama(), config)
+    torch.manual_seed(1)
+    host = get_peft_model(embeddings_on_host(_untied_llama()), config)
+    for p in (ref, host):
+        p.train()
+        p.gradient_checkpointing_enable()
+    _assert_same(_grads(ref, b), _grads(host, b))
+
+
+def test_prompt_tuning_reads_its_init_from_the_host_table():
+    from unipeft import PromptTuningConfig, embeddings_on_host
+
+    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB")
+    torch.manual_seed(2)
+    ref = get_peft_model(_untied_llama(), cfg)
+    torch.manual_seed(2)
+    host = get_peft_model(embeddings_on_host(_untied_llama()), cfg)
+    b = batch_for("llama")
+    _assert_same(_grads(ref, b), _grads(host, b))
+
+
+def test_host_embeddings_refuse_a_table_tied_to_the_head():
+    from unipeft import embeddings_on_host
+
+    with pytest.raises(ValueError, match="tied to the output head"):
+        embeddings_on_host(tiny_llama(tie_word_embeddings=True))
+
+
 # ------------------------------------------------------------------------------------ quantized bases
 
 bnb = pytest.importorskip("bitsandbytes")
 from unipeft.quant import (dequantize_model, is_quantized, load_quantized, merge_and_export,  # noqa: E402
                            quantize_model, random_source)
-
-
-def _inputs(b):
-    return {k: v for k, v in b.items() if k != "labels"}
 
 
 @pytest.mark.parametrize("scheme,tol", [("nf4", 1e-5), ("int8", 2e-2)])
@@ -246,12 +315,36 @@ def test_quantized_model_is_close_to_the_float_model():
             assert (out - ref).norm() < tol * ref.norm(), scheme
 
 
-def test_other_methods_train_on_a_quantized_base():
+def _other_methods():
+    from unipeft import AdapterConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    task = dict(task_type="CAUSAL_LM")
+    return {"ia3": IA3Config(init_ia3_weights=False, **task),
+            "houlsby": AdapterConfig.houlsby(bottleneck_size=8, init="random", **task),
+            "pfeiffer": AdapterConfig.pfeiffer(bottleneck_size=8, init="random", **task),
+            "scaled_parallel": AdapterConfig.scaled_parallel(bottleneck_size=8, init="random", **task),
+            "prefix": PrefixTuningConfig(num_virtual_tokens=4, **task),
+            "prompt": PromptTuningConfig(num_virtual_tokens=4, **task),
+            "p_tuning": PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16, **task),
+            "mam": MAMConfig(num_virtual_tokens=4, encoder_hidden_size=16, bottleneck_size=8, **task)}
+
+
+@pytest.mark.parametrize("name", list(_other_methods()))
+def test_other_methods_train_on_a_quantized_base(name):
     torch.manual_seed(0)
-    peft = get_peft_model(quantize_model(tiny_llama(), "nf4", compute_dtype=torch.float32), IA3Config(init_ia3_weights=False))
+    peft = get_peft_model(quantize_model(tiny_llama(), "nf4", compute_dtype=torch.float32), _other_methods()[name])
     peft.train()
-    peft(**batch_for("llama")).loss.backward()
-    assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    b = batch_for("llama")
+    losses = []
+    for _ in range(5):
+        loss = peft(**b).loss
+        loss.backward()
+        assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
 
 
 def test_merging_a_quantized_base_dequantizes_and_reports_its_error():
@@ -299,7 +392,8 @@ def test_load_quantized_from_a_config_builds_random_weights_of_the_right_shapes(
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_trains_lora_on_a_quantized_base_with_offloaded_checkpointing(tmp_path):
+def _cli_train(tmp_path, name: str, *flags, tied: bool = True):
+    """`unipeft train` on a tiny Llama with SmolLM2's tokenizer, 2 steps, in a subprocess."""
     import json
     import os
     import subprocess
@@ -314,17 +408,80 @@ def test_cli_trains_lora_on_a_quantized_base_with_offloaded_checkpointing(tmp_pa
     except Exception as e:  # pragma: no cover
         pytest.skip(f"SmolLM2 tokenizer not available: {e}")
     torch.manual_seed(0)
+    m = tmp_path / f"model-{name}"
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"the {c} fox jumps"}) + "\n"
-                                              for c in ["red", "brown", "quick"] * 4))
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(m)
+    tok.save_pretrained(m)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the {c} fox jumps"}) + "\n" for c in ["red", "brown", "quick"] * 4))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "unipeft.cli", "train", "--model", tmp_path / "m", "--task", "causal-lm",
-                        "--train", tmp_path / "t.jsonl", "--output", tmp_path / "run", "--batch-size", "4",
-                        "--max-steps", "2", "--quantize", "nf4", "--gradient-checkpointing", "--offload-activations"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "unipeft.cli", "train", "--model", m, "--task", "causal-lm",
+                           "--train", data, "--output", tmp_path / name, "--batch-size", "4", "--max-steps", "2",
+                           *flags], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_trains_lora_on_a_quantized_base_with_offloaded_checkpointing(tmp_path):
+    p = _cli_train(tmp_path, "run", "--quantize", "nf4", "--gradient-checkpointing", "--offload-activations",
+                   "--optimizer", "paged_adamw_8bit")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "nf4 base" in p.stdout and "gradient checkpointing" in p.stdout
+    assert "nf4 base" in p.stdout and "gradient checkpointing" in p.stdout and "paged_adamw_8bit" in p.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_host_embeddings_train_and_refuse_tied_tables_clearly(tmp_path):
+    ok = _cli_train(tmp_path, "untied", "--host-embeddings", "--gradient-checkpointing", tied=False)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "embeddings on host" in ok.stdout
+    assert (tmp_path / "untied" / "adapter" / "adapter_model.safetensors").is_file()
+    tied = _cli_train(tmp_path, "tied", "--host-embeddings", tied=True)
+    assert tied.returncode == 2 and "tied to the output head" in tied.stderr and "drop --host-embeddings" in tied.stderr
+
+
+# ------------------------------------------------------------------------------- streamed quantized layers
+
+
+def _streamed_pair(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    plain = load_quantized(tmp_path, "nf4", compute_dtype=torch.float32)
+    streamed = load_quantized(tmp_path, "nf4", compute_dtype=torch.float32, stream=True)
+    return plain, streamed
+
+
+def test_streamed_layers_compute_the_same_and_load_one_layer_at_a_time(tmp_path):
+    plain, streamed = _streamed_pair(tmp_path)
+    stream = streamed._unipeft_stream
+    assert len(stream.host) == 2  # the two decoder layers, found as ModuleList elements
+    b = _inputs(batch_for("llama"))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(**b).logits, plain(**b).logits, rtol=0, atol=0)
+    assert stream.loads == 2 and stream.resident is streamed.model.layers[1]
+    streamed.to("cpu")  # a device move leaves parked weights where they are (a test of the override, on CPU)
+    assert all(host.data_ptr() == getattr(obj, attr).data_ptr()
+               for obj, attr, host in stream.host[id(streamed.model.layers[0])])
+
+
+def test_streamed_layers_train_lora_with_the_same_gradients(tmp_path):
+    plain, streamed = _streamed_pair(tmp_path)
+    b = batch_for("llama")
+    peft = {}
+    for name, model in (("plain", plain), ("streamed", streamed)):
+        torch.manual_seed(1)
+        peft[name] = get_peft_model(model, LoraConfig(**LORA))
+        peft[name].train()
+    peft["plain"].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    peft["streamed"].gradient_checkpointing_enable()  # a streamed model checkpoints reentrantly by itself
+    fn = streamed.model.layers[0]._gradient_checkpointing_func
+    assert fn.keywords["use_reentrant"] is True
+    loads = streamed._unipeft_stream.loads
+    _assert_same(_grads(peft["plain"], b), _grads(peft["streamed"], b), atol=1e-6)
+    # forward: layer 0 then 1; backward recomputes 1 (still loaded) then loads 0 again
+    assert streamed._unipeft_stream.loads - loads == 3
+
+
+def test_streamed_layers_refuse_a_training_forward_without_checkpointing(tmp_path):
+    _, streamed = _streamed_pair(tmp_path)
+    peft = get_peft_model(streamed, LoraConfig(**LORA))
+    peft.train()
+    with pytest.raises(RuntimeError, match="gradient_checkpointing_enable"):
+        peft(**batch_for("llama"))

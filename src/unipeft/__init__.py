@@ -3,6 +3,7 @@
 from . import methods as _methods  # noqa: F401  (registers the presets)
 from .config import PeftConfig, TaskType
 from .handle import Handle
+from .host_embedding import HostEmbedding, embeddings_on_host
 from .inject import inject
 from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig,
                       PromptTuningConfig, PTuningV2Config)
@@ -19,5 +20,5 @@ __all__ = [
     "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PTuningV2Config", "MAMConfig", "apply_template",
     "Prefix", "Prompt",
     "methods", "inject", "Handle", "Insertion", "Form", "Compose", "AtLinear", "AtSublayer", "AtAttentionKV",
-    "AtInput", "Sublayer", "LowRank", "Scaling", "Bottleneck",
+    "AtInput", "Sublayer", "LowRank", "Scaling", "Bottleneck", "embeddings_on_host", "HostEmbedding",
 ]

@@ -31,6 +31,10 @@ def checkpoint_function(offload: bool = False, **kwargs):
 def enable_gradient_checkpointing(model: nn.Module, *, offload: bool = False, checkpoint_kwargs=None) -> None:
     """Turn on gradient checkpointing in a transformers model (non-reentrant unless told otherwise)."""
     kw = {"use_reentrant": False, **(checkpoint_kwargs or {})}
+    if getattr(model, "_unipeft_stream", None) is not None:
+        # streamed layers (unipeft.quant.stream): a reentrant first forward keeps no graph, so no layer's
+        # device weights outlive its forward; the recompute in backward loads each layer again
+        kw["use_reentrant"] = True
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:  # transformers >= 5.x; the older name warns there
         enable(activation_checkpointing_kwargs=kw)

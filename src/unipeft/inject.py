@@ -34,9 +34,11 @@ def position_installer(pos_type):
 
 def _param_like(module: nn.Module):
     p = next(module.parameters(), None)
+    # a module computing elsewhere than its weights live (HostEmbedding) says so with compute_device
+    device = getattr(module, "compute_device", None) or (p.device if p is not None else None)
     if p is None or not p.is_floating_point():  # quantized weights: adapters stay in the compute dtype
-        return dict(dtype=getattr(module, "compute_dtype", None) or torch.float32, device=p.device if p is not None else None)
-    return dict(dtype=p.dtype, device=p.device)
+        return dict(dtype=getattr(module, "compute_dtype", None) or torch.float32, device=device)
+    return dict(dtype=p.dtype, device=device)
 
 
 @position_installer(AtLinear)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import TrainingStopped
 from .evaluate import run_eval
+from .optim import make_optimizer
 
 CKPT = "checkpoint"
 
@@ -78,7 +79,8 @@ class Trainer:
         self.total = args["max_steps"] or max(1, math.ceil(args["epochs"] * self.steps_per_epoch))
         w = args["warmup"] or 0
         self.warmup = int(w * self.total) if w < 1 else int(w)
-        opt = torch.optim.AdamW([p for _, p in self.named], lr=args["lr"], weight_decay=args["weight_decay"])
+        opt = make_optimizer(args.get("optimizer") or "adamw", [p for _, p in self.named], args["lr"],
+                             args["weight_decay"])
         from transformers import get_scheduler
 
         name = {"constant": "constant_with_warmup"}.get(args["scheduler"], args["scheduler"])

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import CliError
+from .optim import OPTIMIZERS
 
 TASKS = ("seq-cls", "token-cls", "causal-lm", "seq2seq")
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
@@ -62,8 +63,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("resume", bool, False, "continue the run in --output exactly where it stopped (its run.yaml is reused)"),
     Opt("epochs", float, 3.0, "training epochs (ignored when --max-steps is set)"),
     Opt("max_steps", int, None, "optimizer steps to train (overrides --epochs)"),
-    Opt("lr", float, 1e-3, "peak learning rate (AdamW)"),
+    Opt("lr", float, 1e-3, "peak learning rate"),
     Opt("weight_decay", float, 0.0, "AdamW weight decay"),
+    Opt("optimizer", str, "adamw", "adamw (torch) or bitsandbytes' 8-bit AdamW, optionally paged (needs "
+        "pip install 'unipeft[quant]')", choices=OPTIMIZERS),
     Opt("batch_size", int, 16, "examples per device per micro-batch", commands=_GEN),
     Opt("grad_accum", int, 1, "micro-batches per optimizer step"),
     Opt("max_grad_norm", float, 1.0, "gradient clipping norm (0: off)"),
@@ -77,6 +80,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("gradient_checkpointing", bool, False, "recompute activations in backward to save memory"),
     Opt("offload_activations", bool, False, "with --gradient-checkpointing: keep the checkpointed layer inputs in "
         "host memory (GPU memory saver; nothing moves on a CPU)"),
+    Opt("host_embeddings", bool, False, "keep the input embedding table in host memory and send only the looked-up "
+        "rows to the GPU (untied embeddings, e.g. Llama-3-8B: 1 GiB less GPU memory)"),
     Opt("quantize", str, None, "store the frozen base quantized with bitsandbytes: nf4 (4-bit, QLoRA) or int8; "
         "adapters train in the compute precision (needs pip install 'unipeft[quant]')", choices=("nf4", "int8")),
     Opt("precision", str, "auto", "auto: bf16 on GPUs that support it, else fp32", choices=("auto", "fp32", "bf16", "fp16"),

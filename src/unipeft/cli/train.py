@@ -133,6 +133,12 @@ def train_command(opts: dict) -> int:
     model = load_model(model_path, task, tok)
     if opts.get("quantize"):
         model = quantize_base(model, opts["quantize"], acc.mixed_precision)
+    if opts.get("host_embeddings"):
+        from .. import embeddings_on_host
+        try:
+            embeddings_on_host(model, acc.device)
+        except ValueError as e:
+            raise CliError(f"--host-embeddings: {e}", "drop --host-embeddings for this model") from None
     cfg = method_config(opts, model, task_name)
     try:
         peft = get_peft_model(model, cfg)
@@ -174,7 +180,9 @@ def train_command(opts: dict) -> int:
                          f"warmup {trainer.warmup}"),
             ("device", f"{acc.device} x{acc.num_processes}, precision {acc.mixed_precision}"
                        + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")
-                       + (f", {opts['quantize']} base" if opts.get("quantize") else "")),
+                       + (f", {opts['quantize']} base" if opts.get("quantize") else "")
+                       + (", embeddings on host" if opts.get("host_embeddings") else "")
+                       + (f", {opts['optimizer']}" if (opts.get("optimizer") or "adamw") != "adamw" else "")),
             ("output", str(out) + (f"  (resuming at step {trainer.state.step})" if opts["resume"] else "")),
         ]), flush=True)
     bar = tqdm(total=trainer.total, initial=trainer.state.step, desc="train", unit="step", dynamic_ncols=True,

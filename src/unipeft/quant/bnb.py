@@ -64,6 +64,21 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: st
     return q
 
 
+def device_tensors(module: nn.Linear) -> list[tuple[object, str]]:
+    """Every (holder, attribute) of a quantized linear's frozen state that a forward reads on the device:
+    the packed weight and its quantization state (NF4: block absmax, code, and the double-quant level)."""
+    b = bnb()
+    if not isinstance(module, b.nn.Linear4bit):
+        raise NotImplementedError(f"streaming quantized weights supports nf4 (Linear4bit), not {type(module).__name__}")
+    qs = module.weight.quant_state
+    slots = [(module.weight, "data"), (qs, "absmax"), (qs, "code")]
+    if qs.nested:
+        slots += [(qs, "offset"), (qs.state2, "absmax"), (qs.state2, "code")]
+    if module.bias is not None:
+        slots.append((module.bias, "data"))
+    return slots
+
+
 @torch.no_grad()
 def dequantize_weight(module: nn.Linear) -> torch.Tensor:
     """The (out, in) float weight a quantized linear represents (float32 for int8, the source dtype for nf4)."""

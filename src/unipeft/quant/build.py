@@ -18,6 +18,7 @@ from torch import nn
 
 from ..hostmem import release_free_memory  # building one float linear at a time leaves free heap behind
 from .bnb import SCHEMES, quantized_linear
+from .stream import LayerStream
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +164,14 @@ def _read(source: Source, name: str, shape, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4", *, source: Source | None = None,
-                   model_class=None, compute_dtype=None, device="cpu") -> nn.Module:
+                   model_class=None, compute_dtype=None, device="cpu", stream: bool = False) -> nn.Module:
     """Build a quantized model without materializing its full-precision weights.
 
     `config_or_path`: a HF folder (its safetensors are the source unless `source` is given) or a config
     (then `source` is required, e.g. `random_source()`). `model_class`: default AutoModelForCausalLM.
     `device`: where the quantized model lives (each float linear is quantized there, then dropped).
+    `stream`: the quantized layers wait in pinned host memory and visit `device` one layer at a time
+    (unipeft.quant.stream; training then needs gradient checkpointing).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -182,12 +185,16 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
         source = source or safetensors_source(config_or_path)
     with params_on_meta():
         model = (model_class or AutoModelForCausalLM).from_config(config, dtype=q.compute_dtype)
+    streamer = LayerStream(device) if stream else None
     for name, mod in _quantizable(model, q):
         W = _read(source, f"{name}.weight", mod.weight.shape, q.compute_dtype)
         b = None if mod.bias is None else _read(source, f"{name}.bias", mod.bias.shape, q.compute_dtype)
-        swap_module(model, name, quantized_linear(W, b, q.scheme, q.compute_dtype, double_quant=q.double_quant,
-                                                  blocksize=q.blocksize, device=device))
+        linear = quantized_linear(W, b, q.scheme, q.compute_dtype, double_quant=q.double_quant,
+                                  blocksize=q.blocksize, device=device)
         del W, b
+        if streamer is not None:
+            streamer.park(linear)  # to the host now: the device holds one linear at a time while building
+        swap_module(model, name, linear)
     tied = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings", False)
     head = model.get_output_embeddings()
     for mname, mod in model.named_modules():
@@ -201,7 +208,9 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
             mod._parameters[pname] = nn.Parameter(t.to(device), requires_grad=False)
     if tied and head is not None:
         head.weight = model.get_input_embeddings().weight
-    model.to(device)  # buffers (rotary tables)
+    model.to(device)  # buffers (rotary tables); parked linears skip device moves (quant.stream)
+    if streamer is not None:
+        streamer.attach(model)
     model.requires_grad_(False)
     model.eval()
     release_free_memory()
