@@ -379,6 +379,20 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ws):
     assert f"step {state['step']} in" in p.stderr
 
 
+def test_seq_cls_trains_on_a_quantized_base_built_layer_by_layer(ws, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = ws / "runs" / "nf4_cls"
+    p = cli_in_process("train", "--model", ws / "bert", "--task", "seq-cls", "--quantize", "nf4", "--train",
+                       ws / "data/cls.jsonl", "--batch-size", "4", "--max-steps", "2", "--output", out, cwd=ws,
+                       capsys=capsys)
+    assert p.returncode == 0, p.stderr
+    assert "nf4 base (built layer by layer)" in p.stdout
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter/adapter_model.safetensors"), "pt") as f:
+        assert any("classifier" in k for k in f.keys()) and any("lora_A" in k for k in f.keys())
+
+
 def test_merge_refuses_a_method_that_cannot_merge(ws, capsys):
     out = ws / "runs" / "houlsby"
     p = cli_in_process("train", "--model", ws / "bert", "--task", "seq-cls", "--method", "houlsby", "--train",

@@ -272,7 +272,7 @@ def test_host_embeddings_refuse_a_table_tied_to_the_head():
 
 bnb = pytest.importorskip("bitsandbytes")
 from unipeft.quant import (dequantize_model, is_quantized, load_quantized, merge_and_export,  # noqa: E402
-                           quantize_model, random_source)
+                           quantize_model, random_source, safetensors_source)
 
 
 @pytest.mark.parametrize("scheme,tol", [("nf4", 1e-5), ("int8", 2e-2)])
@@ -389,6 +389,56 @@ def test_load_quantized_from_a_config_builds_random_weights_of_the_right_shapes(
     assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_parameter_counts_on_a_quantized_base_count_weights_not_bytes(scheme):
+    want = get_peft_model(tiny_llama(), LoraConfig(**LORA)).get_nb_trainable_parameters()
+    got = get_peft_model(quantize_model(tiny_llama(), scheme), LoraConfig(**LORA)).get_nb_trainable_parameters()
+    assert got == want
+
+
+def test_task_heads_stay_in_full_precision_and_train_on_a_quantized_base():
+    from conftest import tiny_bert
+
+    model = quantize_model(tiny_bert(), "nf4", compute_dtype=torch.float32)
+    assert type(model.classifier) is torch.nn.Linear and is_quantized(model.bert.pooler.dense)
+    peft = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    peft.train()
+    peft(**batch_for("bert")).loss.backward()
+    head = [p for n, p in peft.named_parameters() if "classifier" in n and p.requires_grad]
+    assert head and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+
+
+def test_a_bare_base_checkpoint_loads_quantized_under_a_new_task_head(tmp_path, caplog):
+    from conftest import tiny_bert
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    full = tiny_bert()
+    full.bert.save_pretrained(tmp_path)  # keys without the `bert.` prefix, no classifier
+    cfg = AutoConfig.from_pretrained(tmp_path, num_labels=3)
+    with caplog.at_level("WARNING", logger="unipeft.quant.build"):
+        built = load_quantized(cfg, "nf4", source=safetensors_source(tmp_path), compute_dtype=torch.float32,
+                               model_class=BertForSequenceClassification, fill=random_source(std=0.02))
+    assert "classifier.weight" in caplog.text and "classifier.bias" in caplog.text and "pooler" not in caplog.text
+    assert built.classifier.weight.shape == (3, 32) and built.classifier.bias.abs().sum() == 0
+    b = _inputs(batch_for("bert"))
+    with torch.no_grad():
+        want = quantize_model(full, "nf4", compute_dtype=torch.float32).bert(**b).last_hidden_state
+        torch.testing.assert_close(built.bert(**b).last_hidden_state, want, rtol=0, atol=0)
+
+
+def test_load_quantized_never_fills_a_missing_quantized_linear(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    read = safetensors_source(tmp_path)
+    gap = "model.layers.1.mlp.up_proj.weight"
+
+    def source(name, shape, dtype):
+        return None if name == gap else read(name, shape, dtype)
+
+    cfg = tiny_llama().config
+    with pytest.raises(KeyError, match=gap):
+        load_quantized(cfg, "nf4", source=source, fill=random_source(), compute_dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 
@@ -425,7 +475,7 @@ def test_cli_trains_lora_on_a_quantized_base_with_offloaded_checkpointing(tmp_pa
     p = _cli_train(tmp_path, "run", "--quantize", "nf4", "--gradient-checkpointing", "--offload-activations",
                    "--optimizer", "paged_adamw_8bit")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "nf4 base" in p.stdout and "gradient checkpointing" in p.stdout and "paged_adamw_8bit" in p.stdout
+    assert "nf4 base (built layer by layer)" in p.stdout and "gradient checkpointing" in p.stdout and "paged_adamw_8bit" in p.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 

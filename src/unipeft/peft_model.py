@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 
 import torch
@@ -82,7 +83,7 @@ class PeftModel(nn.Module):
     # parameters ----------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return sum(_n_weights(p) for p in params if p.requires_grad), sum(_n_weights(p) for p in params)
 
     def print_trainable_parameters(self) -> None:
         t, a = self.get_nb_trainable_parameters()
@@ -207,3 +208,9 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_) -> PeftModel:
     """Inject `peft_config`'s method into `model` (in place) and return the wrapping PeftModel."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+def _n_weights(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a packed 4-bit tensor holds two per byte, its quant state knows the shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()

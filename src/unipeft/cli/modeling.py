@@ -87,6 +87,50 @@ def load_model(path: str, task, tokenizer):
     except Exception as e:
         raise CliError(f"cannot load {path} as a {task.name} model ({task.auto_class}): {_short(e)}",
                        "check --model and --task (a decoder-only model cannot do seq2seq, for instance)") from None
+    return _with_pad(model, tokenizer)
+
+
+def load_quantized_model(path: str, task, tokenizer, scheme: str, compute_dtype, device) -> tuple[object, str]:
+    """The base with its frozen linears in NF4/int8, and how it was built. From safetensors it is built layer by
+    layer, so host memory stays near the quantized size; other weights are loaded first, then quantized."""
+    try:
+        import bitsandbytes  # noqa: F401
+        import transformers
+
+        from ..quant import load_quantized, quantize_model, random_source, safetensors_source
+    except ImportError as e:
+        raise CliError(f"--quantize {scheme}: {e}", "pip install 'unipeft[quant]' (bitsandbytes)") from None
+    folder = _safetensors_folder(path)
+    if folder is None:
+        logger.warning("%s has no safetensors weights: loading it in full precision, then quantizing", path)
+        model = quantize_model(load_model(path, task, tokenizer), scheme, compute_dtype=compute_dtype)
+        return model.to(device), "quantized after loading"
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, **task.model_kwargs())
+        model = load_quantized(config, scheme, source=safetensors_source(folder), compute_dtype=compute_dtype,
+                               model_class=getattr(transformers, task.auto_class), device=device,
+                               fill=random_source(std=getattr(config, "initializer_range", 0.02)))
+    except (KeyError, ValueError, OSError) as e:
+        raise CliError(f"cannot build {path} quantized as a {task.name} model ({task.auto_class}): {_short(e)}",
+                       "check --model and --task, or drop --quantize") from None
+    return _with_pad(model, tokenizer), "built layer by layer"
+
+
+def _safetensors_folder(path: str) -> str | None:
+    """A local folder holding the weights as safetensors: `path` itself, or the hub snapshot of an id."""
+    if not Path(path).is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as e:  # offline, gated, or no safetensors: the full-precision path says what is wrong
+            logger.info("no safetensors snapshot of %s: %s", path, _short(e))
+            return None
+    p = Path(path)
+    return str(p) if (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file() else None
+
+
+def _with_pad(model, tokenizer):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     gc = getattr(model, "generation_config", None)

@@ -15,7 +15,7 @@ from .data import read_rows
 from .errors import CliError
 from .evaluate import generation_eval, run_eval
 from .loop import CKPT, Trainer
-from .modeling import infer_task, load_model, load_tokenizer, resolve_model
+from .modeling import infer_task, load_model, load_quantized_model, load_tokenizer, resolve_model
 from .report import MetricsLog, box, fmt_metrics, human, plot_losses, size_of, write_json
 from .tasks import task_class
 
@@ -54,18 +54,6 @@ def make_accelerator(precision: str):
     if mp == "fp16" and not torch.cuda.is_available():
         raise CliError("--precision fp16 needs a GPU", "use --precision bf16 or fp32 on CPU")
     return Accelerator(mixed_precision=mp)
-
-
-def quantize_base(model, scheme: str, mixed_precision: str):
-    """The frozen base in NF4/int8 (unipeft.quant); its other weights in the compute precision."""
-    import torch
-
-    try:
-        from ..quant import quantize_model
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-        return quantize_model(model, scheme, compute_dtype=dtype)
-    except ImportError as e:
-        raise CliError(f"--quantize {scheme}: {e}", "pip install 'unipeft[quant]' (bitsandbytes)") from None
 
 
 def load_data(opts, tok, task_name):
@@ -130,9 +118,14 @@ def train_command(opts: dict) -> int:
     set_seed(opts["seed"])
     tok = load_tokenizer(model_path, task_name)
     task, train_feats, eval_feats, (t_trunc, e_trunc) = load_data(opts, tok, task_name)
-    model = load_model(model_path, task, tok)
+    built = ""
     if opts.get("quantize"):
-        model = quantize_base(model, opts["quantize"], acc.mixed_precision)
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+        model, built = load_quantized_model(model_path, task, tok, opts["quantize"], dtype, acc.device)
+    else:
+        model = load_model(model_path, task, tok)
     if opts.get("host_embeddings"):
         from .. import embeddings_on_host
         try:
@@ -180,7 +173,7 @@ def train_command(opts: dict) -> int:
                          f"warmup {trainer.warmup}"),
             ("device", f"{acc.device} x{acc.num_processes}, precision {acc.mixed_precision}"
                        + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")
-                       + (f", {opts['quantize']} base" if opts.get("quantize") else "")
+                       + (f", {opts['quantize']} base ({built})" if opts.get("quantize") else "")
                        + (", embeddings on host" if opts.get("host_embeddings") else "")
                        + (f", {opts['optimizer']}" if (opts.get("optimizer") or "adamw") != "adamw" else "")),
             ("output", str(out) + (f"  (resuming at step {trainer.state.step})" if opts["resume"] else "")),

@@ -61,9 +61,14 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def _quantizable(model: nn.Module, q: Quantization):
+    """The frozen linears: inside the base model (task heads such as `classifier` or `score` train, so they stay
+    in full precision), never the output head, never `skip`."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", model)
+    inside = {id(m) for m in base.modules()} if base is not model else None
     for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear and mod is not head and not any(name == s or name.endswith("." + s) for s in q.skip):
+        if (type(mod) is nn.Linear and mod is not head and (inside is None or id(mod) in inside)
+                and not any(name == s or name.endswith("." + s) for s in q.skip)):
             yield name, mod
 
 
@@ -153,8 +158,27 @@ def random_source(std: float = 0.02, seed: int = 0, device="cpu") -> Source:
     return make
 
 
-def _read(source: Source, name: str, shape, dtype) -> torch.Tensor:
+def _with_prefix(source: Source, prefix: str) -> Source:
+    """Checkpoints of a bare base model (`layers.0...`) load into a model with a head (`model.layers.0...`) and
+    back, as `from_pretrained` allows."""
+    if not prefix:
+        return source
+    p = prefix + "."
+
+    def read(name, shape, dtype):
+        t = source(name, shape, dtype)
+        if t is None:
+            t = source(name[len(p):], shape, dtype) if name.startswith(p) else source(p + name, shape, dtype)
+        return t
+
+    return read
+
+
+def _read(source: Source, name: str, shape, dtype, fill: Source | None = None, filled: list | None = None) -> torch.Tensor:
     t = source(name, shape, dtype)
+    if fill is not None and (t is None or tuple(t.shape) != tuple(shape)):
+        filled.append(name if t is None else f"{name} (checkpoint shape {tuple(t.shape)})")
+        t = fill(name, shape, dtype)
     if t is None:
         raise KeyError(f"{name} is not in the checkpoint")
     if tuple(t.shape) != tuple(shape):
@@ -164,14 +188,18 @@ def _read(source: Source, name: str, shape, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4", *, source: Source | None = None,
-                   model_class=None, compute_dtype=None, device="cpu", stream: bool = False) -> nn.Module:
+                   model_class=None, compute_dtype=None, device="cpu", stream: bool = False,
+                   fill: Source | None = None) -> nn.Module:
     """Build a quantized model without materializing its full-precision weights.
 
     `config_or_path`: a HF folder (its safetensors are the source unless `source` is given) or a config
-    (then `source` is required, e.g. `random_source()`). `model_class`: default AutoModelForCausalLM.
+    (then `source` is required, e.g. `random_source()`). `model_class`: an Auto class or a concrete one
+    (default AutoModelForCausalLM); checkpoint names may lack or carry its base-model prefix.
     `device`: where the quantized model lives (each float linear is quantized there, then dropped).
     `stream`: the quantized layers wait in pinned host memory and visit `device` one layer at a time
     (unipeft.quant.stream; training then needs gradient checkpointing).
+    `fill`: makes the full-precision tensors the checkpoint lacks or holds at another shape (a new task head:
+    `random_source(config.initializer_range)`); logged. Quantized linears always come from the checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -184,8 +212,12 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
         config = AutoConfig.from_pretrained(str(config_or_path))
         source = source or safetensors_source(config_or_path)
     with params_on_meta():
-        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=q.compute_dtype)
+        cls = model_class or AutoModelForCausalLM
+        make = getattr(cls, "from_config", None) or cls._from_config  # an Auto class, or a concrete one
+        model = make(config, dtype=q.compute_dtype)
+    source = _with_prefix(source, getattr(model, "base_model_prefix", ""))
     streamer = LayerStream(device) if stream else None
+    filled: list[str] = []
     for name, mod in _quantizable(model, q):
         W = _read(source, f"{name}.weight", mod.weight.shape, q.compute_dtype)
         b = None if mod.bias is None else _read(source, f"{name}.bias", mod.bias.shape, q.compute_dtype)
@@ -204,8 +236,10 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
             if tied and mod is head and pname == "weight":
                 continue  # tied to the input embeddings below
             full = f"{mname}.{pname}" if mname else pname
-            t = _read(source, full, p.shape, q.compute_dtype)
+            t = _read(source, full, p.shape, q.compute_dtype, fill, filled)
             mod._parameters[pname] = nn.Parameter(t.to(device), requires_grad=False)
+    if filled:
+        logger.warning("not in the checkpoint, newly initialized (train them): %s", ", ".join(filled))
     if tied and head is not None:
         head.weight = model.get_input_embeddings().weight
     model.to(device)  # buffers (rotary tables); parked linears skip device moves (quant.stream)
