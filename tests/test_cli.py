@@ -350,7 +350,7 @@ def test_bad_inputs_give_a_message_and_no_traceback(ws, capsys):
     fails(cli("train", "--model", ws / "nothere", "--train", d / "cls.jsonl", cwd=ws, ok=False), "folder not found")
     fails(cli("eval", "--adapter", ws / "runs/nothere", "--eval", d / "cls.jsonl", cwd=ws, ok=False),
           "adapter folder not found")
-    assert not out.exists() or not (out / "adapter").exists()  # nothing half-written
+    assert not out.exists()  # a failed setup makes no folder
 
 
 def test_output_folder_holding_a_run_is_refused(ws, capsys):
@@ -364,6 +364,9 @@ def test_output_folder_holding_a_run_is_refused(ws, capsys):
     p = cli_in_process("train", "--output", ws / "runs/fresh", "--resume", "--train", ws / "data/cls.jsonl", cwd=ws,
                        capsys=capsys)
     fails(p, "nothing to resume")
+    p = cli_in_process(*args, "--overwrite", "--text-column", "sentence", cwd=ws, capsys=capsys)
+    fails(p, "'sentence' not found")  # --overwrite clears the old run only once the new one is set up
+    assert (out / "adapter/adapter_model.safetensors").read_bytes() == before
     assert cli_in_process(*args, "--overwrite", "--seed", "7", cwd=ws, capsys=capsys).returncode == 0
     assert (out / "adapter/adapter_model.safetensors").read_bytes() != before
 
@@ -391,6 +394,24 @@ def test_seq_cls_trains_on_a_quantized_base_built_layer_by_layer(ws, capsys):
 
     with safe_open(str(out / "adapter/adapter_model.safetensors"), "pt") as f:
         assert any("classifier" in k for k in f.keys()) and any("lora_A" in k for k in f.keys())
+
+
+def test_streamed_layers_train_like_resident_ones(ws, capsys):
+    pytest.importorskip("bitsandbytes")
+    args = ["train", "--model", ws / "llama", "--task", "causal-lm", "--train", ws / "data/text.csv", "--quantize",
+            "nf4", "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--max-length", "8"]
+    fails(cli_in_process(*args, "--stream-layers", "--output", ws / "runs/stream_nogc", cwd=ws, capsys=capsys),
+          "--stream-layers", "--gradient-checkpointing")
+    assert not (ws / "runs/stream_nogc").exists()
+    losses = {}
+    for name, extra in (("resident", []), ("streamed", ["--stream-layers"])):
+        out = ws / "runs" / f"nf4_{name}"
+        p = cli_in_process(*args, "--gradient-checkpointing", *extra, "--output", out, cwd=ws, capsys=capsys)
+        assert p.returncode == 0, p.stderr
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [x["loss"] for x in lines if "loss" in x and "eval_loss" not in x]
+    assert "streamed from host memory" in p.stdout
+    assert len(losses["streamed"]) == 3 and losses["streamed"] == pytest.approx(losses["resident"], rel=1e-5)
 
 
 def test_merge_refuses_a_method_that_cannot_merge(ws, capsys):

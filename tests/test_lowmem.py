@@ -221,6 +221,8 @@ def test_host_embedding_looks_up_like_the_table_and_keeps_its_state_dict_key():
     model.to(torch.bfloat16)  # follows the model's dtype for lookups; the host table keeps its own
     assert emb.weight.dtype == torch.float32 and emb(b["input_ids"]).dtype == torch.bfloat16
     assert emb.weight.device.type == "cpu" and emb.compute_device.type == "cpu"
+    want = get_peft_model(_untied_llama(), LoraConfig(**LORA)).get_nb_trainable_parameters()
+    assert get_peft_model(model, LoraConfig(**LORA)).get_nb_trainable_parameters() == want  # the table still counts
 
 
 def test_host_embedding_follows_the_model_to_another_device():
@@ -486,6 +488,7 @@ def test_cli_host_embeddings_train_and_refuse_tied_tables_clearly(tmp_path):
     assert (tmp_path / "untied" / "adapter" / "adapter_model.safetensors").is_file()
     tied = _cli_train(tmp_path, "tied", "--host-embeddings", tied=True)
     assert tied.returncode == 2 and "tied to the output head" in tied.stderr and "drop --host-embeddings" in tied.stderr
+    assert not (tmp_path / "tied").exists()  # refused before the output folder is made
 
 
 # ------------------------------------------------------------------------------- streamed quantized layers

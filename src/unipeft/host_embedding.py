@@ -37,6 +37,10 @@ class HostEmbedding(nn.Embedding):
         self.compute_device, self.compute_dtype = probe.device, probe.dtype
         return self
 
+    def frozen_buffer_weights(self) -> int:
+        """Model weights held as a buffer, not a parameter: parameter counts add them."""
+        return self.weight.numel()
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, table on host, lookups to {self.compute_device}"
 

@@ -83,7 +83,8 @@ class PeftModel(nn.Module):
     # parameters ----------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())
-        return sum(_n_weights(p) for p in params if p.requires_grad), sum(_n_weights(p) for p in params)
+        held = sum(m.frozen_buffer_weights() for m in self.modules() if hasattr(m, "frozen_buffer_weights"))
+        return sum(_n_weights(p) for p in params if p.requires_grad), sum(_n_weights(p) for p in params) + held
 
     def print_trainable_parameters(self) -> None:
         t, a = self.get_nb_trainable_parameters()

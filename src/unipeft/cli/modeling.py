@@ -90,9 +90,11 @@ def load_model(path: str, task, tokenizer):
     return _with_pad(model, tokenizer)
 
 
-def load_quantized_model(path: str, task, tokenizer, scheme: str, compute_dtype, device) -> tuple[object, str]:
+def load_quantized_model(path: str, task, tokenizer, scheme: str, compute_dtype, device,
+                         stream: bool = False) -> tuple[object, str]:
     """The base with its frozen linears in NF4/int8, and how it was built. From safetensors it is built layer by
-    layer, so host memory stays near the quantized size; other weights are loaded first, then quantized."""
+    layer, so host memory stays near the quantized size; other weights are loaded first, then quantized.
+    `stream`: the quantized layers stay in host memory and visit `device` one at a time (unipeft.quant.stream)."""
     try:
         import bitsandbytes  # noqa: F401
         import transformers
@@ -101,6 +103,9 @@ def load_quantized_model(path: str, task, tokenizer, scheme: str, compute_dtype,
     except ImportError as e:
         raise CliError(f"--quantize {scheme}: {e}", "pip install 'unipeft[quant]' (bitsandbytes)") from None
     folder = _safetensors_folder(path)
+    if folder is None and stream:
+        raise CliError(f"--stream-layers needs {path} as safetensors (it builds the model layer by layer)",
+                       "convert the checkpoint to safetensors, or drop --stream-layers")
     if folder is None:
         logger.warning("%s has no safetensors weights: loading it in full precision, then quantizing", path)
         model = quantize_model(load_model(path, task, tokenizer), scheme, compute_dtype=compute_dtype)
@@ -109,11 +114,11 @@ def load_quantized_model(path: str, task, tokenizer, scheme: str, compute_dtype,
         config = transformers.AutoConfig.from_pretrained(folder, **task.model_kwargs())
         model = load_quantized(config, scheme, source=safetensors_source(folder), compute_dtype=compute_dtype,
                                model_class=getattr(transformers, task.auto_class), device=device,
-                               fill=random_source(std=getattr(config, "initializer_range", 0.02)))
+                               fill=random_source(std=getattr(config, "initializer_range", 0.02)), stream=stream)
     except (KeyError, ValueError, OSError) as e:
         raise CliError(f"cannot build {path} quantized as a {task.name} model ({task.auto_class}): {_short(e)}",
                        "check --model and --task, or drop --quantize") from None
-    return _with_pad(model, tokenizer), "built layer by layer"
+    return _with_pad(model, tokenizer), "built layer by layer" + (", streamed from host memory" if stream else "")
 
 
 def _safetensors_folder(path: str) -> str | None:

@@ -84,6 +84,8 @@ OPTIONS: tuple[Opt, ...] = (
         "rows to the GPU (untied embeddings, e.g. Llama-3-8B: 1 GiB less GPU memory)"),
     Opt("quantize", str, None, "store the frozen base quantized with bitsandbytes: nf4 (4-bit, QLoRA) or int8; "
         "adapters train in the compute precision (needs pip install 'unipeft[quant]')", choices=("nf4", "int8")),
+    Opt("stream_layers", bool, False, "with --quantize nf4 --gradient-checkpointing: the frozen layers wait in host "
+        "memory and visit the GPU one layer at a time (a 70B QLoRA step in 7.7 GiB of GPU memory; slower)"),
     Opt("precision", str, "auto", "auto: bf16 on GPUs that support it, else fp32", choices=("auto", "fp32", "bf16", "fp16"),
         commands=_GEN),
     Opt("max_train_samples", int, None, "use only the first N training rows"),

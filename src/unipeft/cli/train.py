@@ -24,24 +24,31 @@ RUN_FILES = ("run.yaml", "metrics.jsonl", "eval_results.json", "loss.png", "adap
 TASK_FILE = "unipeft_task.json"
 
 
-def prepare_output(opts: dict, main: bool = True) -> Path:
-    """Check the output folder (every process) and clear it for --overwrite (the main process only)."""
+def prepare_output(opts: dict) -> Path:
+    """Check the output folder before any work; nothing is written or cleared yet."""
     out = Path(opts["output"])
-    has_run = any((out / f).exists() for f in ("run.yaml", CKPT, "adapter", "metrics.jsonl"))
     if opts["resume"]:
         if not (out / CKPT / "state.json").is_file():
             raise CliError(f"nothing to resume in {out}: no {CKPT}/ folder from an earlier run",
                            "drop --resume to start a new run, or point --output at the run to continue")
-    elif has_run:
-        if not opts["overwrite"]:
-            raise CliError(f"--output {out} already holds a run (run.yaml / adapter / checkpoint)",
-                           "pass --resume to continue it, --overwrite to replace it, or choose another --output")
-        for f in RUN_FILES if main else ():
+    elif _has_run(out) and not opts["overwrite"]:
+        raise CliError(f"--output {out} already holds a run (run.yaml / adapter / checkpoint)",
+                       "pass --resume to continue it, --overwrite to replace it, or choose another --output")
+    return out
+
+
+def claim_output(out: Path, opts: dict) -> None:
+    """Clear the old run for --overwrite and create the folder (main process), once the setup has succeeded:
+    a bad column or option then leaves the folder as it was, not emptied or half-made."""
+    if _has_run(out) and not opts["resume"]:
+        for f in RUN_FILES:
             p = out / f
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _has_run(out: Path) -> bool:
+    return any((out / f).exists() for f in ("run.yaml", CKPT, "adapter", "metrics.jsonl"))
 
 
 def make_accelerator(precision: str):
@@ -113,8 +120,10 @@ def train_command(opts: dict) -> int:
     model_path = resolve_model(opts.get("model"))
     task_name = opts.get("task") or infer_task(model_path)
     acc = make_accelerator(opts["precision"])
-    out = prepare_output(opts, main=acc.is_main_process)
-    acc.wait_for_everyone()
+    out = prepare_output(opts)
+    if opts.get("stream_layers") and not (opts.get("quantize") == "nf4" and opts["gradient_checkpointing"]):
+        raise CliError("--stream-layers streams NF4 layers and recomputes them in backward",
+                       "add --quantize nf4 --gradient-checkpointing, or drop --stream-layers")
     set_seed(opts["seed"])
     tok = load_tokenizer(model_path, task_name)
     task, train_feats, eval_feats, (t_trunc, e_trunc) = load_data(opts, tok, task_name)
@@ -123,7 +132,8 @@ def train_command(opts: dict) -> int:
         import torch
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
-        model, built = load_quantized_model(model_path, task, tok, opts["quantize"], dtype, acc.device)
+        model, built = load_quantized_model(model_path, task, tok, opts["quantize"], dtype, acc.device,
+                                            stream=bool(opts.get("stream_layers")))
     else:
         model = load_model(model_path, task, tok)
     if opts.get("host_embeddings"):
@@ -146,6 +156,9 @@ def train_command(opts: dict) -> int:
            "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in resolved_cfg.items()
                               if k in O.method_fields(O.registry_info(opts["method"]))}}
     run["resume"], run["overwrite"] = False, False
+    if acc.is_main_process:
+        claim_output(out, opts)
+    acc.wait_for_everyone()
     if acc.is_main_process:
         O.dump_yaml(out / "run.yaml", run)
         if "labels" in task.meta:
