@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import logging
+import math
 
 import torch
 from torch import nn
