@@ -158,11 +158,10 @@ def train_command(opts: dict) -> int:
     run["resume"], run["overwrite"] = False, False
     if acc.is_main_process:
         claim_output(out, opts)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
         O.dump_yaml(out / "run.yaml", run)
         if "labels" in task.meta:
             write_json(out / "labels.json", {"id2label": dict(enumerate(task.meta["labels"]))})
+    acc.wait_for_everyone()  # the folder exists for every process before any of them trains
     save = adapter_saver(peft, task, opts, opts.get("model"))
     resume_step = None
     if opts["resume"]:
