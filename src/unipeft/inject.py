@@ -32,13 +32,37 @@ def position_installer(pos_type):
     return deco
 
 
-def _param_like(module: nn.Module):
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def base_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype `module` computes in: its first quantized layer's compute dtype (a quantized linear, or a block
+    holding them), else its first floating weight's."""
+    for m in module.modules():
+        p = next(m.parameters(recurse=False), None)
+        if getattr(m, "compute_dtype", None) is not None and (p is None or not p.is_floating_point()):
+            return m.compute_dtype
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def trainable_dtype(module: nn.Module, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of trainable parameters made for `module`: fp32 over a bf16/fp16/quantized base (AdamW's small
+    updates would round away in half precision; HF PEFT's `autocast_adapter_dtype`), else the base's dtype.
+    Deltas compute in the activation dtype whatever they are stored in."""
+    dt = base_dtype(module)
+    return torch.float32 if autocast_adapter_dtype and dt in _HALF else dt
+
+
+def _autocast(handle) -> bool:
+    return getattr(handle, "autocast_adapter_dtype", True)
+
+
+def _param_like(module: nn.Module, autocast_adapter_dtype: bool = True):
     p = next(module.parameters(), None)
     # a module computing elsewhere than its weights live (HostEmbedding) says so with compute_device
     device = getattr(module, "compute_device", None) or (p.device if p is not None else None)
-    if p is None or not p.is_floating_point():  # quantized weights: adapters stay in the compute dtype
-        return dict(dtype=getattr(module, "compute_dtype", None) or torch.float32, device=device)
-    return dict(dtype=p.dtype, device=device)
+    return dict(dtype=trainable_dtype(module, autocast_adapter_dtype), device=device)
 
 
 @position_installer(AtLinear)
@@ -48,7 +72,7 @@ def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
     for name, mod in resolve_linears(model, ins.position, arch):
         d_in, d_out, _ = linear_dims(mod)
         side = ins.position.side_of(name)
-        delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod))
+        delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod, _autocast(handle)))
         sites.append(LinearDeltaSite(mod, name, ins, delta, switch, side=side))
     return sites
 
@@ -65,7 +89,7 @@ def _install_sublayer(model, ins: Insertion, arch, handle) -> list[Site]:
     d = hidden_size(model)
     after_add = ins.form == Form.AFTER_ADD_NORM
     for s in resolve_sublayers(model, ins.position, arch, residual=after_add):
-        delta = build_delta(ins.delta, d, d, side="out", **_param_like(s.out_module))
+        delta = build_delta(ins.delta, d, d, side="out", **_param_like(s.out_module, _autocast(handle)))
         residual = (s.residual, arch.post_norm) if after_add else None
         sites.append(SublayerDeltaSite(s.in_module, s.out_module, s.out_name, ins, delta, switch, residual=residual))
     return sites
@@ -112,7 +136,8 @@ def _install_attention_kv(model, ins: Insertion, arch, handle) -> list:
     for name, m in modules:
         check_seam(m, name)
     kv_heads, head_dim = attention_dims(model)
-    delta = build_delta(ins.delta, 0, 0, sites=len(modules), kv_heads=kv_heads, head_dim=head_dim, **_param_like(model))
+    delta = build_delta(ins.delta, 0, 0, sites=len(modules), kv_heads=kv_heads, head_dim=head_dim,
+                        **_param_like(model, _autocast(handle)))
     handle.extras.append(RootModule(model, ins.name, delta))
     if not any(isinstance(e, SeamConfigs) for e in handle.extras):
         handle.extras.append(SeamConfigs(model))
@@ -126,7 +151,7 @@ def _install_input(model, ins: Insertion, arch, handle) -> list:
     emb = model.get_input_embeddings()
     subs = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
     delta = build_delta(ins.delta, emb.embedding_dim, emb.embedding_dim, word_embeddings=emb, submodules=subs,
-                        **_param_like(emb))
+                        **_param_like(emb, _autocast(handle)))
     handle.extras.append(RootModule(model, ins.name, delta))
     return [InputSite(model, ins, delta, handle.switch, ins.name)]
 
@@ -138,15 +163,19 @@ def inject(
     arch: ArchSpec | None = None,
     modules_to_save: tuple[str, ...] = (),
     trainable_biases: str = "none",
+    autocast_adapter_dtype: bool = True,
 ) -> Handle:
     """Install `insertions` into `model` in place and return the Handle that can undo it.
 
     Args:
         modules_to_save: module names (or name suffixes) trained in full as copies, e.g. task heads.
         trainable_biases: "none" | "all" (every bias of the model) | "sites" (biases of modules holding a delta).
+        autocast_adapter_dtype: trainable parameters (deltas, prefixes, prompts, head copies) over a bf16/fp16 or
+            quantized base are fp32 (True, HF PEFT's default) or in the base's dtype (False).
     """
     arch = arch or find_arch(model)
     handle = Handle(model)
+    handle.autocast_adapter_dtype = autocast_adapter_dtype
     try:
         for ins in insertions:
             try:
@@ -171,7 +200,8 @@ def _install_copies(model, handle: Handle, names) -> None:
         if any(name.startswith(c.name + ".") for c in handle.copies):
             continue
         parent_name, _, attr = name.rpartition(".")
-        handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name))
+        dtype = trainable_dtype(mod, _autocast(handle))
+        handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name, dtype=dtype))
 
 
 def _train_biases(model, handle: Handle, mode: str) -> None:

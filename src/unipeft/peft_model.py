@@ -36,12 +36,13 @@ class TunerModel(nn.Module):
 class PeftModel(nn.Module):
     """A model with one adapter injected. Forward, generate and everything else pass to the model."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", *,
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         arch = find_arch(model)
         cfg = peft_config.resolved(model, arch)
         handle = inject(model, cfg.insertions(model, arch), arch=arch, modules_to_save=cfg.modules_to_save or (),
-                        trainable_biases=cfg.bias_mode())
+                        trainable_biases=cfg.bias_mode(), autocast_adapter_dtype=autocast_adapter_dtype)
         self.base_model = TunerModel(model)
         self.peft_config = {adapter_name: cfg}
         self.active_adapter = adapter_name
@@ -147,13 +148,14 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                        config: PeftConfig | None = None, allow_pickle: bool = False, **_) -> "PeftModel":
+                        config: PeftConfig | None = None, allow_pickle: bool = False,
+                        autocast_adapter_dtype: bool = True, **_) -> "PeftModel":
         folder = resolve_folder(model_id)
         if config is None:
             d = load_config_dict(folder)
             config = config_class(d["peft_type"]).from_dict(d)
         tensors = load_tensors(folder, allow_pickle=allow_pickle)
-        peft = cls(model, config, adapter_name)
+        peft = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft.load_adapter_weights(tensors, source=str(folder))
         except Exception:
@@ -206,9 +208,13 @@ class PeftModel(nn.Module):
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_) -> PeftModel:
-    """Inject `peft_config`'s method into `model` (in place) and return the wrapping PeftModel."""
-    return PeftModel(model, peft_config, adapter_name)
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", *,
+                   autocast_adapter_dtype: bool = True, **_) -> PeftModel:
+    """Inject `peft_config`'s method into `model` (in place) and return the wrapping PeftModel.
+
+    `autocast_adapter_dtype` (HF PEFT's name): trainable parameters over a bf16/fp16 or quantized base are fp32
+    (default) and compute in the activation dtype; False keeps them in the base's dtype."""
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def _n_weights(p: torch.Tensor) -> int:

@@ -45,9 +45,10 @@ class BottleneckDelta(DeltaModule):
                 self.up.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ln is not None:
-            x = self.ln(x)
         dt = x.dtype
+        if self.ln is not None:  # parameters may be fp32 over a half-precision base: compute in x's dtype
+            ln = self.ln
+            x = nn.functional.layer_norm(x, ln.normalized_shape, ln.weight.to(dt), ln.bias.to(dt), ln.eps)
         if self.heads == 1:
             z = nn.functional.linear(x, self.down[0].to(dt), None if self.down_bias is None else self.down_bias[0].to(dt))
             return nn.functional.linear(self.dropout(self.act(z)), self.up[0].to(dt), self._ub(dt))
