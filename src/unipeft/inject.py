@@ -17,6 +17,7 @@ from .handle import Handle
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
 from .positions.input import InputSite, PositionShift
+from .positions.weight import sibling_passes
 from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Form, Insertion, Sublayer
 
 _INSTALLERS = {}  # position type -> installer(model, ins, arch, handle) -> list[Site]
@@ -74,6 +75,7 @@ def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
         side = ins.position.side_of(name)
         delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod, _autocast(handle)))
         sites.append(LinearDeltaSite(mod, name, ins, delta, switch, side=side))
+    handle.extras += sibling_passes(model, sites, handle.extras)
     return sites
 
 

@@ -13,6 +13,9 @@ On CPU the mask comes from 16 random bits per element (`random_` on int64 words,
 instead of torch's `bernoulli_`, which is serial and ~10 ns per element off Intel's MKL path: the drop
 rate is p rounded to a multiple of 2⁻¹⁶ (0.05 → 0.0500031) and the kept values are scaled by 1/(1−p)
 for that rate. The same default generator is used, so `torch.manual_seed` and checkpoint replay hold.
+
+Under `torch.compile` the cache is bypassed and torch's dropout is used (the compiler fuses it and draws from its
+own generator): each delta draws its own mask there, as in HF PEFT.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout: the 16-bit-mask kernel on CPU, torch's elsewhere (fused, fast on GPUs)."""
     if p <= 0:
         return x
-    if x.device.type == "cpu" and x.is_floating_point():
+    if x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling():
         return _Dropout16.apply(x, p)
     return F.dropout(x, p, True)
 
@@ -70,7 +73,7 @@ class DropoutCache:
         self._entries.clear()
 
     def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or torch.compiler.is_compiling():
             return dropout(x, p)
         key = (id(x), p, torch.is_grad_enabled())
         hit = self._entries.get(key)

@@ -9,9 +9,15 @@ form a group, and from then on the first of them to see an input projects it for
 others take their slice. A delta outside the group, or a group member that never comes, changes nothing
 but the work done. Entries hold x weakly and die with it; groups hold deltas weakly.
 
-A learned group takes effect only after the backward pass of the forward that found it (or at once when
-no gradient is being recorded): gradient-checkpointing recomputation of that forward must make the same
-choices as the forward itself.
+When a learned group takes effect: at the start of a later forward pass of the model (`new_pass()`, called by
+a pre-hook on the model root), and only once the backward pass of the forward that found it has reached the
+group (a gradient hook on its projection), or at once when no gradient was recorded. So a gradient-checkpointing
+recompute always makes the same choices as the forward it replays, even with several forwards before one
+backward.
+
+Under `torch.compile` none of this runs (`torch.compiler.is_compiling()`): the compiled graph holds one plain
+projection per delta — identity-keyed caches and weak references are eager-mode bookkeeping that a traced graph
+cannot express, and the compiler schedules the matmuls itself.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ class SiblingProjections:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # delta -> tuple of weakrefs
-        self._pending: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # learned, not yet in effect
+        self._pending: list = []  # [group refs, ready]: learned, not yet in effect
         self._entries: OrderedDict = OrderedDict()  # key -> (weakref x, readers, {id(delta): z})
 
     def __len__(self) -> int:
@@ -42,7 +48,7 @@ class SiblingProjections:
 
     def project(self, delta, x: torch.Tensor) -> torch.Tensor:
         """dropout(x)·Aᵀ of `delta` (…, r), computed with its group's when it has one."""
-        if not self.enabled:
+        if not self.enabled or torch.compiler.is_compiling():
             return F.linear(delta.dropout(x), delta.A.to(x.dtype))
         key = (id(x), torch.is_grad_enabled(), delta.training)
         entry = self._entries.get(key)
@@ -81,19 +87,26 @@ class SiblingProjections:
         group = tuple(r() for r in readers)
         if any(d is None for d in group) or len({id(d) for d in group}) != len(group) or not _compatible(group):
             return
-        for d in group:
-            self._pending[d] = tuple(readers)
-        if not torch.is_grad_enabled():
-            self._promote()
-        elif z.requires_grad:
-            z.register_hook(self._queue_promotion)
+        pending = [tuple(readers), not torch.is_grad_enabled()]
+        self._pending.append(pending)
+        if not pending[1] and z.requires_grad:
+            z.register_hook(lambda grad: pending.__setitem__(1, True))  # backward of this forward got here
 
-    def _queue_promotion(self, grad):
-        torch.autograd.Variable._execution_engine.queue_callback(self._promote)  # runs when backward ends
-
-    def _promote(self) -> None:
-        self._groups.update(self._pending)
-        self._pending.clear()
+    def new_pass(self) -> None:
+        """A forward pass of the model begins: groups whose finding forward is done take effect."""
+        if not self._pending or torch.compiler.is_compiling():
+            return
+        waiting = []
+        for item in self._pending:
+            refs, ready = item
+            if not ready:
+                waiting.append(item)  # the same list its gradient hook will mark
+                continue
+            for r in refs:
+                d = r()
+                if d is not None:
+                    self._groups[d] = refs
+        self._pending = waiting[-64:]  # a group whose backward never comes is dropped eventually
 
 
 def _compatible(group) -> bool:

@@ -36,6 +36,30 @@ def adapter_caches(switch) -> tuple[DropoutCache, SiblingProjections]:
     return caches
 
 
+class SiblingPasses:
+    """A pre-hook on the model root telling an adapter's SiblingProjections that a forward pass begins (when learned
+    sibling groups may take effect; see deltas/siblings.py). Undone with the adapter."""
+
+    def __init__(self, model, projections: SiblingProjections):
+        self.projections = projections
+        self._hook = model.register_forward_pre_hook(lambda module, args: projections.new_pass())
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def sibling_passes(model, sites, extras) -> list:
+    """The SiblingPasses `sites` need that `extras` do not hold yet (one per SiblingProjections)."""
+    have = {id(e.projections) for e in extras if isinstance(e, SiblingPasses)}
+    out = []
+    for s in sites:
+        sib = getattr(s.delta, "siblings", None)
+        if sib is not None and id(sib) not in have:
+            have.add(id(sib))
+            out.append(SiblingPasses(model, sib))
+    return out
+
+
 class LinearDeltaSite(Site):
     def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out"):
         super().__init__(host, host_name, ins, delta, switch)
