@@ -6,6 +6,8 @@ warm-up steps are). On CUDA: torch.cuda.max_memory_allocated / reserved after re
 Step = forward + backward + AdamW step + zero_grad(set_to_none). Median over the measured steps after
 warm-up; each step records process CPU time / wall time ("util", 2.0 = both cores ours on the CPU box).
 Rounds run the configurations interleaved (A B C, A B C, ...), so load from other jobs spreads evenly.
+Every row computes its loss as users do, `model(input_ids=..., attention_mask=..., labels=...).loss` in training
+mode (unipeft: the chunked loss, `unipeft.losses.ChunkedLoss`); a row needing a special call names it.
 
     .venv/bin/python benchmarks/memory.py --suite smollm2 --rounds 2
     .venv/bin/python benchmarks/memory.py --suite llama1b
@@ -52,40 +54,39 @@ SUITES = {
     "smollm2": [
         ("full", dict(_SMOL, method="full")),
         ("hf_lora", dict(_SMOL, method="hf_lora")),
-        ("ours_lora", dict(_SMOL, method="lora", chunked_loss=True)),
-        ("ours_lora_hf_loss", dict(_SMOL, method="lora", chunked_loss=False)),  # diagnostic: loss vs LoRA share
+        ("ours_lora", dict(_SMOL, method="lora")),
+        # diagnostic, a special call: model(..., labels=..., skip_logits=False) builds the full logits and HF's loss
+        ("ours_lora_call_skip_logits_false", dict(_SMOL, method="lora", skip_logits=False)),
         ("hf_lora_lean_heap", dict(_SMOL, method="hf_lora", lean_heap=True)),  # fairness: same heap setting
-        ("ours_lora_lean_heap", dict(_SMOL, method="lora", chunked_loss=True, lean_heap=True)),
-        ("ours_qlora_nf4", dict(_SMOL, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
+        ("ours_lora_lean_heap", dict(_SMOL, method="lora", lean_heap=True)),
+        ("ours_qlora_nf4", dict(_SMOL, method="lora", quant="nf4", dtype="bfloat16")),
     ],
     # GPU (--device cuda): 8B shape at 2048 tokens, ours vs HF PEFT's QLoRA recipe on the same NF4 modules
     "llama8b": [
-        ("ours_qlora_nf4_gc", dict(_8B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
+        ("ours_qlora_nf4_gc", dict(_8B, method="lora", quant="nf4", dtype="bfloat16")),
         ("hf_qlora_nf4_gc", dict(_8B, method="hf_lora", quant="nf4", dtype="bfloat16")),
-        ("ours_qlora_nf4_gc_offload", dict(_8B, offload=True, method="lora", quant="nf4", dtype="bfloat16",
-                                           chunked_loss=True)),
+        ("ours_qlora_nf4_gc_offload", dict(_8B, offload=True, method="lora", quant="nf4", dtype="bfloat16")),
         # + the input embedding table in host memory (unipeft.host_embedding)
-        ("ours_qlora_nf4_gc_hostemb", dict(_8B, host_emb=True, method="lora", quant="nf4", dtype="bfloat16",
-                                           chunked_loss=True)),
+        ("ours_qlora_nf4_gc_hostemb", dict(_8B, host_emb=True, method="lora", quant="nf4", dtype="bfloat16")),
         ("ours_qlora_nf4_gc_offload_hostemb", dict(_8B, host_emb=True, offload=True, method="lora", quant="nf4",
-                                                   dtype="bfloat16", chunked_loss=True)),
+                                                   dtype="bfloat16")),
         # batch 4, as in the GPU baseline's 8B LoRA rows (../shared/reference/gpu-baseline.md)
-        ("ours_qlora_nf4_gc_b4", dict(_8B, batch=4, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True,
+        ("ours_qlora_nf4_gc_b4", dict(_8B, batch=4, method="lora", quant="nf4", dtype="bfloat16",
                                       vs="hf_qlora_nf4_gc_b4")),
         ("hf_qlora_nf4_gc_b4", dict(_8B, batch=4, method="hf_lora", quant="nf4", dtype="bfloat16")),
     ],
     # GPU: a 70B shape at 2048 tokens, built layer by layer, under a 48 GiB cap (--mem-cap-gib 48)
     "llama70b": [
         ("ours_qlora_nf4_gc", dict(model="llama70b", batch=1, seq=2048, gc=True, warmup=1, steps=2, method="lora",
-                                   quant="nf4", dtype="bfloat16", chunked_loss=True)),
+                                   quant="nf4", dtype="bfloat16")),
         # stretch: under a 24 GiB cap, the frozen NF4 layers wait in pinned host memory and visit one at a time
         ("ours_qlora_nf4_gc_stream", dict(model="llama70b", batch=1, seq=2048, gc=True, warmup=1, steps=2,
-                                          method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True,
+                                          method="lora", quant="nf4", dtype="bfloat16",
                                           stream=True, host_emb=True, mem_cap_gib=24)),
     ],
     "llama1b": [
-        ("ours_qlora_nf4_gc", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True)),
-        ("ours_qlora_nf4_gc_lean_heap", dict(_1B, method="lora", quant="nf4", dtype="bfloat16", chunked_loss=True,
+        ("ours_qlora_nf4_gc", dict(_1B, method="lora", quant="nf4", dtype="bfloat16")),
+        ("ours_qlora_nf4_gc_lean_heap", dict(_1B, method="lora", quant="nf4", dtype="bfloat16",
                                              lean_heap=True)),
         ("hf_lora_fp32_gc", dict(_1B, method="hf_lora", steps=1)),
     ],
@@ -183,11 +184,9 @@ def worker(cfg: dict) -> dict:
     ids = torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
-    if cfg.get("chunked_loss"):
-        from unipeft.losses import causal_lm_loss
-        loss_fn = lambda: causal_lm_loss(model, **batch)  # noqa: E731
-    else:
-        loss_fn = lambda: model(**batch).loss  # noqa: E731
+    # every row goes through the call users make; a row with a special call says so in its name
+    call = dict(batch, **({"skip_logits": cfg["skip_logits"]} if "skip_logits" in cfg else {}))
+    loss_fn = lambda: model(**call).loss  # noqa: E731
 
     def sync():
         if cuda:

@@ -14,6 +14,7 @@ from .arch.resolve import get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .handle import Handle
+from .losses import ChunkedLoss
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
 from .positions.input import InputSite, PositionShift
@@ -188,6 +189,8 @@ def inject(
             handle.sites += installer(model, ins, arch, handle)
         _install_copies(model, handle, modules_to_save)
         _train_biases(model, handle, trainable_biases)
+        if ChunkedLoss.applies_to(model):  # model(..., labels=...) computes its loss without full logits
+            handle.extras.append(ChunkedLoss(model))
     except Exception:
         handle.remove()
         raise

@@ -121,3 +121,135 @@ def causal_lm_loss(model: nn.Module, input_ids, attention_mask=None, labels=None
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return chunked_lm_loss(hidden, head.weight, labels, bias=head.bias, chunk=chunk,
                            num_items_in_batch=num_items_in_batch)
+
+
+# -------------------------------------------------------------------------- the default path: model(..., labels=...)
+
+_LOGIT_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_NO_LOGITS: dict[type, type] = {}
+
+
+class LogitsNotComputed(AttributeError):
+    pass
+
+
+def _without_logits(out, loss: torch.Tensor):
+    """`out`'s type and values with `loss` set and no logits: reading `.logits` raises a clear error, while
+    getattr(out, "logits", None) gives None and positions (`out[0]` is the loss) are as transformers makes them."""
+    cls = type(out)
+    sub = _NO_LOGITS.get(cls)
+    if sub is None:
+        def __getattribute__(self, name):
+            if name == "logits" and object.__getattribute__(self, "__dict__").get("_unipeft_no_logits"):
+                raise LogitsNotComputed(
+                    "logits were not computed: a training-mode forward with labels computes the loss in chunks "
+                    "without the (batch, seq, vocab) logits (unipeft.losses.ChunkedLoss). Pass skip_logits=False to "
+                    "this call to get them (and HF's loss on them), or call the model in eval mode.")
+            return cls.__getattribute__(self, name)
+
+        def __repr__(self):
+            return f"{cls.__name__}(logits=<not computed>, " + ", ".join(f"{k}={v!r}" for k, v in self.items()) + ")"
+
+        sub = _NO_LOGITS[cls] = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__repr__": __repr__,
+                                                            "__module__": cls.__module__})
+    new = sub(**{**{k: v for k, v in out.items() if k != "logits"}, "loss": loss})
+    new.__dict__["_unipeft_no_logits"] = True
+    return new
+
+
+class ChunkedLoss:
+    """Makes `model(input_ids=..., labels=...)` compute its loss with `chunked_lm_loss`: no full fp32 logits.
+
+    Installed by `inject` on generative models whose output embedding is a plain linear (causal LMs: labels shifted,
+    HF's `num_items_in_batch` honoured; encoder-decoders: unshifted, decoder inputs from the labels as the model
+    would make them). A pre-hook on the root takes the labels out of the call; a pre-hook on the LM head keeps its
+    input (the last hidden states) and lets the head project zero rows; a hook on the root computes the loss and
+    returns the model's own output type with `loss` set and `logits` None (reading `.logits` raises, naming the way
+    to get them). The model's own code runs otherwise, so hooks of adapters, prompts and checkpointing all apply.
+
+    When: `skip_logits` (Liger-Kernel's name) in the call decides; by default a training-mode forward with labels is
+    chunked and an eval-mode one computes the logits (evaluation usually wants them). Never chunked, with the
+    model's own loss instead: under torch.compile, with `return_dict=False`, `logits_to_keep`, TRL's
+    `fused_lm_head`, a head that is adapted, wrapped or swapped (LoRA on lm_head, a trainable copy), or a model
+    that scales or caps its logits after the head (Gemma 2's soft-cap, Cohere's/Granite's scales).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model, self.head = model, model.get_output_embeddings()
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._state = None
+        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                       self.head.register_forward_pre_hook(self._head_pre),
+                       model.register_forward_hook(self._post)]
+        model._unipeft_chunked_loss = self
+
+    @staticmethod
+    def applies_to(model: nn.Module) -> bool:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        can_generate = getattr(model, "can_generate", None)
+        return (type(head) is nn.Linear and callable(can_generate) and bool(can_generate())
+                and getattr(model, "_unipeft_chunked_loss", None) is None)
+
+    def _fusable(self, module, kwargs) -> bool:
+        cfg = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+        head = module.get_output_embeddings()
+        return (head is self.head and next(head.children(), None) is None
+                and head.weight.is_floating_point() and not torch.compiler.is_compiling()
+                and kwargs.get("return_dict", True) is not False and not kwargs.get("fused_lm_head")
+                and _is_zero(kwargs.get("logits_to_keep", 0))
+                and all(getattr(cfg, k, None) in (None, 1, 1.0) for k in _LOGIT_SCALES))
+
+    def _pre(self, module, args, kwargs):
+        self._state = None
+        skip = kwargs.pop("skip_logits", None)
+        labels = kwargs.get("labels")
+        shift_labels = kwargs.get("shift_labels")
+        wanted = skip if skip is not None else module.training and (labels is not None or shift_labels is not None)
+        if not wanted or (labels is None and shift_labels is None) or not self._fusable(module, kwargs):
+            if skip:
+                logger.warning("skip_logits=True ignored: %s computes its loss from full logits here (see "
+                               "unipeft.losses.ChunkedLoss for when chunking applies)", type(module).__name__)
+            return args, kwargs
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        n = kwargs.get("num_items_in_batch")
+        if self.seq2seq:
+            if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
+                kwargs["decoder_input_ids"] = module.prepare_decoder_input_ids_from_labels(labels=labels)
+            target, shift, n = labels, False, None  # the model's own loss is the token mean
+        else:
+            target, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
+        self._state = {"labels": target, "shift": shift, "n": n, "hidden": None}
+        return args, kwargs
+
+    def _head_pre(self, module, args):
+        if self._state is None or self._state["hidden"] is not None:
+            return None
+        h = args[0]
+        self._state["hidden"] = h
+        return (h[..., :0, :],) + tuple(args[1:])  # the head projects no rows
+
+    def _post(self, module, args, out):
+        state, self._state = self._state, None
+        if state is None:
+            return out
+        if state["hidden"] is None:
+            raise RuntimeError(f"{type(module).__name__} did not call its LM head; unipeft's chunked loss cannot be "
+                               f"computed (pass skip_logits=False)")
+        head = self.head
+        loss = chunked_lm_loss(state["hidden"], head.weight, state["labels"], bias=head.bias, shift=state["shift"],
+                               num_items_in_batch=state["n"])
+        aux = out.get("aux_loss") if hasattr(out, "get") else None
+        if aux is not None:  # mixture-of-experts load balancing, as the model adds it to its own loss
+            loss = loss + module.config.router_aux_loss_coef * aux.to(loss.device)
+        return _without_logits(out, loss)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if getattr(self.model, "_unipeft_chunked_loss", None) is self:
+            del self.model._unipeft_chunked_loss
+
+
+def _is_zero(v) -> bool:
+    return not torch.is_tensor(v) and v == 0
