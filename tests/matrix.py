@@ -34,6 +34,17 @@ PROMPT_ARCHS = ("llama", "gpt2", "bert", "bert_tok", "t5")
 RANDOM.update({"multi_head_parallel": {"init": "random"}, "mam": {"adapter_init": "random"}})
 
 
+# Every other family of the architecture table (unipeft.arch.ARCHS, keyed by model_type) gets a row of one
+# method per position kind: a linear (LoRA), a scaled linear (IA3), a sublayer (Houlsby), attention K/V (prefix).
+# The four families above run the full matrix; these run test_matrix.test_family_row (all invariants at once).
+FAMILIES = ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "smollm3",
+            "roberta", "xlm-roberta", "camembert", "electra", "mt5", "umt5")
+FAMILY_METHODS = ("lora", "ia3", "houlsby", "prefix")
+TASKS.update({f: "CAUSAL_LM" for f in FAMILIES[:9]})
+TASKS.update({f: "SEQ_CLS" for f in FAMILIES[9:13]})
+TASKS.update({f: "SEQ_2_SEQ_LM" for f in FAMILIES[13:]})
+
+
 def random_options(method: str) -> dict:
     if method in PROMPT_VARIANTS and method not in RANDOM:
         return {}  # prompts and prefixes are not the identity at init
