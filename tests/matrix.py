@@ -40,6 +40,8 @@ RANDOM.update({"multi_head_parallel": {"init": "random"}, "mam": {"adapter_init"
 FAMILIES = ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "smollm3",
             "roberta", "xlm-roberta", "camembert", "electra", "mt5", "umt5")
 FAMILY_METHODS = ("lora", "ia3", "houlsby", "prefix")
+# Mixtral's FFN is experts (3-D parameters, refused as IA3's default FFN target): its IA3 row scales k and v.
+FAMILY_OPTIONS = {("ia3", "mixtral"): {"target_modules": ["k_proj", "v_proj"], "feedforward_modules": []}}
 TASKS.update({f: "CAUSAL_LM" for f in FAMILIES[:9]})
 TASKS.update({f: "SEQ_CLS" for f in FAMILIES[9:13]})
 TASKS.update({f: "SEQ_2_SEQ_LM" for f in FAMILIES[13:]})

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import BUILDERS, assert_padding_invariant, batch_for, logits_of
-from matrix import FAMILIES, FAMILY_METHODS, MERGEABLE, cases, config
+from matrix import FAMILIES, FAMILY_METHODS, FAMILY_OPTIONS, MERGEABLE, cases, config
 
 from unipeft import PeftModel, get_peft_model
 from unipeft.arch import ARCHS, find_arch
@@ -146,17 +146,17 @@ def test_padded_and_unpadded_rows_agree(method, arch):
 def test_family_row(method, arch, tmp_path):
     """One row per family: the invariants above in one pass (identity at init, gradients reach every adapter
     parameter and nothing else, save/load, merge, padding, bit-exact unload)."""
-    b = batch_for(arch)
+    b, opts = batch_for(arch), FAMILY_OPTIONS.get((method, arch), {})
     ref = BUILDERS[arch]()
     assert ref.config.model_type == arch and find_arch(ref) is ARCHS[arch]
     with torch.no_grad():
         base_out = logits_of(ref, b)
     if method in MERGEABLE:  # default init is the identity
         with torch.no_grad():
-            torch.testing.assert_close(logits_of(get_peft_model(BUILDERS[arch](), config(method, arch)), b), base_out,
+            torch.testing.assert_close(logits_of(get_peft_model(BUILDERS[arch](), config(method, arch, **opts)), b), base_out,
                                        rtol=0, atol=1e-5)
     base = BUILDERS[arch]()
-    peft = get_peft_model(base, config(method, arch, random=True))
+    peft = get_peft_model(base, config(method, arch, random=True, **opts))
     with torch.no_grad():
         out = logits_of(peft, b)
     assert not torch.allclose(out, base_out, atol=1e-4), "adapter has no effect: the row would be vacuous"

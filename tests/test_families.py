@@ -1,0 +1,112 @@
+"""Family-specific semantics against hand-built references: Phi-3's fused projections, Mixtral's expert
+refusals, Gemma-2's soft-capping and sliding window under prefixes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import BUILDERS, batch_for, logits_of
+
+import unipeft
+
+
+def _layers(model):
+    return model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+
+
+# ---------------------------------------------------------------- Phi-3: parts of fused linears
+
+# Tiny Phi-3: 4 query heads and 2 key/value heads of 8 -> qkv_proj rows q 0:32, k 32:48, v 48:64;
+# gate_up_proj rows gate 0:64, up 64:128 (intermediate 64).
+QKV = {"q_proj": (0, 32), "k_proj": (32, 48), "v_proj": (48, 64)}
+GATE_UP = {"gate_proj": (0, 64), "up_proj": (64, 128)}
+
+
+def test_phi3_lora_on_parts_equals_hand_merged_rows():
+    base = BUILDERS["phi3"]()
+    ref = copy.deepcopy(base)
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj"]
+    cfg = unipeft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False)
+    peft = unipeft.get_peft_model(base, cfg)
+    with torch.no_grad():
+        for layer, theirs in zip(_layers(peft), ref.model.layers):
+            for fused, rows in (("self_attn.qkv_proj", QKV), ("mlp.gate_up_proj", GATE_UP)):
+                host = layer.get_submodule(fused)
+                W = theirs.get_submodule(fused).weight
+                for part, (a, b) in rows.items():
+                    if part in targets:
+                        d = host.get_submodule(f"lora_{part}")
+                        W[a:b] += 3.0 * d.B @ d.A  # alpha / r = 3
+        b = batch_for("phi3")
+        out, expected, plain = logits_of(peft, b), logits_of(ref, b), logits_of(BUILDERS["phi3"](), b)
+    assert not torch.allclose(out, plain, atol=1e-3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_phi3_ia3_scales_only_k_and_v_rows():
+    base = BUILDERS["phi3"]()
+    ref = copy.deepcopy(base)
+    peft = unipeft.get_peft_model(base, unipeft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
+    assert tuple(peft.peft_config["default"].target_modules) == ("k_proj", "v_proj", "down_proj")
+    with torch.no_grad():
+        for layer, theirs in zip(_layers(peft), ref.model.layers):
+            W = theirs.self_attn.qkv_proj.weight
+            for part in ("k_proj", "v_proj"):
+                a, b = QKV[part]
+                W[a:b] *= layer.self_attn.qkv_proj.get_submodule(f"ia3_{part}").l  # (rows, 1)
+            theirs.mlp.down_proj.weight *= layer.mlp.down_proj.ia3.l  # (1, in): the FFN input
+        b = batch_for("phi3")
+        torch.testing.assert_close(logits_of(peft, b), logits_of(ref, b), rtol=0, atol=1e-5)
+        merged = peft.merge_and_unload()
+        torch.testing.assert_close(logits_of(merged, b), logits_of(ref, b), rtol=0, atol=1e-5)
+        for (n, p), (_, q) in zip(merged.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+def test_phi3_default_lora_targets_q_and_v_rows_and_saves_llama_names(tmp_path):
+    peft = unipeft.get_peft_model(BUILDERS["phi3"](), unipeft.LoraConfig(task_type="CAUSAL_LM", r=2))
+    qkv = _layers(peft)[0].self_attn.qkv_proj
+    assert qkv.lora_q_proj.B.shape == (32, 2) and qkv.lora_v_proj.B.shape == (16, 2)
+    assert not hasattr(qkv, "lora_k_proj")
+    peft.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight" in keys
+
+
+def test_phi3_whole_fused_linear_still_targetable():
+    peft = unipeft.get_peft_model(BUILDERS["phi3"](), unipeft.LoraConfig(task_type="CAUSAL_LM", r=2,
+                                                                          target_modules=["qkv_proj"]))
+    assert _layers(peft)[0].self_attn.qkv_proj.lora.B.shape == (64, 2)
+
+
+def test_phi3_input_scaling_on_a_part_is_refused():
+    cfg = unipeft.IA3Config(task_type="CAUSAL_LM", target_modules=["gate_proj", "down_proj"],
+                            feedforward_modules=["gate_proj"])
+    with pytest.raises(ValueError, match="fused .*gate_up_proj.* output only"):
+        unipeft.get_peft_model(BUILDERS["phi3"](), cfg)
+
+
+# ---------------------------------------------------------------- Mixtral: experts are not linears
+
+
+def test_mixtral_ia3_default_refuses_expert_ffn():
+    with pytest.raises(ValueError, match="experts are fused 3-D parameters"):
+        unipeft.get_peft_model(BUILDERS["mixtral"](), unipeft.IA3Config(task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize("target", ["down_proj", "experts.gate_up_proj"])
+def test_mixtral_expert_targets_are_refused_by_name(target):
+    cfg = unipeft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", target])
+    with pytest.raises(ValueError, match="a parameter, .*experts.* not a linear module"):
+        unipeft.get_peft_model(BUILDERS["mixtral"](), cfg)
+
+
+def test_mixtral_attention_and_ffn_sublayer_work():
+    cfg = unipeft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj"], feedforward_modules=[])
+    peft = unipeft.get_peft_model(BUILDERS["mixtral"](), cfg)
+    assert peft.get_nb_trainable_parameters()[0] == 2 * (16 + 16)
