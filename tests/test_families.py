@@ -110,3 +110,61 @@ def test_mixtral_attention_and_ffn_sublayer_work():
     cfg = unipeft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj"], feedforward_modules=[])
     peft = unipeft.get_peft_model(BUILDERS["mixtral"](), cfg)
     assert peft.get_nb_trainable_parameters()[0] == 2 * (16 + 16)
+
+
+# ---------------------------------------------------------------- Gemma-2: soft-capping and sliding window
+
+
+def _reference_prefix_attention(prefixes, ignore=()):
+    """Gemma-2's attention written out with the prefix keys/values concatenated by hand: scores q·kᵀ·scaling,
+    soft-capped cap·tanh(s/cap), real keys causal and within the sliding window (i - j < w), prefix keys
+    visible to every query. The model's own mask is ignored (no padding in these batches)."""
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        B, H, T, d = query.shape
+        pk, pv = prefixes[module.layer_idx]  # (B, H_kv, P, d)
+        P, rep = pk.shape[2], H // key.shape[1]
+        k = torch.cat([pk, key], 2).repeat_interleave(rep, 1)
+        v = torch.cat([pv, value], 2).repeat_interleave(rep, 1)
+        s = query @ k.transpose(-1, -2) * module.scaling
+        cap = module.attn_logit_softcapping
+        if cap is not None and "softcap" not in ignore:
+            s = cap * torch.tanh(s / cap)
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        allowed = j <= i
+        if module.sliding_window is not None and "window" not in ignore:
+            allowed &= (i - j) < module.sliding_window
+        allowed = torch.cat([torch.ones(T, P, dtype=torch.bool), allowed], 1)
+        s = s.masked_fill(~allowed, float("-inf"))
+        return (torch.softmax(s, -1) @ v).transpose(1, 2), None
+
+    return attend
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "p_tuning_v2"])
+def test_gemma2_prefix_honours_softcap_and_sliding_window(method):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    base = BUILDERS["gemma2"]()
+    cfg = base.config
+    assert cfg.layer_types[0] == "sliding_attention" and cfg.sliding_window == 3 and cfg.attn_logit_softcapping
+    ref = copy.deepcopy(base)
+    peft = unipeft.get_peft_model(base, unipeft.methods()[method].factory(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    b = batch_for("gemma2")  # 7 tokens: the window of 3 cuts
+    B = b["input_ids"].shape[0]
+    with torch.no_grad():
+        out = logits_of(peft, b)
+        prefixes = {s.host.layer_idx: s.delta.kv(s.slot, B, torch.float32) for s in peft.handle.sites}
+        assert len(prefixes) == cfg.num_hidden_layers
+        results = {}
+        for ignore in ((), ("softcap",), ("window",)):
+            name = "test_ref_prefix_" + "_".join(ignore)
+            AttentionInterface.register(name, _reference_prefix_attention(prefixes, ignore))
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+            ref.set_attn_implementation(name)
+            results[ignore] = logits_of(ref, b)
+    torch.testing.assert_close(out, results[()], rtol=0, atol=1e-5)
+    # the reference is sensitive to both: without them it differs (the check above is not vacuous)
+    assert (out - results[("softcap",)]).abs().max() > 1e-2, (out - results[("softcap",)]).abs().max()
+    assert (out - results[("window",)]).abs().max() > 1e-2, (out - results[("window",)]).abs().max()
