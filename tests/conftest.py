@@ -16,6 +16,61 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 VOCAB = 96
 
+# `make test` installs every dev dependency and model package and needs the shared datasets; there a skip hides
+# a broken setup. With UNIPEFT_REQUIRE_DEV=1 (the Makefile's test target sets it) anything missing fails the
+# run at the start, and a test or test file that skips itself (pytest.skip, importorskip) fails. Skips declared
+# with a skip/skipif marker (a condition such as "needs CUDA") stay skips.
+REQUIRE_DEV = os.environ.get("UNIPEFT_REQUIRE_DEV", "") not in ("", "0")
+
+
+def missing_dev_setup() -> list[str]:
+    """What `make test` installs or lays out that is absent: the dev and cli extras of pyproject.toml, the
+    Makefile's MODELS packages, the shared datasets folder."""
+    import re
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    models = re.search(r"^MODELS\s*:=(.*)$", (ROOT / "Makefile").read_text(), re.M)
+    reqs = extras.get("dev", []) + extras.get("cli", []) + (models.group(1).split() if models else [])
+    missing = []
+    for name in sorted({re.split(r"[<>=!~;\[ ]", r.strip(), maxsplit=1)[0] for r in reqs}):
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    if not DATA.is_dir():
+        missing.append(f"the shared datasets folder {DATA}")
+    return missing
+
+
+def pytest_sessionstart(session):
+    if REQUIRE_DEV and (missing := missing_dev_setup()):
+        pytest.exit(f"UNIPEFT_REQUIRE_DEV=1 (make test) but these are missing: {', '.join(missing)}. Run `make setup` "
+                    f"(and lay the datasets out at {DATA}), or run pytest without UNIPEFT_REQUIRE_DEV.", returncode=4)
+
+
+def _as_failure(report, where: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"{where} skipped itself under UNIPEFT_REQUIRE_DEV=1, where every dev dependency is installed "
+                       f"and a skip hides a broken setup: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    declared = any(item.iter_markers("skip")) or any(item.iter_markers("skipif"))
+    if REQUIRE_DEV and report.skipped and not declared and not hasattr(report, "wasxfail"):
+        _as_failure(report, item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    report = (yield).get_result()
+    if REQUIRE_DEV and report.skipped:  # a whole file skipped (module-level importorskip)
+        _as_failure(report, collector.nodeid)
+
 
 def tiny_llama(seed=0, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,5 +232,7 @@ def minilm_path() -> Path | None:
 @pytest.fixture
 def data_dir():
     if not DATA.is_dir():
+        if REQUIRE_DEV:
+            pytest.fail(f"shared datasets not found at {DATA} (make test needs them beside the repo)")
         pytest.skip(f"shared datasets not found at {DATA} (CI lays them beside the repo)")
     return DATA
