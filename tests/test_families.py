@@ -168,3 +168,22 @@ def test_gemma2_prefix_honours_softcap_and_sliding_window(method):
     # the reference is sensitive to both: without them it differs (the check above is not vacuous)
     assert (out - results[("softcap",)]).abs().max() > 1e-2, (out - results[("softcap",)]).abs().max()
     assert (out - results[("window",)]).abs().max() > 1e-2, (out - results[("window",)]).abs().max()
+
+
+# ---------------------------------------------------------------- HF PEFT as the oracle on the new families
+
+
+@pytest.mark.parametrize("arch,targets", [("phi3", ["qkv_proj", "gate_up_proj"]), ("mixtral", ["q_proj", "v_proj"]),
+                                          ("gemma2", ["q_proj", "v_proj", "down_proj"]), ("qwen3", ["k_proj", "o_proj"])])
+def test_hf_peft_lora_files_load_with_identical_outputs(arch, targets, tmp_path):
+    import peft as hf  # a dev dependency: make test installs it
+
+    b = batch_for(arch)
+    theirs = hf.get_peft_model(BUILDERS[arch](), hf.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
+                                                                 target_modules=targets, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = unipeft.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path)
+    with torch.no_grad():
+        y = logits_of(theirs, b)
+        assert (y - logits_of(BUILDERS[arch](), b)).abs().max() > 1e-3
+        torch.testing.assert_close(logits_of(ours, b), y, rtol=0, atol=1e-5)

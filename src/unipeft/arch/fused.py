@@ -17,7 +17,7 @@ from .spec import ArchSpec, FusedLayout
 
 @dataclass(frozen=True, eq=False)
 class FusedSlice:
-    host: nn.Module  # the fused linear
+    host: nn.Module  # the fused linear (nn.Linear, or a quantized linear with in/out_features)
     host_name: str  # its path in the model
     part: str  # the part's name (q_proj, gate_proj, ...)
     start: int
@@ -58,9 +58,8 @@ def fused_slices(model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, Fus
         for layout in arch.fused:
             if leaf != layout.fused:
                 continue
-            if not isinstance(mod, nn.Linear):
-                raise ValueError(f"{name} is a {type(mod).__name__}; slicing a fused projection needs a plain "
-                                 f"nn.Linear (dequantize the model, or target {layout.fused} as a whole)")
+            if not (hasattr(mod, "in_features") and hasattr(mod, "out_features")):
+                continue  # not a linear (quantized linears have both): its parts are not targets
             for part, start, stop in part_rows(model, layout, mod.out_features):
                 out.append((f"{parent}.{part}" if parent else part, FusedSlice(mod, name, part, start, stop)))
     return out

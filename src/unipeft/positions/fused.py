@@ -53,6 +53,9 @@ class SlicedLinearDeltaSite(LinearDeltaSite):
     @torch.no_grad()
     def _apply(self, inverse: bool) -> None:
         W, b = self.host.weight, getattr(self.host, "bias", None)
+        if not W.is_floating_point():
+            raise ValueError(f"{self.part.host_name} is a quantized linear ({type(self.host).__name__}); merging into "
+                             f"integer weights is lossy: dequantize first (unipeft.quant.dequantize_model)")
         a, n = self.part.start, self.part.rows
         rows = W.narrow(0, a, n)  # a view: in-place updates reach W
         if self.ins.compose == Compose.MULTIPLY:
