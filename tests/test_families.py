@@ -173,8 +173,9 @@ def test_gemma2_prefix_honours_softcap_and_sliding_window(method):
 # ---------------------------------------------------------------- HF PEFT as the oracle on the new families
 
 
-@pytest.mark.parametrize("arch,targets", [("phi3", ["qkv_proj", "gate_up_proj"]), ("mixtral", ["q_proj", "v_proj"]),
-                                          ("gemma2", ["q_proj", "v_proj", "down_proj"]), ("qwen3", ["k_proj", "o_proj"])])
+@pytest.mark.parametrize("arch,targets", [
+    ("phi3", ["qkv_proj", "gate_up_proj"]), ("mixtral", ["q_proj", "v_proj"]),
+    ("gemma2", ["q_proj", "v_proj", "down_proj"]), ("qwen3", ["k_proj", "o_proj"])])
 def test_hf_peft_lora_files_load_with_identical_outputs(arch, targets, tmp_path):
     import peft as hf  # a dev dependency: make test installs it
 

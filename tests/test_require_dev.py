@@ -40,9 +40,8 @@ def _run(tmp_path: Path, makefile_models: str | None = None) -> subprocess.Compl
     (repo / "tests" / "test_skipping.py").write_text(SKIPPING)
     (repo / "tests" / "test_whole_file.py").write_text('import pytest\npytest.importorskip("no_such_module_q7")\n')
     env = {**os.environ, "UNIPEFT_REQUIRE_DEV": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-                           "tests"], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", "tests"]
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

@@ -21,9 +21,9 @@ from .weight import LinearDeltaSite
 class SlicedLinearDeltaSite(LinearDeltaSite):
     def __init__(self, part: FusedSlice, name: str, ins: Insertion, delta, switch, side: str = "out"):
         if side == "in":
-            raise ValueError(f"{name} is rows {part.start}:{part.stop} of the fused {part.host_name}, which has no input "
-                             f"of its own: a delta there can act on its output only. Scale the input of a whole linear "
-                             f"instead (e.g. feedforward_modules=['down_proj'])")
+            raise ValueError(f"{name} is rows {part.start}:{part.stop} of the fused {part.host_name}, which has no "
+                             f"input of its own: a delta there can act on its output only. Scale the input of a whole "
+                             f"linear instead (e.g. feedforward_modules=['down_proj'])")
         self.part = part
         super().__init__(part.host, name, ins, delta, switch, side=side, attr=f"{ins.name}_{part.part}")
 
