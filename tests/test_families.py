@@ -188,3 +188,21 @@ def test_hf_peft_lora_files_load_with_identical_outputs(arch, targets, tmp_path)
         y = logits_of(theirs, b)
         assert (y - logits_of(BUILDERS[arch](), b)).abs().max() > 1e-3
         torch.testing.assert_close(logits_of(ours, b), y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,kw", [("gemma2", {}), ("mistral", {"sliding_window": 3})])
+def test_hf_peft_prefix_files_on_sliding_window_models_load_with_identical_outputs(arch, kw, tmp_path):
+    """HF PEFT caches the prefix as tokens at positions 0..P-1, so a sliding window hides it from later queries;
+    its files load with position_shift (HF's semantics) and must give its outputs (before: 2.3 apart on Gemma-2)."""
+    import peft as hf
+
+    b = batch_for(arch)
+    theirs = hf.get_peft_model(BUILDERS[arch](**kw), hf.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    theirs.save_pretrained(tmp_path)
+    ours = unipeft.PeftModel.from_pretrained(BUILDERS[arch](**kw), tmp_path)
+    assert ours.peft_config["default"].position_shift
+    with torch.no_grad():
+        y = logits_of(theirs, b)
+        torch.testing.assert_close(logits_of(ours, b), y, rtol=0, atol=1e-5)
+        full = unipeft.PeftModel.from_pretrained(BUILDERS[arch](**{**kw, "sliding_window": 64}), tmp_path)
+        assert (logits_of(full, b) - y).abs().max() > 1e-2  # the window does cut the prefix here
