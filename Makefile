@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	UNIPEFT_REQUIRE_DEV=1 $(BIN)/python -m pytest -q -x --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not real and not slow"

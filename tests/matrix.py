@@ -34,6 +34,23 @@ PROMPT_ARCHS = ("llama", "gpt2", "bert", "bert_tok", "t5")
 RANDOM.update({"multi_head_parallel": {"init": "random"}, "mam": {"adapter_init": "random"}})
 
 
+# Every other family of the architecture table (unipeft.arch.ARCHS, keyed by model_type) gets a row: one method
+# per position kind, a linear (LoRA), a sublayer (Houlsby), attention K/V (prefix), plus IA3 where the family's
+# roles differ from plain linears (Phi-3's fused parts, Mixtral's experts). Subclasses that share their parent's
+# modeling code (XLM-R and CamemBERT are RoBERTa, mT5 is T5) take LoRA and prefix. The four families above run
+# the full matrix; these run test_matrix.test_family_row (every invariant in one pass), ~1 s each on 2 cores.
+FAMILIES = ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "smollm3",
+            "roberta", "xlm-roberta", "camembert", "electra", "mt5", "umt5")
+_SUBCLASSES = ("xlm-roberta", "camembert", "mt5")
+FAMILY_CASES = [(m, f) for f in FAMILIES for m in ("lora", "houlsby", "prefix")
+                if f not in _SUBCLASSES or m != "houlsby"] + [("ia3", "phi3"), ("ia3", "mixtral")]
+# Mixtral's FFN is experts (3-D parameters, refused as IA3's default FFN target): its IA3 row scales k and v.
+FAMILY_OPTIONS = {("ia3", "mixtral"): {"target_modules": ["k_proj", "v_proj"], "feedforward_modules": []}}
+TASKS.update({f: "CAUSAL_LM" for f in FAMILIES[:9]})
+TASKS.update({f: "SEQ_CLS" for f in FAMILIES[9:13]})
+TASKS.update({f: "SEQ_2_SEQ_LM" for f in FAMILIES[13:]})
+
+
 def random_options(method: str) -> dict:
     if method in PROMPT_VARIANTS and method not in RANDOM:
         return {}  # prompts and prefixes are not the identity at init

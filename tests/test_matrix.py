@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 from conftest import BUILDERS, assert_padding_invariant, batch_for, logits_of
-from matrix import MERGEABLE, cases, config
+from matrix import FAMILIES, FAMILY_CASES, FAMILY_OPTIONS, MERGEABLE, cases, config
 
 from unipeft import PeftModel, get_peft_model
+from unipeft.arch import ARCHS, find_arch
 
 
 def build(method, arch, random=False, **kw):
@@ -139,3 +140,55 @@ def test_remove_restores_the_original_model_bit_exactly(method, arch):
 def test_padded_and_unpadded_rows_agree(method, arch):
     base, ref, peft = build(method, arch, random=True)
     assert_padding_invariant(peft, arch)
+
+
+@pytest.mark.parametrize("method,arch", [pytest.param(m, a, id=f"{m}-{a}") for m, a in FAMILY_CASES])
+def test_family_row(method, arch, tmp_path):
+    """One row per family: the invariants above in one pass (the adapter changes the output, gradients reach
+    every adapter parameter and nothing else, padding, save/load, merge, bit-exact unload)."""
+    b, opts = batch_for(arch), FAMILY_OPTIONS.get((method, arch), {})
+    ref = BUILDERS[arch]()
+    assert ref.config.model_type == arch and find_arch(ref) is ARCHS[arch]
+    with torch.no_grad():
+        base_out = logits_of(ref, b)
+    base = copy.deepcopy(ref)
+    peft = get_peft_model(base, config(method, arch, random=True, **opts))
+    with torch.no_grad():
+        out = logits_of(peft, b)
+    assert not torch.allclose(out, base_out, atol=1e-4), "adapter has no effect: the row would be vacuous"
+
+    owned = peft.handle.adapter_parameters()
+    trainable = {n for n, p in peft.get_base_model().named_parameters() if p.requires_grad}
+    assert trainable == set(owned) and trainable
+    loss_of(peft, b).backward()
+    for n, p in owned.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
+    peft.zero_grad()
+
+    assert_padding_invariant(peft, arch)
+
+    peft.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded, b), out, rtol=0, atol=0)
+
+    if method in MERGEABLE:
+        with torch.no_grad():
+            peft.merge_adapter()  # fp32 rounding of W + ΔW: 1e-5 relative to the logits' scale
+            torch.testing.assert_close(logits_of(peft, b), out, rtol=0, atol=1e-5 * max(1.0, out.abs().max().item()))
+            peft.unmerge_adapter()
+        params = dict(base.named_parameters())
+        for n, q in ref.named_parameters():
+            torch.testing.assert_close(params[n], q, rtol=0, atol=1e-6, msg=n)
+
+    model = loaded.unload()  # never merged: the restored weights must be bit-exact
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    assert [(n, type(m)) for n, m in model.named_modules()] == [(n, type(m)) for n, m in ref.named_modules()]
+
+
+def test_every_registered_family_has_a_row():
+    from unipeft.arch import ARCHS as TABLE
+
+    assert set(TABLE) == set(FAMILIES) | {"llama", "gpt2", "bert", "t5"}
+    assert {a for _, a in FAMILY_CASES} == set(FAMILIES)

@@ -97,7 +97,8 @@ class PeftConfig:
     def from_dict(cls, d: dict) -> "PeftConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         for k, default in cls.unsupported.items():
-            if k in d and d[k] not in (default, None) and not (default == {} and d[k] == {}):
+            # an empty list/dict is "not set" (HF PEFT writes target_parameters=[] for Mixtral)
+            if k in d and d[k] not in (default, None) and not (isinstance(d[k], (list, dict)) and not d[k]):
                 raise ValueError(f"this {cls.peft_type} adapter sets {k}={d[k]!r}, which unipeft does not support")
         dropped = sorted(k for k in d if k not in known and k != "peft_type")
         if dropped:

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_sublayers
+from .arch.fused import FusedSlice
 from .arch.resolve import get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .handle import Handle
 from .losses import ChunkedLoss
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
+from .positions.fused import SlicedLinearDeltaSite
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
 from .positions.input import InputSite, PositionShift
 from .positions.weight import sibling_passes
@@ -74,8 +76,9 @@ def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
     for name, mod in resolve_linears(model, ins.position, arch):
         d_in, d_out, _ = linear_dims(mod)
         side = ins.position.side_of(name)
-        delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod, _autocast(handle)))
-        sites.append(LinearDeltaSite(mod, name, ins, delta, switch, side=side))
+        part = isinstance(mod, FusedSlice)  # rows of a fused linear (Phi-3's q_proj inside qkv_proj)
+        delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod.host if part else mod, _autocast(handle)))
+        sites.append((SlicedLinearDeltaSite if part else LinearDeltaSite)(mod, name, ins, delta, switch, side=side))
     handle.extras += sibling_passes(model, sites, handle.extras)
     return sites
 

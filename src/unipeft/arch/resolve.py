@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..spec import AtLinear, AtSublayer, Sublayer, name_matches
+from .fused import FusedSlice, fused_slices
 from .spec import ARCHS, ArchSpec
 
 
 def linear_dims(module: nn.Module):
-    """(d_in, d_out, transposed) of a linear-like module, or None. GPT-2's Conv1D stores W as (in, out)."""
+    """(d_in, d_out, transposed) of a linear-like module, or None. GPT-2's Conv1D stores W as (in, out).
+    A part of a fused linear (FusedSlice) has its rows as d_out."""
+    if isinstance(module, FusedSlice):
+        return module.host.in_features, module.rows, False
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -105,6 +109,9 @@ def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> l
     else:
         if isinstance(targets, (list, set)):
             targets = tuple(targets)
+        # Parts of fused projections (Phi-3's q_proj inside qkv_proj) are targets too; "all-linear" takes the
+        # fused linears whole instead.
+        linears = linears + fused_slices(model, arch)
         chosen = [(n, m) for n, m in linears if _matches(n, targets)]
         # Every listed name must match something: a typo must not silently train fewer modules.
         unmatched = isinstance(targets, tuple) and any(not any(_matches(n, (t,)) for n, _ in linears) for t in targets)
@@ -154,8 +161,14 @@ def _unknown_target_message(targets, linears, model) -> str:
         return (f"target_modules regex {targets!r} matches no linear module of {type(model).__name__}; "
                 f"linear modules found: {short}")
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in linears)]
+    params = [n for n, _ in model.named_parameters()]
     hints = []
     for t in missing:
+        as_param = next((n for n in params if n == t or n.endswith("." + t)), None)
+        if as_param is not None:  # e.g. Mixtral's experts.down_proj: a 3-D parameter, no module to hook
+            hints.append(f"{t!r} (a parameter, {as_param}, not a linear module: weight-level deltas need linear "
+                         f"modules)")
+            continue
         close = difflib.get_close_matches(t, short, n=3, cutoff=0.5)
         hints.append(f"{t!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
     return (f"target module(s) {', '.join(hints)} not found in {type(model).__name__}; "

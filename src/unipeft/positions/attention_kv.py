@@ -31,19 +31,37 @@ def _registries():
     return ALL_ATTENTION_FUNCTIONS, AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 
-def _extend_mask(mask, P: int, q_len: int, kv_len: int, causal: bool, ref: torch.Tensor):
-    """[visible prefix | mask] over P + kv_len keys; builds the bottom-right causal mask when mask is None."""
+def _extend_mask(mask, P: int, q_len: int, kv_len: int, causal: bool, ref: torch.Tensor, seen=None):
+    """[prefix | mask] over P + kv_len keys; builds the bottom-right causal mask when mask is None. `seen`
+    (bool, (B|1, 1, T, P)) says which prefix columns each query sees; None: all of them."""
     if mask is None:
-        if not causal or q_len == 1:
+        if (not causal or q_len == 1) and seen is None:
             return None  # everything visible: no mask needed
         i = torch.arange(q_len, device=ref.device)[:, None] + (kv_len - q_len)
-        mask = (torch.arange(kv_len, device=ref.device)[None, :] <= i)[None, None]  # (1, 1, T, S)
-    pad_shape = (*mask.shape[:-1], P)
-    if mask.dtype == torch.bool:
-        visible = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
+        j = torch.arange(kv_len, device=ref.device)[None, :]
+        mask = ((j <= i) if causal else (j >= 0).expand(q_len, kv_len))[None, None]  # (1, 1, T, S)
+    if seen is None:
+        seen = torch.ones((*mask.shape[:-1], P), dtype=torch.bool, device=mask.device)
     else:
-        visible = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
-    return torch.cat([visible, mask], dim=-1)
+        B = max(mask.shape[0], seen.shape[0])
+        mask, seen = mask.expand(B, *mask.shape[1:]), seen.expand(B, mask.shape[1], mask.shape[2], P)
+    if mask.dtype != torch.bool:  # additive float mask
+        seen = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(~seen, torch.finfo(mask.dtype).min)
+    return torch.cat([seen.to(mask.device), mask], dim=-1)
+
+
+def _prefix_seen(site, P: int, kwargs):
+    """Which prefix columns each query sees. All of them in our semantics (a prefix has no position). Under HF
+    PEFT's (position_shift: the prefix is P cached tokens at positions 0..P-1) a sliding-window layer shows a
+    query at position p only the prefix rows j with p - j < window, as HF PEFT's cached prefix would be."""
+    window = kwargs.get("sliding_window")
+    if not window or not site.ins.position.position_shift:
+        return None
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        raise ValueError("prefix tuning with position_shift=True on a sliding-window attention needs the queries' "
+                         "position_ids, which this model does not pass to its attention function")
+    return (pos[:, None, :, None] - torch.arange(P, device=pos.device)) < window  # (B|1, 1, T, P)
 
 
 def _pad_bias(bias, P: int):
@@ -68,7 +86,7 @@ def make_seam(base_name: str):
         P = pk.shape[2]
         causal = kwargs.get("is_causal", None)
         causal = getattr(module, "is_causal", True) if causal is None else causal
-        attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query)
+        attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query, _prefix_seen(site, P, kwargs))
         if "position_bias" in kwargs:
             kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P)
         if "is_causal" in kwargs:

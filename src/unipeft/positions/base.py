@@ -21,16 +21,19 @@ class Switch:
 
 
 class Site:
-    def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch):
-        if ins.name in host._modules:
-            raise ValueError(f"{host_name} already holds a delta named {ins.name!r}; give the insertion another name")
+    def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch,
+                 attr: str | None = None):
+        attr = attr or ins.name  # the delta's attribute on its host (several parts of one fused linear differ)
+        if attr in host._modules:
+            raise ValueError(f"{host_name} already holds a delta named {attr!r}; give the insertion another name")
         self.host, self.host_name, self.ins, self.delta, self.switch = host, host_name, ins, delta, switch
+        self.attr = attr
         self.merged = False
         self._hooks: list = []
         if ins.compose == Compose.LEARNED:  # the learned scale s lives with its delta
             p = next(delta.parameters(), None)
             delta.register_parameter("scale", nn.Parameter(torch.tensor(float(ins.scale), dtype=p.dtype if p is not None else None)))
-        host.add_module(ins.name, delta)
+        host.add_module(attr, delta)
 
     @property
     def s(self):
@@ -42,7 +45,7 @@ class Site:
 
     @property
     def path(self) -> str:
-        return f"{self.host_name}.{self.ins.name}" if self.host_name else self.ins.name
+        return f"{self.host_name}.{self.attr}" if self.host_name else self.attr
 
     def hook(self, handle) -> None:
         self._hooks.append(handle)
@@ -60,8 +63,8 @@ class Site:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if self.host._modules.get(self.ins.name) is self.delta:
-            del self.host._modules[self.ins.name]
+        if self.host._modules.get(self.attr) is self.delta:
+            del self.host._modules[self.attr]
 
 
 def first_input(args, kwargs):

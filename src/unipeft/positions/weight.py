@@ -61,8 +61,8 @@ def sibling_passes(model, sites, extras) -> list:
 
 
 class LinearDeltaSite(Site):
-    def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out"):
-        super().__init__(host, host_name, ins, delta, switch)
+    def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out", attr: str | None = None):
+        super().__init__(host, host_name, ins, delta, switch, attr=attr)
         self.transposed = linear_dims(host)[2]
         self.side = side
         dropouts, projections = adapter_caches(switch)
