@@ -44,12 +44,21 @@ def _param_like(module: nn.Module):
 @position_installer(AtLinear)
 def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
     switch = handle.switch
-    sites = []
-    for name, mod in resolve_linears(model, ins.position, arch):
-        d_in, d_out, _ = linear_dims(mod)
-        side = ins.position.side_of(name)
-        delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod))
-        sites.append(LinearDeltaSite(mod, name, ins, delta, switch, side=side))
+    sites, built = [], []
+    try:
+        for name, mod in resolve_linears(model, ins.position, arch):
+            d_in, d_out, _ = linear_dims(mod)
+            side = ins.position.side_of(name)
+            # the host goes to the delta: DoRA reads its weight, PiSSA/OLoRA leave a residual in it
+            built.append(build_delta(ins.delta, d_in, d_out, side=side, host=mod, scale=ins.scale, where=name,
+                                     **_param_like(mod)))
+            sites.append(LinearDeltaSite(mod, name, ins, built[-1], switch, side=side))
+    except Exception:
+        for s in sites:
+            s.remove()
+        for d in built:  # sites not yet on the handle: undo their host changes here
+            d.restore_host()
+        raise
     return sites
 
 

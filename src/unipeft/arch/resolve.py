@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -112,15 +113,31 @@ def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> l
             raise ValueError(_unknown_target_message(targets, linears, model))
     if pos.exclude:
         chosen = [(n, m) for n, m in chosen if not _matches(n, pos.exclude)]
-    if pos.layers is not None:
+    if pos.layers is not None and pos.layers_pattern:
+        chosen = [(n, m) for n, m in chosen if pattern_layer_index(n, pos.layers_pattern) in pos.layers]
+        if not chosen:
+            raise ValueError(f"layers_to_transform={list(pos.layers)} with layers_pattern={list(pos.layers_pattern)} "
+                             f"selects no module: the pattern must name the layer list (e.g. 'layers', 'h') whose "
+                             f"index follows it in the module paths, e.g. {linears[0][0]!r}")
+    elif pos.layers is not None:
         if arch is None:
-            raise ValueError("layers_to_transform needs a known architecture (its blocks); pass target_modules by regex")
+            raise ValueError("layers_to_transform needs a known architecture (its blocks) or layers_pattern naming "
+                             "the layer list; or pass target_modules by regex")
         blks = blocks(model, arch)
         chosen = [(n, m) for n, m in chosen if layer_index(n, blks) in pos.layers]
         if not chosen:
             raise ValueError(f"layers_to_transform={list(pos.layers)} selects no module (the model has "
                              f"{max(b.index for b in blks) + 1} layers)")
     return chosen
+
+
+def pattern_layer_index(name: str, patterns) -> int | None:
+    """HF PEFT's rule: the index right after the first `<pattern>.` segment of the path (first match wins)."""
+    for p in patterns:
+        m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+        if m:
+            return int(m.group("idx"))
+    return None
 
 
 def default_targets(model, arch: ArchSpec | None, roles: tuple[str, ...]) -> tuple[str, ...]:

@@ -87,6 +87,8 @@ class LinearDeltaSite(Site):
                              f"integer weights is lossy: dequantize first (unipeft.quant.dequantize_model)")
         if self.ins.compose == Compose.MULTIPLY:
             Fn.scale_linear(W, b, self.delta.l, self.side, self.transposed, inverse)
+        elif self.ins.form == Form.PARALLEL and callable(getattr(self.delta, "merge_into", None)):
+            self.delta.merge_into(W, float(self.s), self.transposed, inverse)  # a delta that is not W + ΔW (DoRA)
         elif self.ins.form == Form.PARALLEL and self.delta.can_merge():
             s = float(self.s)
             dW = self.delta.delta_weight() * s

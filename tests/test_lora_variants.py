@@ -1,0 +1,210 @@
+"""LoRA as LoRA users use it, with HF PEFT as the oracle: DoRA, PiSSA/OLoRA/Gaussian inits, rank/alpha
+patterns, layers_pattern, and LoraConfig's strictness about HF fields we do not implement.
+
+Parity checks reuse test_hf_parity's round trips: every trainable tensor is perturbed off its init, the adapted
+logits must differ from the base's, HF must load our file (and write back the same tensors under the same keys)
+and we must load HF's, with logits equal to 1e-5, merged too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BUILDERS, batch_for, logits_of
+from test_hf_parity import close, hf_to_ours, ours_to_hf, perturb, saved
+
+import unipeft
+
+hf = pytest.importorskip("peft")
+
+pytestmark = [pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Careful, disabling adapter layers:UserWarning")]
+
+ARCHS = ["llama", "gpt2", "bert"]
+
+
+# ---------------------------------------------------------------- DoRA
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dora_ours_loads_in_hf(arch, tmp_path):
+    ours_to_hf(arch, "LORA", tmp_path, use_dora=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dora_hf_loads_in_ours(arch, tmp_path):
+    hf_to_ours(arch, "LORA", tmp_path, use_dora=True)
+
+
+def _grads(model, arch) -> dict[str, torch.Tensor]:
+    """Gradients of the adapter tensors by their HF file key (`lora_A.default.weight` -> `lora_A.weight`)."""
+    model.train()
+    model.zero_grad()
+    b = batch_for(arch)
+    model(**b).loss.backward()
+    out = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None and "lora" in n:
+            out[n] = p.grad.detach().clone()
+    model.eval()
+    return out
+
+
+def test_dora_gradients_match_hf(tmp_path):
+    """The norm is a constant for autograd in both (DoRA §4.3): gradients of A, B and m agree."""
+    theirs = hf.get_peft_model(BUILDERS["llama"](), hf.LoraConfig(r=4, lora_alpha=12, use_dora=True,
+                                                                  init_lora_weights=False,
+                                                                  target_modules=["q_proj", "v_proj"]))
+    perturb(theirs, seed=3)
+    theirs.save_pretrained(tmp_path)
+    ours = unipeft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path, is_trainable=True)
+    g_hf, g_ours = _grads(theirs, "llama"), _grads(ours, "llama")
+    host = "model.layers.1.self_attn.v_proj"
+    pairs = {"lora_A.default.weight": "lora.A", "lora_B.default.weight": "lora.B",
+             "lora_magnitude_vector.default.weight": "lora.m"}
+    for hk, ok in pairs.items():
+        a = g_hf[f"base_model.model.{host}.{hk}"]
+        b = dict(ours.named_parameters())[f"base_model.model.{host}.{ok}"].grad
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=hk)
+
+
+def test_dora_magnitude_starts_at_the_norm_and_merge_roundtrips():
+    model = BUILDERS["gpt2"]()
+    W = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (in, out)
+    peft = unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                            target_modules=["c_attn"]))
+    delta = model.transformer.h[0].attn.c_attn.lora
+    torch.testing.assert_close(delta.m.detach(), torch.linalg.norm(W.t(), dim=1), atol=1e-6, rtol=0)
+    perturb(peft, seed=4)
+    y = logits_of(peft, batch_for("gpt2"))
+    peft.merge_adapter()
+    close(logits_of(peft, batch_for("gpt2")), y, atol=1e-4)
+    peft.unmerge_adapter()
+    close(model.transformer.h[0].attn.c_attn.weight.detach(), W, atol=1e-5)  # W/g − s·BA: fp32 rounding
+    close(logits_of(peft, batch_for("gpt2")), y)
+
+
+def test_dora_on_a_quantized_layer_is_refused():
+    class Int8Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_features, self.out_features = 4, 4
+            self.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+
+    model = torch.nn.Sequential(Int8Linear())
+    with pytest.raises(ValueError, match="DoRA on a quantized layer"):
+        unipeft.get_peft_model(model, unipeft.LoraConfig(use_dora=True, target_modules=["0"]))
+
+
+# ---------------------------------------------------------------- PiSSA / OLoRA / Gaussian
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _adapter_and_base(init, arch, targets, **kw):
+    """(our PeftModel, HF PeftModel) made with the same init on identical fresh bases."""
+    args = dict(r=4, lora_alpha=12, init_lora_weights=init, target_modules=targets, **kw)
+    ours = unipeft.get_peft_model(BUILDERS[arch](), unipeft.LoraConfig(**args))
+    theirs = hf.get_peft_model(BUILDERS[arch](), hf.LoraConfig(**args))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("init,arch,targets,kw", [
+    ("pissa", "llama", ["q_proj", "v_proj", "down_proj"], {}),
+    ("olora", "llama", ["q_proj", "v_proj", "down_proj"], {}),
+    ("pissa", "gpt2", ["c_attn", "c_proj"], dict(fan_in_fan_out=True)),  # Conv1D: factors of the (out, in) view
+    ("pissa", "bert", ["query", "value"], {}),
+    ("pissa", "llama", ["q_proj", "v_proj"], dict(use_rslora=True)),
+    ("pissa", "llama", ["q_proj", "v_proj"], dict(use_dora=True)),
+])
+def test_base_changing_inits_match_hf(init, arch, targets, kw, tmp_path):
+    """Same residual base and the same factors as HF PEFT (1e-5); the file round-trips both ways."""
+    original = _weights(BUILDERS[arch]())
+    ours, theirs = _adapter_and_base(init, arch, targets, **kw)
+    ours_w = _weights(ours.get_base_model())
+    hf_w = {n.replace(".base_layer", ""): p for n, p in _weights(theirs.get_base_model()).items()}
+    changed = 0
+    for n, w in original.items():
+        if n in ours_w:  # base weights: HF's residual, to 1e-5
+            close(ours_w[n], hf_w[n])
+            changed += not torch.equal(ours_w[n], w)
+    assert changed == len(ours.handle.sites), "every adapted weight holds a residual"
+    a, b = ours.adapter_state_dict(), {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    for k, v in a.items():
+        hk = k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        hk = hk.replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")
+        close(v, b[hk])
+    y0 = logits_of(BUILDERS[arch](), batch_for(arch))
+    close(logits_of(ours, batch_for(arch)), y0)  # residual + s·BA is the base again
+
+    # trained, saved normally (init_lora_weights stays in the config): loading on the ORIGINAL base re-runs the
+    # init, as HF PEFT does, so both libraries rebuild the residual and give the trained outputs
+    perturb(ours, seed=5)
+    y = logits_of(ours, batch_for(arch))
+    assert (y - y0).abs().max() > 1e-3
+    ours.save_pretrained(tmp_path / "ours")
+    close(logits_of(hf.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours"), batch_for(arch)), y)
+    close(logits_of(unipeft.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours"), batch_for(arch)), y)
+    perturb(theirs, seed=6)
+    theirs.save_pretrained(tmp_path / "hf")
+    close(logits_of(unipeft.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "hf"), batch_for(arch)),
+          logits_of(theirs, batch_for(arch)))
+
+    # unload gives back the original base bit-exactly; merge_and_unload keeps residual + trained delta
+    merged = unipeft.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours").merge_and_unload()
+    close(logits_of(merged, batch_for(arch)), y, atol=1e-4)
+    restored = _weights(ours.unload())
+    for n, w in original.items():
+        assert torch.equal(restored[n], w), n
+
+
+def test_pissa_niter_reconstructs_the_weight():
+    """Randomized SVD (seed-dependent, and HF draws other random numbers before it, so not compared to HF tensor
+    by tensor): residual + s·BA = W, s·BA has rank r near the top singular values, a fixed seed repeats."""
+    W = BUILDERS["llama"]().model.layers[0].self_attn.q_proj.weight.detach().clone()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = BUILDERS["llama"]()
+        torch.manual_seed(7)
+        unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa_niter_4",
+                                                         target_modules=["q_proj"]))
+        q = model.model.layers[0].self_attn.q_proj
+        runs.append((q.weight.detach().clone(), q.lora.A.detach().clone(), q.lora.B.detach().clone()))
+    (Wr, A, B), (Wr2, A2, B2) = runs
+    close(Wr + 2.0 * B @ A, W)
+    assert torch.equal(A, A2) and torch.equal(Wr, Wr2)
+    sv, top = torch.linalg.svdvals(2.0 * B @ A), torch.linalg.svdvals(W)[:4]
+    assert (sv[4:] < 1e-5).all()  # rank r
+    torch.testing.assert_close(sv[:4], top, rtol=0.1, atol=0)  # randomized, flat spectrum: near the top singular values
+
+
+def test_gaussian_init():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 8))
+    unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, init_lora_weights="gaussian", target_modules=["0"]))
+    A, B = model[0].lora.A.detach(), model[0].lora.B.detach()
+    assert torch.equal(B, torch.zeros_like(B))
+    assert abs(A.std().item() - 1 / 4) < 0.01 and abs(A.mean().item()) < 0.015  # HF: A ~ N(0, 1/r)
+
+
+def test_olora_on_conv1d_is_refused_and_nothing_changes():
+    model = BUILDERS["gpt2"]()
+    before = _weights(model)
+    with pytest.raises(ValueError, match="OLoRA on such layers is not supported"):
+        unipeft.get_peft_model(model, unipeft.LoraConfig(init_lora_weights="olora", target_modules=["c_attn"]))
+    after = _weights(model)
+    assert sorted(after) == sorted(before) and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_failed_injection_restores_residual_bases():
+    """A PiSSA insertion that fails on a later module leaves no residual in the earlier ones."""
+    model = BUILDERS["llama"]()
+    before = _weights(model)
+    with pytest.raises(ValueError, match="r <= min"):  # q_proj 32x32 fine, k_proj 16 outputs < r=20
+        unipeft.get_peft_model(model, unipeft.LoraConfig(r=20, init_lora_weights="pissa",
+                                                         target_modules=["q_proj", "k_proj"]))
+    after = _weights(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert not any("lora" in n for n in after)
