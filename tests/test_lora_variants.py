@@ -208,3 +208,110 @@ def test_failed_injection_restores_residual_bases():
     after = _weights(model)
     assert all(torch.equal(after[n], before[n]) for n in before)
     assert not any("lora" in n for n in after)
+
+
+# ---------------------------------------------------------------- rank / alpha patterns, layers_pattern
+
+PATTERNS = [
+    pytest.param("llama", dict(rank_pattern={"q_proj": 2, r"model.layers.1.self_attn.v_proj": 6},
+                               alpha_pattern={"v_proj": 3}), id="llama-suffix-and-full-name"),
+    pytest.param("llama", dict(target_modules=["q_proj", "v_proj", "up_proj"],
+                               rank_pattern={r"layers\.0\.self_attn\.(q|v)_proj": 3, "up_proj": 5},
+                               alpha_pattern={r".*\.1\..*": 20}), id="llama-regex"),
+    pytest.param("gpt2", dict(rank_pattern={"h.1.attn.c_attn": 2}, alpha_pattern={"c_attn": 5}), id="gpt2"),
+    pytest.param("bert", dict(rank_pattern={"value": 6}, use_dora=True), id="bert-dora"),
+    pytest.param("llama", dict(rank_pattern={"q_proj": 2}, use_rslora=True), id="llama-rslora"),
+    pytest.param("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                               layers_pattern="layers"), id="llama-layers_pattern"),
+    pytest.param("gpt2", dict(layers_to_transform=0, layers_pattern=["h"]), id="gpt2-layers_pattern"),
+    pytest.param("bert", dict(layers_to_transform=[1], layers_pattern="layer"), id="bert-layers_pattern"),
+]
+
+
+@pytest.mark.parametrize("arch,kw", PATTERNS)
+def test_patterns_match_hf(arch, kw, tmp_path):
+    ours_to_hf(arch, "LORA", tmp_path / "a", **kw)
+    hf_to_ours(arch, "LORA", tmp_path / "b", **kw)
+    # the same modules with the same shapes as HF PEFT
+    from test_hf_parity import configs
+    ours_cfg, hf_cfg = configs("LORA", arch, **kw)
+    a = unipeft.get_peft_model(BUILDERS[arch](), ours_cfg).adapter_state_dict()
+    b = hf.get_peft_model(BUILDERS[arch](), hf_cfg).state_dict()
+    b = {k.replace(".default", ""): v for k, v in b.items() if "lora_" in k}
+    b = {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v for k, v in b.items()}
+    assert {k: tuple(v.shape) for k, v in a.items() if "lora_" in k} == {k: tuple(v.shape) for k, v in b.items()}
+
+
+def test_rank_pattern_sets_shapes_and_scale():
+    model = BUILDERS["llama"]()
+    unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     rank_pattern={"q_proj": 2}, alpha_pattern={"layers.1.v_proj": 1}))
+    # HF's rule: the key matches a dotted suffix as a regex; "layers.1.v_proj" is not a suffix of a path
+    # with "self_attn" in between, so v_proj of layer 1 keeps lora_alpha
+    l0, l1 = model.model.layers
+    assert l0.self_attn.q_proj.lora.A.shape == (2, 32) and l0.self_attn.v_proj.lora.A.shape == (4, 32)
+    peft_sites = {s.host_name: s.s for s in unipeft.get_peft_model(
+        BUILDERS["llama"](), unipeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 2})).handle.sites}
+    assert peft_sites["model.layers.0.self_attn.q_proj"] == 8 / 2 and peft_sites["model.layers.1.self_attn.v_proj"] == 2 / 4
+
+
+def test_layers_pattern_that_matches_nothing_is_refused():
+    with pytest.raises(ValueError, match="layers_pattern.*selects no module"):
+        unipeft.get_peft_model(BUILDERS["llama"](), unipeft.LoraConfig(target_modules=["q_proj"],
+                                                                       layers_to_transform=[0], layers_pattern="h"))
+
+
+# ---------------------------------------------------------------- config strictness
+
+def test_every_hf_lora_field_is_accepted_at_its_default():
+    """HF's LoraConfig().to_dict() (what its adapter_config.json holds) builds ours, and ours writes back every
+    field HF writes, so either library reads the other's file."""
+    d = hf.LoraConfig().to_dict()
+    ours = unipeft.LoraConfig.from_dict({k: (v.value if hasattr(v, "value") else v) for k, v in d.items()})
+    skip = {"peft_type", "auto_mapping", "peft_version"}  # the base PeftConfig's bookkeeping
+    missing = sorted(set(d) - set(ours.to_dict()) - skip)
+    assert not missing, f"LoraConfig lacks HF fields {missing}"
+    for k, v in ours.to_dict().items():
+        if k in d and k != "peft_type":
+            assert v == d[k] or (v == [] and d[k] is None) or (isinstance(d[k], set) and set(v) == d[k]), k
+    for k in ("use_dora", "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+              "target_parameters", "megatron_config", "trainable_token_indices", "runtime_config"):
+        unipeft.LoraConfig(**{k: getattr(hf.LoraConfig(), k) if k != "runtime_config" else None})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lora_bias", True), ("layer_replication", [[0, 1], [0, 2]]), ("target_parameters", ["mlp.experts.down_proj"]),
+    ("megatron_config", {"tensor_model_parallel_size": 2}), ("trainable_token_indices", [3, 4]),
+    ("use_qalora", True), ("alora_invocation_tokens", [5]), ("ensure_weight_tying", True),
+    ("eva_config", {"rho": 2.0}), ("loftq_config", {"loftq_bits": 4}),
+])
+def test_non_default_unimplemented_field_is_refused_by_name(field, value, tmp_path):
+    with pytest.raises(ValueError, match=rf"{field}=.*not implemented.*leave {field} at its default"):
+        unipeft.LoraConfig(**{field: value})
+    # and in a file written by HF PEFT
+    peft = unipeft.get_peft_model(BUILDERS["llama"](), unipeft.LoraConfig(r=2))
+    peft.save_pretrained(tmp_path)
+    import json
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ValueError, match=rf"{field}="):
+        unipeft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path)
+
+
+@pytest.mark.parametrize("init,alternative", [("eva", "pissa"), ("loftq", "unipeft.quant"), ("corda", "pissa"),
+                                              ("orthogonal", "olora"), ("pissa_niter_x", "pissa_niter_<n>")])
+def test_unimplemented_inits_are_refused_with_an_alternative(init, alternative):
+    with pytest.raises(ValueError, match=rf"init_lora_weights.*{alternative}"):
+        unipeft.LoraConfig(init_lora_weights=init)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(target_modules=".*q_proj", layers_to_transform=[0]), "layers_to_transform cannot be used"),
+    (dict(target_modules=".*q_proj", layers_pattern="layers"), "layers_pattern cannot be used"),
+    (dict(layers_pattern="layers"), "set layers_to_transform too"),
+    (dict(rank_pattern={"q_proj": 0}), "rank_pattern.*positive integer"),
+])
+def test_inconsistent_layer_and_pattern_options(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        unipeft.LoraConfig(**kw)
