@@ -18,7 +18,8 @@ import unipeft
 hf = pytest.importorskip("peft")
 
 pytestmark = [pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
-              pytest.mark.filterwarnings("ignore:Careful, disabling adapter layers:UserWarning")]
+              pytest.mark.filterwarnings("ignore:Careful, disabling adapter layers:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")]
 
 ARCHS = ["llama", "gpt2", "bert"]
 
@@ -315,3 +316,102 @@ def test_unimplemented_inits_are_refused_with_an_alternative(init, alternative):
 def test_inconsistent_layer_and_pattern_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         unipeft.LoraConfig(**kw)
+
+
+# ---------------------------------------------------------------- LoRA on embeddings and convs
+
+class ConvNet(torch.nn.Module):
+    """Conv1d (k=3, padded) -> Conv2d (3x2 kernel, stride 2) -> Conv2d 1x1 -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv1d(3, 6, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(6, 8, (3, 2), stride=2)
+        self.c3 = torch.nn.Conv2d(8, 4, 1)
+        self.head = torch.nn.Linear(4 * 3 * 2, 5)
+
+    def forward(self, x):
+        h = self.c1(x).unsqueeze(-1).expand(-1, -1, -1, 4)
+        return self.head(self.c3(torch.relu(self.c2(h))).flatten(1))
+
+
+CONV_X = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
+
+
+def _roundtrip(make, run, targets, tmp_path, hf_extra=()):
+    """ours -> HF and HF -> ours for `targets`: same outputs (1e-5), merged too; HF's file has the same keys
+    as ours (plus `hf_extra`, HF's copies of base weights)."""
+    args = dict(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False)
+    y0 = run(make())
+    ours = unipeft.get_peft_model(make(), unipeft.LoraConfig(**args))
+    perturb(ours, seed=1)
+    y = run(ours)
+    assert (y - y0).abs().max() > 1e-3
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = hf.PeftModel.from_pretrained(make(), tmp_path / "ours")
+    close(run(theirs), y)
+    theirs.save_pretrained(tmp_path / "resaved")
+    a, b = saved(tmp_path / "ours"), saved(tmp_path / "resaved")
+    assert sorted(set(b) - set(hf_extra)) == sorted(a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    close(run(ours.merge_and_unload()), run(theirs.merge_and_unload()))
+
+    theirs = hf.get_peft_model(make(), hf.LoraConfig(**args))
+    perturb(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = unipeft.PeftModel.from_pretrained(make(), tmp_path / "hf")
+    close(run(ours), run(theirs))
+    with ours.disable_adapter():
+        close(run(ours), y0, atol=0)
+    close(run(ours.merge_and_unload()), run(theirs.merge_and_unload()))
+
+
+def test_conv_lora_matches_hf(tmp_path):
+    _roundtrip(ConvNet, lambda m: m(CONV_X).detach(), ["c1", "c2", "c3", "head"], tmp_path)
+
+
+@pytest.mark.parametrize("arch,emb", [("llama", "embed_tokens"), ("gpt2", "wte"), ("bert", "word_embeddings")])
+def test_embedding_lora_matches_hf(arch, emb, tmp_path):
+    other = {"llama": "q_proj", "gpt2": "c_attn", "bert": "query"}[arch]
+    prefix = {"llama": "model.", "gpt2": "transformer.", "bert": "bert.embeddings."}[arch]
+    _roundtrip(BUILDERS[arch], lambda m: logits_of(m, batch_for(arch)).detach(), [emb, other], tmp_path,
+               hf_extra=[f"base_model.model.{prefix}{emb}.base_layer.weight"])
+
+
+def test_embedding_lora_orientation_and_init():
+    model = BUILDERS["llama"]()
+    unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    d = model.model.embed_tokens.lora
+    assert d.A.shape == (4, 96) and d.B.shape == (32, 4)  # HF: lora_embedding_A (r, vocab), _B (dim, r)
+    assert torch.equal(d.A, torch.zeros_like(d.A)) and d.B.abs().sum() > 0  # A = 0, B ~ N(0, 1)
+
+
+def test_embedding_file_with_a_different_base_copy_is_refused(tmp_path):
+    theirs = hf.get_peft_model(BUILDERS["llama"](), hf.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="embed_tokens.base_layer.weight.*differs"):
+        unipeft.PeftModel.from_pretrained(BUILDERS["llama"](seed=1), tmp_path)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(target_modules=["embed_tokens"], use_dora=True), "Embedding layers cannot take a DoraDelta"),
+    (dict(target_modules=["embed_tokens"], init_lora_weights="pissa"), "an embedding takes"),
+])
+def test_embedding_variants_not_supported_are_refused(kw, match):
+    model = BUILDERS["llama"]()
+    before = _weights(model)
+    with pytest.raises(ValueError, match=match):
+        unipeft.get_peft_model(model, unipeft.LoraConfig(**kw))
+    assert all(torch.equal(p, before[n]) for n, p in _weights(model).items())
+
+
+def test_ia3_on_a_conv_is_refused():
+    with pytest.raises(ValueError, match="Conv2d layers cannot take a ScalingDelta"):
+        unipeft.get_peft_model(ConvNet(), unipeft.IA3Config(target_modules=["c2"], feedforward_modules=[]))
+
+
+def test_all_linear_leaves_embeddings_and_convs_alone():
+    peft = unipeft.get_peft_model(ConvNet(), unipeft.LoraConfig(target_modules="all-linear"))
+    assert [s.host_name for s in peft.handle.sites] == ["head"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_sublayers
-from .arch.resolve import get_submodule
+from .arch.resolve import adaptable_dims, get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .handle import Handle
@@ -47,7 +47,7 @@ def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
     sites, built = [], []
     try:
         for name, mod in resolve_linears(model, ins.position, arch):
-            d_in, d_out, _ = linear_dims(mod)
+            d_in, d_out, _ = adaptable_dims(mod)
             side = ins.position.side_of(name)
             # the host goes to the delta: DoRA reads its weight, PiSSA/OLoRA leave a residual in it
             built.append(build_delta(ins.delta, d_in, d_out, side=side, host=mod, scale=ins.scale, where=name,

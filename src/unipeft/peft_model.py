@@ -16,7 +16,7 @@ from .handle import Handle
 from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
-from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
+from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
 from .registry import config_class
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,12 @@ class PeftModel(nn.Module):
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         skip = hf_wrapper_prefixes(self._handle, self._config().key_prefix)
         tensors = {k: v for k, v in tensors.items() if not (skip and k.startswith(skip))}
+        for k, w in hf_base_copies(self._handle, self._config().key_prefix).items():
+            t = tensors.pop(k, None)  # HF's copy of an adapted embedding's weight: must be this model's
+            if t is not None and (t.shape != w.shape or not torch.equal(t.to(w.device, w.dtype), w)):
+                raise ValueError(f"{source} carries its own {k} (shape {tuple(t.shape)}), which differs from this "
+                                 f"model's; an adapter with a changed base layer (e.g. a resized vocabulary) is not "
+                                 f"supported: resize the base model's embeddings to match before loading")
         exports = self._exports()
         # A file with only HF's derived tensor for a delta (an HF PEFT prompt-learning checkpoint) loads
         # through it; the delta then continues from that tensor.

@@ -24,6 +24,19 @@ def linear_dims(module: nn.Module):
     return None
 
 
+def adaptable_dims(module: nn.Module):
+    """linear_dims, extended to the other layers a low-rank delta can adapt when named explicitly:
+    nn.Embedding (in = num_embeddings, out = embedding_dim, stored (in, out)) and nn.Conv1d/2d (channels)."""
+    dims = linear_dims(module)
+    if dims is not None:
+        return dims
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim, True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.in_channels, module.out_channels, False
+    return None
+
+
 def get_submodule(root: nn.Module, path: str):
     try:
         return root.get_submodule(path) if path else root
@@ -98,8 +111,9 @@ def _head_names(model: nn.Module, arch: ArchSpec | None) -> set[str]:
 
 def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> list[tuple[str, nn.Module]]:
     """The linear modules an AtLinear position names, in model order. Raises with suggestions if none match."""
-    linears = [(n, m) for n, m in model.named_modules() if n and linear_dims(m) is not None]
     targets = pos.targets
+    dims = linear_dims if targets == "all-linear" else adaptable_dims  # embeddings and convs only by name
+    linears = [(n, m) for n, m in model.named_modules() if n and dims(m) is not None]
     if targets == "all-linear":
         heads = _head_names(model, arch)
         chosen = [(n, m) for n, m in linears if n not in heads]
@@ -156,7 +170,8 @@ def stores_transposed(model, targets, arch) -> bool:
     """True when the targets are Conv1D-style (W stored (in, out)): HF PEFT's `fan_in_fan_out`, recorded in
     saved configs so HF PEFT loads them without a warning. unipeft itself detects it per module."""
     try:
-        return any(linear_dims(m)[2] for _, m in resolve_linears(model, AtLinear(targets=targets), arch))
+        return any(linear_dims(m) is not None and linear_dims(m)[2]
+                   for _, m in resolve_linears(model, AtLinear(targets=targets), arch))
     except ValueError:
         return False  # unresolvable targets raise their clear error at injection
 

@@ -7,7 +7,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..arch.resolve import linear_dims
+
 _BUILDERS: dict[type, type] = {}
+_HOST_VARIANTS: dict[type, list] = {}  # delta class -> its variants for non-linear hosts (embedding, conv)
 
 
 class DeltaModule(nn.Module):
@@ -24,10 +27,28 @@ class DeltaModule(nn.Module):
     hf_keys: ClassVar[dict[str, str]] = {}
     host_aware: ClassVar[bool] = False
 
+    # A variant for other host layers declares `host_types` (e.g. (nn.Embedding,)) and subclasses the delta it
+    # varies; build_delta picks it for such hosts. Deltas with no variant for a host refuse it.
+    host_types: ClassVar[tuple] = ()
+
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if getattr(cls, "spec_type", None) is not None:
+        if cls.__dict__.get("host_types"):
+            base = next(b for b in cls.__mro__[1:] if b.__dict__.get("spec_type") is not None)
+            _HOST_VARIANTS.setdefault(base, []).append(cls)
+        elif getattr(cls, "spec_type", None) is not None:
             _BUILDERS[cls.spec_type] = cls
+
+    @classmethod
+    def for_host(cls, host, where: str = "") -> type:
+        """The class that adapts `host`: this one for linear-like hosts (or none), else a registered variant."""
+        if host is None or linear_dims(host) is not None:
+            return cls
+        for variant in _HOST_VARIANTS.get(cls, ()):
+            if isinstance(host, variant.host_types):
+                return variant
+        raise ValueError(f"{where or type(host).__name__}: {type(host).__name__} layers cannot take a "
+                         f"{cls.__name__}; this method adapts linear layers there (exclude it from target_modules)")
 
     def can_merge(self) -> bool:
         return self.mergeable
@@ -47,6 +68,7 @@ def build_delta(spec, d_in: int, d_out: int, **kw) -> DeltaModule:
         cls = _BUILDERS[type(spec)]
     except KeyError:
         raise TypeError(f"no delta module for {type(spec).__name__}; known: {[t.__name__ for t in _BUILDERS]}")
+    cls = cls.for_host(kw.get("host"), kw.get("where", ""))
     if not cls.host_aware:
         kw = {k: v for k, v in kw.items() if k not in _HOST_KW}
     return cls(spec, d_in, d_out, **kw)

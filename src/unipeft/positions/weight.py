@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from .. import functional as Fn
-from ..arch.resolve import linear_dims
+from ..arch.resolve import adaptable_dims
 from ..deltas.dropout import DropoutCache
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
@@ -39,7 +39,7 @@ def adapter_caches(switch) -> tuple[DropoutCache, SiblingProjections]:
 class LinearDeltaSite(Site):
     def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out"):
         super().__init__(host, host_name, ins, delta, switch)
-        self.transposed = linear_dims(host)[2]
+        self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
         self.side = side
         dropouts, projections = adapter_caches(switch)
         if hasattr(getattr(delta, "dropout", None), "cache"):
