@@ -283,7 +283,7 @@ def test_every_hf_lora_field_is_accepted_at_its_default():
 
 @pytest.mark.parametrize("field,value", [
     ("lora_bias", True), ("layer_replication", [[0, 1], [0, 2]]), ("target_parameters", ["mlp.experts.down_proj"]),
-    ("megatron_config", {"tensor_model_parallel_size": 2}), ("trainable_token_indices", [3, 4]),
+    ("megatron_config", {"tensor_model_parallel_size": 2}),
     ("use_qalora", True), ("alora_invocation_tokens", [5]), ("ensure_weight_tying", True),
     ("eva_config", {"rho": 2.0}), ("loftq_config", {"loftq_bits": 4}),
 ])
@@ -415,3 +415,73 @@ def test_ia3_on_a_conv_is_refused():
 def test_all_linear_leaves_embeddings_and_convs_alone():
     peft = unipeft.get_peft_model(ConvNet(), unipeft.LoraConfig(target_modules="all-linear"))
     assert [s.host_name for s in peft.handle.sites] == ["head"]
+
+
+# ---------------------------------------------------------------- trainable token rows
+
+def _batch_with(arch, ids=(3, 5, 5)):
+    b = batch_for(arch)
+    b["input_ids"][0, :len(ids)] = torch.tensor(ids)
+    return b
+
+
+@pytest.mark.parametrize("arch,targets", [("llama", ["q_proj"]), ("gpt2", ["c_attn"])])  # gpt2: tied wte/lm_head
+def test_trainable_tokens_match_hf(arch, targets, tmp_path):
+    args = dict(r=2, target_modules=targets, trainable_token_indices=[3, 5])
+    b = _batch_with(arch)
+    y0 = logits_of(BUILDERS[arch](), b)
+    ours = unipeft.get_peft_model(BUILDERS[arch](), unipeft.LoraConfig(**args))  # LoRA B = 0: only the rows act
+    perturb(ours, seed=1)
+    y = logits_of(ours, b)
+    assert (y - y0).abs().max() > 1e-3
+    ours.save_pretrained(tmp_path / "ours")
+    emb = "model.embed_tokens" if arch == "llama" else "transformer.wte"
+    assert f"base_model.model.{emb}.token_adapter.trainable_tokens_delta" in saved(tmp_path / "ours")
+    theirs = hf.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours")
+    close(logits_of(theirs, b), y)
+    close(logits_of(ours.merge_and_unload(), b), logits_of(theirs.merge_and_unload(), b))
+
+    theirs = hf.get_peft_model(BUILDERS[arch](), hf.LoraConfig(**args))
+    perturb(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = unipeft.PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "hf")
+    close(logits_of(ours, b), logits_of(theirs, b))
+    with ours.disable_adapter():
+        close(logits_of(ours, b), y0, atol=0)
+    close(logits_of(ours.merge_and_unload(), b), logits_of(theirs.merge_and_unload(), b))
+
+
+def test_trainable_tokens_semantics():
+    """Chosen ids read the trained rows, the others the frozen table; on a tied head the chosen tokens' logits
+    use the trained rows; only the rows get gradients; unload restores the table bit-exactly."""
+    model = BUILDERS["gpt2"]()
+    W = model.transformer.wte.weight.detach().clone()
+    peft = unipeft.get_peft_model(model, unipeft.LoraConfig(target_modules=["c_attn"], trainable_token_indices=[3, 5]))
+    rows = model.transformer.wte.token_adapter.rows
+    torch.testing.assert_close(rows.detach(), W[[3, 5]], atol=0, rtol=0)  # HF's init: a copy of the rows
+    with torch.no_grad():
+        rows.add_(1.0)
+    ids = torch.tensor([[3, 4, 5]])
+    e = model.transformer.wte(ids)
+    close(e[0], torch.stack([W[3] + 1, W[4], W[5] + 1]))
+    hidden = torch.randn(1, 2, 32)
+    logits = model.lm_head(hidden)
+    close(logits[..., [3, 5]], hidden @ (W[[3, 5]] + 1).t())
+    close(logits[..., 4], hidden @ W[4])
+    peft.train()
+    model(**_batch_with("gpt2")).loss.backward()
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+    assert model.transformer.wte.weight.grad is None
+    assert torch.equal(peft.unload().transformer.wte.weight, W)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(target_modules=["q_proj"], trainable_token_indices=[3, 500]), "outside the vocabulary of 96"),
+    (dict(target_modules=["q_proj"], trainable_token_indices={"q_proj": [3]}), "not exactly one nn.Embedding"),
+    (dict(target_modules=["embed_tokens"], trainable_token_indices=[3]), "already holds a delta"),
+])
+def test_trainable_tokens_bad_input(kw, match):
+    model = BUILDERS["llama"]()
+    with pytest.raises(ValueError, match=match):
+        unipeft.get_peft_model(model, unipeft.LoraConfig(**kw))
+    assert not any("lora" in n or "token_adapter" in n for n, _ in model.named_parameters())

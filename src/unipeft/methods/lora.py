@@ -18,6 +18,8 @@ from typing import ClassVar, Union
 
 from ..arch.resolve import default_targets, resolve_linears, stores_transposed
 from ..deltas.dora import WeightDecomposed
+from ..deltas.token_rows import TokenRows
+from ..positions.token_rows import AtTokenRows
 from ..config import PeftConfig
 from ..registry import register_config, register_method
 from ..spec import AtLinear, Compose, Form, Insertion, LowRank
@@ -28,8 +30,6 @@ NOT_IMPLEMENTED = {
     "lora_bias": (False, "a trained bias on lora_B"),
     "layer_replication": (None, "layer replication (stacking repeated base layers)"),
     "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts); target the modules instead"),
-    "trainable_token_indices": (None, "trainable token rows (TrainableTokensLayer); train the embedding with "
-                                      "modules_to_save instead"),
     "megatron_config": (None, "Megatron tensor-parallel layers"),
     "loftq_config": ({}, "LoftQ"),
     "eva_config": (None, "EVA (data-driven init)"),
@@ -79,7 +79,7 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
     layer_replication: Union[tuple, None] = None
     target_parameters: Union[tuple[str, ...], None] = None
-    trainable_token_indices: Union[tuple[int, ...], dict, None] = None
+    trainable_token_indices: Union[tuple[int, ...], dict, None] = None  # rows of the input embedding to train
     megatron_config: Union[dict, None] = None
     megatron_core: Union[str, None] = "megatron.core"  # only read with megatron_config
     loftq_config: Union[dict, None] = field(default_factory=dict)
@@ -116,6 +116,15 @@ class LoraConfig(PeftConfig):
                     raise ValueError(f"rank_pattern[{k!r}] must be a positive integer r, got {v!r}")
                 if name == "alpha_pattern" and not isinstance(v, (int, float)):
                     raise ValueError(f"alpha_pattern[{k!r}] must be a number, got {v!r}")
+        t = self.trainable_token_indices
+        if isinstance(t, dict):
+            clash = [k for k in t if k in (self.modules_to_save or ())]
+            if clash:
+                raise ValueError(f"{clash} is both in modules_to_save (trained in full) and in trainable_token_indices "
+                                 f"(some rows trained); choose one")
+        elif t is not None and (not t or not all(isinstance(i, int) for i in t)):
+            raise ValueError(f"trainable_token_indices must be a list of token ids or a dict {{embedding name: ids}}, "
+                             f"got {t!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if isinstance(self.layers_to_transform, int):
@@ -152,7 +161,19 @@ class LoraConfig(PeftConfig):
         cls = WeightDecomposed if self.use_dora else LowRank
         return cls(r=r, dropout=self.lora_dropout, init=self.init_lora_weights)
 
+    def _token_rows(self) -> tuple:
+        """Trainable token rows: a list trains rows of the input embedding, a dict {embedding name: ids}."""
+        t = self.trainable_token_indices
+        if t is None:
+            return ()
+        named = t.items() if isinstance(t, dict) else [(None, t)]
+        return tuple(Insertion(delta=TokenRows(indices=tuple(ids)), position=AtTokenRows(embedding=name),
+                               name="token_adapter") for name, ids in named)
+
     def insertions(self, model, arch):
+        return self._lora_insertions(model, arch) + self._token_rows()
+
+    def _lora_insertions(self, model, arch):
         layers_pattern = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
         pos = AtLinear(targets=self.target_modules, exclude=self.exclude_modules, layers=self.layers_to_transform,
                        layers_pattern=layers_pattern or None)
