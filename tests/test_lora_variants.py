@@ -19,7 +19,8 @@ hf = pytest.importorskip("peft")
 
 pytestmark = [pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
               pytest.mark.filterwarnings("ignore:Careful, disabling adapter layers:UserWarning"),
-              pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")]
+              pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning"),
+              pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights:UserWarning")]
 
 ARCHS = ["llama", "gpt2", "bert"]
 
@@ -485,3 +486,47 @@ def test_trainable_tokens_bad_input(kw, match):
     with pytest.raises(ValueError, match=match):
         unipeft.get_peft_model(model, unipeft.LoraConfig(**kw))
     assert not any("lora" in n or "token_adapter" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("init,kw", [("pissa", {}), ("olora", {}), ("pissa", dict(use_rslora=True)),
+                                     ("pissa", dict(rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 4}))])
+def test_pissa_converted_to_lora_runs_on_the_original_base(init, kw, tmp_path):
+    """HF's path_initial_model_for_weight_conversion: the trained PiSSA/OLoRA adapter saved as a rank-2r LoRA
+    that, on the unchanged base, gives the trained model's outputs, here and in HF PEFT; the same conversion
+    done by HF PEFT gives the same file."""
+    args = dict(r=4, lora_alpha=12, init_lora_weights=init, target_modules=["q_proj", "v_proj"], **kw)
+    b = batch_for("llama")
+    ours = unipeft.get_peft_model(BUILDERS["llama"](), unipeft.LoraConfig(**args))
+    ours.save_pretrained(tmp_path / "init")
+    perturb(ours, seed=7)
+    y = logits_of(ours, b)
+    ours.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    import json
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True and cfg["r"] == 8
+    assert json.loads((tmp_path / "init" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    close(logits_of(unipeft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "lora"), b), y)
+    close(logits_of(hf.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "lora"), b), y)
+
+    theirs = hf.get_peft_model(BUILDERS["llama"](), hf.LoraConfig(**args))
+    theirs.save_pretrained(tmp_path / "hf_init")
+    hf_params = dict(theirs.named_parameters())
+    with torch.no_grad():  # HF's adapter gets our trained tensors (its initial ones equal ours: PiSSA/QR are exact)
+        for n, q in ours.named_parameters():
+            if ".lora." in n:
+                hf_params[n.replace(".lora.A", ".lora_A.default.weight").replace(".lora.B", ".lora_B.default.weight")].copy_(q)
+    theirs.save_pretrained(tmp_path / "hf_lora", path_initial_model_for_weight_conversion=str(tmp_path / "hf_init"))
+    a, h = saved(tmp_path / "lora"), saved(tmp_path / "hf_lora")
+    assert sorted(a) == sorted(h)
+    for k in a:
+        close(a[k], h[k])
+    hcfg = json.loads((tmp_path / "hf_lora" / "adapter_config.json").read_text())
+    assert (hcfg["r"], hcfg["lora_alpha"], hcfg["rank_pattern"], hcfg["alpha_pattern"]) == \
+        (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"])
+
+
+def test_conversion_needs_a_base_changing_init(tmp_path):
+    peft = unipeft.get_peft_model(BUILDERS["llama"](), unipeft.LoraConfig(r=2))
+    peft.save_pretrained(tmp_path / "init")
+    with pytest.raises(ValueError, match="converts a PiSSA or OLoRA adapter"):
+        peft.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init")

@@ -136,14 +136,20 @@ class PeftModel(nn.Module):
             sd[name] = delta.hf_tensors()[name]
         return sd
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, **_) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True,
+                        path_initial_model_for_weight_conversion=None, **_) -> None:
         if not safe_serialization:
             raise ValueError("unipeft writes safetensors only (pickle files can run code when loaded)")
         cfg = self._config().to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
             cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
-        save_adapter(save_directory, cfg, self.adapter_state_dict())
+        tensors = self.adapter_state_dict()
+        if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA -> LoRA on the original base
+            from .methods.lora_convert import to_plain_lora
+
+            cfg, tensors = to_plain_lora(cfg, tensors, path_initial_model_for_weight_conversion)
+        save_adapter(save_directory, cfg, tensors)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
