@@ -10,5 +10,5 @@ from .prefix import PrefixDelta
 from .prompt import PromptDelta
 from .scaling import ScalingDelta
 
-__all__ = ["DeltaModule", "build_delta", "LowRankDelta", "ScalingDelta", "BottleneckDelta", "PrefixDelta", "PromptDelta", "DoraDelta",
-           "WeightDecomposed", "EmbeddingLowRankDelta", "ConvLowRankDelta"]
+__all__ = ["DeltaModule", "build_delta", "LowRankDelta", "ScalingDelta", "BottleneckDelta", "PrefixDelta", "PromptDelta",
+           "DoraDelta", "WeightDecomposed", "EmbeddingLowRankDelta", "ConvLowRankDelta"]

@@ -25,6 +25,8 @@ from ..registry import register_config, register_method
 from ..spec import AtLinear, Compose, Form, Insertion, LowRank
 
 
+HF_ONLY = {"cli": False}  # HF PEFT fields kept for file compatibility, not offered as command-line options
+
 # HF PEFT LoraConfig fields unipeft accepts only at their default (a non-default value is a clear error)
 NOT_IMPLEMENTED = {
     "lora_bias": (False, "a trained bias on lora_B"),
@@ -74,28 +76,28 @@ class LoraConfig(PeftConfig):
     rank_pattern: Union[dict, None] = field(default_factory=dict)  # module name or regex -> r
     alpha_pattern: Union[dict, None] = field(default_factory=dict)  # module name or regex -> lora_alpha
     use_dora: bool = False
+    trainable_token_indices: Union[tuple[int, ...], dict, None] = None  # token ids (or {embedding: ids}) to train
     fan_in_fan_out: bool = False  # accepted for compatibility; Conv1D is detected without it
     # HF PEFT fields accepted at their default only (NOT_IMPLEMENTED) or with no effect here
-    lora_bias: bool = False
-    layer_replication: Union[tuple, None] = None
-    target_parameters: Union[tuple[str, ...], None] = None
-    trainable_token_indices: Union[tuple[int, ...], dict, None] = None  # rows of the input embedding to train
-    megatron_config: Union[dict, None] = None
-    megatron_core: Union[str, None] = "megatron.core"  # only read with megatron_config
-    loftq_config: Union[dict, None] = field(default_factory=dict)
-    eva_config: Union[dict, None] = None
-    corda_config: Union[dict, None] = None
-    lora_ga_config: Union[dict, None] = None
-    velora_config: Union[dict, None] = None
-    alora_invocation_tokens: Union[tuple[int, ...], None] = None
-    use_qalora: bool = False
-    qalora_group_size: int = 16  # only read with use_qalora
-    monteclora_config: Union[dict, None] = None
-    use_bdlora: Union[dict, None] = None
-    arrow_config: Union[dict, None] = None
-    kasa_config: Union[dict, None] = None
-    ensure_weight_tying: bool = False
-    runtime_config: Union[dict, None] = None  # HF's runtime-only options (never saved, as in HF)
+    lora_bias: bool = field(default=False, metadata=HF_ONLY)
+    layer_replication: Union[tuple, None] = field(default=None, metadata=HF_ONLY)
+    target_parameters: Union[tuple[str, ...], None] = field(default=None, metadata=HF_ONLY)
+    megatron_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    megatron_core: Union[str, None] = field(default="megatron.core", metadata=HF_ONLY)  # read with megatron_config
+    loftq_config: Union[dict, None] = field(default_factory=dict, metadata=HF_ONLY)
+    eva_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    corda_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    lora_ga_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    velora_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    alora_invocation_tokens: Union[tuple[int, ...], None] = field(default=None, metadata=HF_ONLY)
+    use_qalora: bool = field(default=False, metadata=HF_ONLY)
+    qalora_group_size: int = field(default=16, metadata=HF_ONLY)  # only read with use_qalora
+    monteclora_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    use_bdlora: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    arrow_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    kasa_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)
+    ensure_weight_tying: bool = field(default=False, metadata=HF_ONLY)
+    runtime_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)  # runtime-only: never saved, as in HF
 
     def validate(self) -> None:
         for name, (default, what) in NOT_IMPLEMENTED.items():
