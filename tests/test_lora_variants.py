@@ -530,3 +530,23 @@ def test_conversion_needs_a_base_changing_init(tmp_path):
     peft.save_pretrained(tmp_path / "init")
     with pytest.raises(ValueError, match="converts a PiSSA or OLoRA adapter"):
         peft.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init")
+
+
+def test_dora_with_dropout_in_training_follows_hf_formula():
+    """Training with dropout (HF feeds the dropped x to both W·x and B·A·x; the masks of two libraries cannot be
+    compared, so the hand-written formula is the oracle): h' = Wx + b + (g − 1)·W·x_d + g·s·B·A·x_d."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    peft = unipeft.get_peft_model(model, unipeft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, use_dora=True,
+                                                            init_lora_weights=False, target_modules=["0"]))
+    d = model[0].lora
+    with torch.no_grad():
+        d.m.mul_(1.3)
+    peft.train()
+    x = torch.randn(3, 8)
+    out = model(x)
+    xd = d.dropout(x)  # the same draw (shared per input tensor)
+    assert not torch.equal(xd, x)
+    W, b, s = model[0].weight, model[0].bias, 2.0
+    g = d.m / torch.linalg.norm(W + s * d.B @ d.A, dim=1)
+    close(out, x @ W.t() + b + (g - 1) * (xd @ W.t()) + g * s * (xd @ d.A.t() @ d.B.t()))
