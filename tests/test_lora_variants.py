@@ -340,10 +340,10 @@ class ConvNet(torch.nn.Module):
 CONV_X = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
 
 
-def _roundtrip(make, run, targets, tmp_path, hf_extra=()):
+def _roundtrip(make, run, targets, tmp_path, hf_extra=(), **kw):
     """ours -> HF and HF -> ours for `targets`: same outputs (1e-5), merged too; HF's file has the same keys
     as ours (plus `hf_extra`, HF's copies of base weights)."""
-    args = dict(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False)
+    args = dict(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False, **kw)
     y0 = run(make())
     ours = unipeft.get_peft_model(make(), unipeft.LoraConfig(**args))
     perturb(ours, seed=1)
@@ -369,16 +369,18 @@ def _roundtrip(make, run, targets, tmp_path, hf_extra=()):
     close(run(ours.merge_and_unload()), run(theirs.merge_and_unload()))
 
 
-def test_conv_lora_matches_hf(tmp_path):
-    _roundtrip(ConvNet, lambda m: m(CONV_X).detach(), ["c1", "c2", "c3", "head"], tmp_path)
+@pytest.mark.parametrize("dora", [False, True])
+def test_conv_lora_matches_hf(dora, tmp_path):
+    _roundtrip(ConvNet, lambda m: m(CONV_X).detach(), ["c1", "c2", "c3", "head"], tmp_path, use_dora=dora)
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("arch,emb", [("llama", "embed_tokens"), ("gpt2", "wte"), ("bert", "word_embeddings")])
-def test_embedding_lora_matches_hf(arch, emb, tmp_path):
+def test_embedding_lora_matches_hf(arch, emb, dora, tmp_path):
     other = {"llama": "q_proj", "gpt2": "c_attn", "bert": "query"}[arch]
     prefix = {"llama": "model.", "gpt2": "transformer.", "bert": "bert.embeddings."}[arch]
     _roundtrip(BUILDERS[arch], lambda m: logits_of(m, batch_for(arch)).detach(), [emb, other], tmp_path,
-               hf_extra=[f"base_model.model.{prefix}{emb}.base_layer.weight"])
+               hf_extra=[f"base_model.model.{prefix}{emb}.base_layer.weight"], use_dora=dora)
 
 
 def test_embedding_lora_orientation_and_init():
@@ -397,7 +399,7 @@ def test_embedding_file_with_a_different_base_copy_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(target_modules=["embed_tokens"], use_dora=True), "Embedding layers cannot take a DoraDelta"),
+    (dict(target_modules=["embed_tokens"], use_dora=True, init_lora_weights="olora"), "an embedding takes"),
     (dict(target_modules=["embed_tokens"], init_lora_weights="pissa"), "an embedding takes"),
 ])
 def test_embedding_variants_not_supported_are_refused(kw, match):

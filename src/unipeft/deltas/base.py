@@ -28,13 +28,15 @@ class DeltaModule(nn.Module):
     host_aware: ClassVar[bool] = False
 
     # A variant for other host layers declares `host_types` (e.g. (nn.Embedding,)) and subclasses the delta it
-    # varies; build_delta picks it for such hosts. Deltas with no variant for a host refuse it.
+    # varies (or names it as `variant_of`); build_delta picks it for such hosts. Deltas with no variant for a host
+    # refuse it.
     host_types: ClassVar[tuple] = ()
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.__dict__.get("host_types"):
-            base = next(b for b in cls.__mro__[1:] if b.__dict__.get("spec_type") is not None)
+            base = cls.__dict__.get("variant_of") or next(b for b in cls.__mro__[1:]
+                                                           if b.__dict__.get("spec_type") is not None)
             _HOST_VARIANTS.setdefault(base, []).append(cls)
         elif getattr(cls, "spec_type", None) is not None:
             _BUILDERS[cls.spec_type] = cls
