@@ -44,7 +44,7 @@ def test_unknown_architecture_lists_modules():
 
 @pytest.mark.parametrize("make", [
     lambda: LoraConfig(r=0), lambda: LoraConfig(r=-2), lambda: LoraConfig(lora_dropout=1.0),
-    lambda: LoraConfig(lora_dropout=-0.1), lambda: LoraConfig(bias="some"), lambda: LoraConfig(init_lora_weights="pissa"),
+    lambda: LoraConfig(lora_dropout=-0.1), lambda: LoraConfig(bias="some"), lambda: LoraConfig(init_lora_weights="eva"),
     lambda: AdapterConfig(bottleneck_size=0), lambda: AdapterConfig(reduction_factor=0),
     lambda: AdapterConfig(position="middle"), lambda: AdapterConfig(non_linearity="nope"),
     lambda: AdapterConfig(scaling="big"), lambda: LoraConfig(task_type="CLASSIFY"),
@@ -104,8 +104,8 @@ def test_unknown_peft_type(saved):
 
 def test_unsupported_hf_feature_is_refused(saved):
     cfg = json.loads((saved / "adapter_config.json").read_text())
-    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True"):
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias=True"):
         PeftModel.from_pretrained(BUILDERS["llama"](), saved)
 
 

@@ -65,6 +65,9 @@ class Handle:
             if s.merged:
                 s.unmerge()
             s.remove()
+            restore = getattr(s.delta, "restore_host", None)
+            if restore is not None:  # host weights an init changed (PiSSA, OLoRA): back to the original bits
+                restore()
         for c in self.copies:
             c.remove()
         for e in reversed(self.extras):

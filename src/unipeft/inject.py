@@ -11,7 +11,7 @@ from torch import nn
 
 from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_sublayers
 from .arch.fused import FusedSlice
-from .arch.resolve import get_submodule
+from .arch.resolve import adaptable_dims, get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .handle import Handle
@@ -72,13 +72,23 @@ def _param_like(module: nn.Module, autocast_adapter_dtype: bool = True):
 @position_installer(AtLinear)
 def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
     switch = handle.switch
-    sites = []
-    for name, mod in resolve_linears(model, ins.position, arch):
-        d_in, d_out, _ = linear_dims(mod)
-        side = ins.position.side_of(name)
-        part = isinstance(mod, FusedSlice)  # rows of a fused linear (Phi-3's q_proj inside qkv_proj)
-        delta = build_delta(ins.delta, d_in, d_out, side=side, **_param_like(mod.host if part else mod, _autocast(handle)))
-        sites.append((SlicedLinearDeltaSite if part else LinearDeltaSite)(mod, name, ins, delta, switch, side=side))
+    sites, built = [], []
+    try:
+        for name, mod in resolve_linears(model, ins.position, arch):
+            d_in, d_out, _ = adaptable_dims(mod)
+            side = ins.position.side_of(name)
+            part = isinstance(mod, FusedSlice)  # rows of a fused linear (Phi-3's q_proj inside qkv_proj)
+            # the host goes to the delta: DoRA reads its weight, PiSSA/OLoRA leave a residual in it
+            built.append(build_delta(ins.delta, d_in, d_out, side=side, host=mod, scale=ins.scale, where=name,
+                                     **_param_like(mod.host if part else mod, _autocast(handle))))
+            sites.append((SlicedLinearDeltaSite if part else LinearDeltaSite)(mod, name, ins, built[-1], switch,
+                                                                              side=side))
+    except Exception:
+        for s in sites:
+            s.remove()
+        for d in built:  # sites not yet on the handle: undo their host changes here
+            d.restore_host()
+        raise
     handle.extras += sibling_passes(model, sites, handle.extras)
     return sites
 

@@ -16,7 +16,7 @@ from .handle import Handle
 from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
-from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
+from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
 from .registry import config_class
 
 logger = logging.getLogger(__name__)
@@ -137,14 +137,20 @@ class PeftModel(nn.Module):
             sd[name] = delta.hf_tensors()[name]
         return sd
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, **_) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True,
+                        path_initial_model_for_weight_conversion=None, **_) -> None:
         if not safe_serialization:
             raise ValueError("unipeft writes safetensors only (pickle files can run code when loaded)")
         cfg = self._config().to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
             cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
-        save_adapter(save_directory, cfg, self.adapter_state_dict())
+        tensors = self.adapter_state_dict()
+        if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA -> LoRA on the original base
+            from .methods.lora_convert import to_plain_lora
+
+            cfg, tensors = to_plain_lora(cfg, tensors, path_initial_model_for_weight_conversion)
+        save_adapter(save_directory, cfg, tensors)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
@@ -171,6 +177,12 @@ class PeftModel(nn.Module):
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         skip = hf_wrapper_prefixes(self._handle, self._config().key_prefix)
         tensors = {k: v for k, v in tensors.items() if not (skip and k.startswith(skip))}
+        for k, w in hf_base_copies(self._handle, self._config().key_prefix).items():
+            t = tensors.pop(k, None)  # HF's copy of an adapted embedding's weight: must be this model's
+            if t is not None and (t.shape != w.shape or not torch.equal(t.to(w.device, w.dtype), w)):
+                raise ValueError(f"{source} carries its own {k} (shape {tuple(t.shape)}), which differs from this "
+                                 f"model's; an adapter with a changed base layer (e.g. a resized vocabulary) is not "
+                                 f"supported: resize the base model's embeddings to match before loading")
         exports = self._exports()
         # A file with only HF's derived tensor for a delta (an HF PEFT prompt-learning checkpoint) loads
         # through it; the delta then continues from that tensor.

@@ -55,6 +55,9 @@ class AtLinear:
     targets: Union[tuple[str, ...], str]
     exclude: Union[tuple[str, ...], str, None] = None
     layers: Union[tuple[int, ...], None] = None
+    # names of the layer lists `layers` indexes (HF PEFT's layers_pattern: "layers", "h", ...); None: the
+    # architecture's blocks
+    layers_pattern: Union[tuple[str, ...], None] = None
     input_side: Union[tuple[str, ...], str, None] = None  # targets whose delta acts on the input (IA3 FFN)
 
     def side_of(self, name: str) -> str:
@@ -103,15 +106,40 @@ class LowRank:
 
     r: int
     dropout: float = 0.0
-    init: Union[bool, str] = True  # True: A kaiming, B 0 · "gaussian": A ~ N(0, 1/r), B 0 · False: both random
+    # True: A kaiming, B 0 · "gaussian": A ~ N(0, 1/r), B 0 · False: both random · "pissa", "pissa_niter_<n>",
+    # "olora": A, B from the host weight's SVD / QR, the host keeping the residual W - s·BA (deltas/lora_init.py)
+    init: Union[bool, str] = True
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in (True, False, "gaussian"):
-            raise ValueError(f"init must be True, False or 'gaussian', got {self.init!r}")
+        check_low_rank_init(self.init)
+
+
+# inits HF PEFT has that need data, a quantizer or another method: refused, with what to use instead
+_REFUSED_INITS = {
+    "eva": "EVA needs activations of real data (a data-driven SVD); use init_lora_weights='pissa' (SVD of the weight) "
+           "or True",
+    "loftq": "LoftQ quantizes the base while initialising; quantize with unipeft.quant and use init_lora_weights=True, "
+             "or 'pissa' on the float base before quantizing",
+    "corda": "CorDA needs covariance statistics of real data; use init_lora_weights='pissa' or True",
+    "lora_ga": "LoRA-GA needs gradients of real data; use init_lora_weights='pissa' or True",
+    "orthogonal": "use init_lora_weights='olora' (QR of the weight) or True",
+    "mica": "use init_lora_weights='pissa' or True",
+}
+
+
+def check_low_rank_init(init) -> None:
+    if init is True or init is False or init in ("gaussian", "pissa", "olora"):
+        return
+    if isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
+        return
+    if isinstance(init, str) and init.lower() in _REFUSED_INITS:
+        raise ValueError(f"init_lora_weights={init!r} is not implemented in unipeft: {_REFUSED_INITS[init.lower()]}")
+    raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', "
+                     f"got {init!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -24,6 +25,19 @@ def linear_dims(module: nn.Module):
         return w.shape[0], w.shape[1], True
     if hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight"):
         return module.in_features, module.out_features, False  # quantized linears (bitsandbytes, torchao)
+    return None
+
+
+def adaptable_dims(module: nn.Module):
+    """linear_dims, extended to the other layers a low-rank delta can adapt when named explicitly:
+    nn.Embedding (in = num_embeddings, out = embedding_dim, stored (in, out)) and nn.Conv1d/2d (channels)."""
+    dims = linear_dims(module)
+    if dims is not None:
+        return dims
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim, True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.in_channels, module.out_channels, False
     return None
 
 
@@ -101,8 +115,9 @@ def _head_names(model: nn.Module, arch: ArchSpec | None) -> set[str]:
 
 def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> list[tuple[str, nn.Module]]:
     """The linear modules an AtLinear position names, in model order. Raises with suggestions if none match."""
-    linears = [(n, m) for n, m in model.named_modules() if n and linear_dims(m) is not None]
     targets = pos.targets
+    dims = linear_dims if targets == "all-linear" else adaptable_dims  # embeddings and convs only by name
+    linears = [(n, m) for n, m in model.named_modules() if n and dims(m) is not None]
     if targets == "all-linear":
         heads = _head_names(model, arch)
         chosen = [(n, m) for n, m in linears if n not in heads]
@@ -119,15 +134,31 @@ def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> l
             raise ValueError(_unknown_target_message(targets, linears, model))
     if pos.exclude:
         chosen = [(n, m) for n, m in chosen if not _matches(n, pos.exclude)]
-    if pos.layers is not None:
+    if pos.layers is not None and pos.layers_pattern:
+        chosen = [(n, m) for n, m in chosen if pattern_layer_index(n, pos.layers_pattern) in pos.layers]
+        if not chosen:
+            raise ValueError(f"layers_to_transform={list(pos.layers)} with layers_pattern={list(pos.layers_pattern)} "
+                             f"selects no module: the pattern must name the layer list (e.g. 'layers', 'h') whose "
+                             f"index follows it in the module paths, e.g. {linears[0][0]!r}")
+    elif pos.layers is not None:
         if arch is None:
-            raise ValueError("layers_to_transform needs a known architecture (its blocks); pass target_modules by regex")
+            raise ValueError("layers_to_transform needs a known architecture (its blocks) or layers_pattern naming "
+                             "the layer list; or pass target_modules by regex")
         blks = blocks(model, arch)
         chosen = [(n, m) for n, m in chosen if layer_index(n, blks) in pos.layers]
         if not chosen:
             raise ValueError(f"layers_to_transform={list(pos.layers)} selects no module (the model has "
                              f"{max(b.index for b in blks) + 1} layers)")
     return chosen
+
+
+def pattern_layer_index(name: str, patterns) -> int | None:
+    """HF PEFT's rule: the index right after the first `<pattern>.` segment of the path (first match wins)."""
+    for p in patterns:
+        m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+        if m:
+            return int(m.group("idx"))
+    return None
 
 
 def default_targets(model, arch: ArchSpec | None, roles: tuple[str, ...]) -> tuple[str, ...]:
@@ -146,7 +177,8 @@ def stores_transposed(model, targets, arch) -> bool:
     """True when the targets are Conv1D-style (W stored (in, out)): HF PEFT's `fan_in_fan_out`, recorded in
     saved configs so HF PEFT loads them without a warning. unipeft itself detects it per module."""
     try:
-        return any(linear_dims(m)[2] for _, m in resolve_linears(model, AtLinear(targets=targets), arch))
+        return any(linear_dims(m) is not None and linear_dims(m)[2]
+                   for _, m in resolve_linears(model, AtLinear(targets=targets), arch))
     except ValueError:
         return False  # unresolvable targets raise their clear error at injection
 

@@ -170,7 +170,7 @@ def method_fields(info) -> dict[str, Any]:
     except Exception:
         hints = {}
     return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)
-            if f.name not in BASE_FIELDS and f.init}
+            if f.name not in BASE_FIELDS and f.init and f.metadata.get("cli", True)}
 
 
 _REGEX = re.compile(r"[*|()\[\]\\^$+?]")

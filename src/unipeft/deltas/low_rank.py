@@ -19,14 +19,17 @@ from .. import functional as Fn
 from ..spec import LowRank
 from .base import DeltaModule
 from .dropout import SharedDropout
+from .lora_init import changes_base, init_from_host
 
 
 class LowRankDelta(DeltaModule):
     spec_type = LowRank
     mergeable = True
     hf_keys = {"A": "lora_A.weight", "B": "lora_B.weight"}
+    host_aware = True
 
-    def __init__(self, spec: LowRank, d_in: int, d_out: int, *, side: str = "out", dtype=None, device=None):
+    def __init__(self, spec: LowRank, d_in: int, d_out: int, *, side: str = "out", dtype=None, device=None,
+                 host=None, scale: float = 1.0, where: str = ""):
         super().__init__()
         self.r = spec.r
         self.A = nn.Parameter(torch.empty(spec.r, d_in, dtype=dtype, device=device))  # (r, in)
@@ -34,7 +37,11 @@ class LowRankDelta(DeltaModule):
         # Dropout 0 must cost nothing: no extra copy of x is kept for backward.
         self.dropout = SharedDropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.siblings = None  # a SiblingProjections shared by the adapter's low-rank deltas (set by the site)
-        self.reset(spec.init)
+        self.base_snapshots = []  # host weights an init changed (PiSSA, OLoRA), restored by restore_host()
+        if changes_base(spec.init):
+            self.base_snapshots.append(init_from_host(self, spec.init, host, scale, where))
+        else:
+            self.reset(spec.init)
 
     @torch.no_grad()
     def reset(self, init) -> None:
@@ -62,3 +69,7 @@ class LowRankDelta(DeltaModule):
 
     def delta_weight(self) -> torch.Tensor:
         return self.B.float() @ self.A.float()  # (out, in)
+
+    def restore_host(self) -> None:
+        for snap in self.base_snapshots:
+            snap.restore()

@@ -66,3 +66,10 @@ def hf_wrapper_prefixes(handle, prefix: str) -> tuple[str, ...]:
     """Keys HF PEFT writes for its ModulesToSaveWrapper internals (with bias="all": `<head>.original_module.*`,
     `<head>.modules_to_save.*`); they carry nothing the head's own keys don't, so loading skips them."""
     return tuple(f"{prefix}{c.name}.{inner}." for c in handle.copies for inner in ("original_module", "modules_to_save"))
+
+
+def hf_base_copies(handle, prefix: str) -> dict[str, nn.Parameter]:
+    """Keys under which HF PEFT may write a full copy of an adapted layer's own weight (it does for embeddings:
+    `<host>.base_layer.weight`, to carry a resized vocabulary) -> the host's weight, to check a file against."""
+    return {f"{prefix}{s.host_name}.base_layer.weight": s.host.weight for s in _unique_sites(handle)
+            if isinstance(getattr(s.host, "weight", None), nn.Parameter)}

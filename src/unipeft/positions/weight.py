@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from .. import functional as Fn
-from ..arch.resolve import linear_dims
+from ..arch.resolve import adaptable_dims
 from ..deltas.dropout import DropoutCache
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
@@ -63,7 +63,7 @@ def sibling_passes(model, sites, extras) -> list:
 class LinearDeltaSite(Site):
     def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out", attr: str | None = None):
         super().__init__(host, host_name, ins, delta, switch, attr=attr)
-        self.transposed = linear_dims(host)[2]
+        self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
         self.side = side
         dropouts, projections = adapter_caches(switch)
         if hasattr(getattr(delta, "dropout", None), "cache"):
@@ -111,6 +111,8 @@ class LinearDeltaSite(Site):
                              f"integer weights is lossy: dequantize first (unipeft.quant.dequantize_model)")
         if self.ins.compose == Compose.MULTIPLY:
             Fn.scale_linear(W, b, self.delta.l, self.side, self.transposed, inverse)
+        elif self.ins.form == Form.PARALLEL and callable(getattr(self.delta, "merge_into", None)):
+            self.delta.merge_into(W, float(self.s), self.transposed, inverse)  # a delta that is not W + ΔW (DoRA)
         elif self.ins.form == Form.PARALLEL and self.delta.can_merge():
             s = float(self.s)
             dW = self.delta.delta_weight() * s
