@@ -49,6 +49,9 @@ class PeftConfig:
     revision: Union[str, None] = None
     inference_mode: bool = False
     modules_to_save: Union[tuple[str, ...], None] = None
+    # HF PEFT's bookkeeping fields: accepted and written back, they change nothing here
+    auto_mapping: Union[dict, None] = None  # {"base_model_class", "parent_library"} when task_type is None
+    peft_version: Union[str, None] = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -84,6 +87,21 @@ class PeftConfig:
 
     def bias_mode(self) -> str:
         return self.trainable_biases
+
+    # -- files (HF PEFT's API; unipeft.io.config_file does the work) ----------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "PeftConfig":
+        """The config in `<folder>/adapter_config.json`, as its own method's class. On a method's class
+        (LoraConfig.from_pretrained) a file of another method is refused. Config fields in kwargs override."""
+        from .io.config_file import load_config
+
+        return load_config(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write `<save_directory>/adapter_config.json`."""
+        from .io.config_file import save_config
+
+        save_config(self, save_directory, **kwargs)
 
     # -- JSON --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

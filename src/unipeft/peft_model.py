@@ -16,6 +16,8 @@ from .handle import Handle
 from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
+from .io.hub import push_adapter
+from .io.model_card import write_model_card
 from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
 from .registry import config_class
 
@@ -137,13 +139,21 @@ class PeftModel(nn.Module):
         return sd
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **_) -> None:
-        if not safe_serialization:
-            raise ValueError("unipeft writes safetensors only (pickle files can run code when loaded)")
+        """adapter_config.json + adapter_model.safetensors (adapter_model.bin with safe_serialization=False),
+        and a README.md model card unless the folder has one of the user's."""
         cfg = self._config().to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
             cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
-        save_adapter(save_directory, cfg, self.adapter_state_dict())
+        if cfg.get("task_type") is None and cfg.get("auto_mapping") is None:  # how AutoPeftModel finds the class
+            base = type(self.get_base_model())
+            cfg["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
+        save_adapter(save_directory, cfg, self.adapter_state_dict(), safe_serialization=safe_serialization)
+        write_model_card(save_directory, cfg, hf_format=self._config().hf_format)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapter folder (what save_pretrained writes) to the hub repo `repo_id`, never the base model."""
+        return push_adapter(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
