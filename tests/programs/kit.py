@@ -42,7 +42,8 @@ def tokenizer():
 
 
 def tiny_base(folder: Path, kind: str) -> str:
-    """A tiny random model of `kind` whose vocabulary is MiniLM's tokenizer's, saved to `folder`."""
+    """A tiny random model of `kind` whose vocabulary is MiniLM's tokenizer's, saved with that tokenizer to
+    `folder` (a notebook's `model_name_or_path`: model, tokenizer and tokenizer_name_or_path in one)."""
     import transformers as t
 
     vocab = len(tokenizer())
@@ -55,7 +56,8 @@ def tiny_base(folder: Path, kind: str) -> str:
     elif kind == "llama":
         model = t.LlamaForCausalLM(t.LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=101, eos_token_id=102))
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+            initializer_range=0.2))
     elif kind == "t5":
         model = t.T5ForConditionalGeneration(t.T5Config(
             vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -63,6 +65,7 @@ def tiny_base(folder: Path, kind: str) -> str:
     else:
         raise ValueError(kind)
     model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
     return str(folder)
 
 
