@@ -103,5 +103,5 @@ def assert_same_logits(theirs: torch.Tensor, ours: torch.Tensor, atol=1e-5) -> N
 def assert_reload_same(reloaded: torch.Tensor, trained: torch.Tensor) -> None:
     """Reloaded adapter, same logits. Not bit-exact: sibling LoRA deltas (query, value read the same x) fuse
     their A-projections into one matmul from the second forward on (unipeft.deltas.siblings), so a fresh
-    model's first forward rounds differently (measured: 4.2e-7 on tiny BERT)."""
-    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-6)
+    model's first forward rounds differently (measured: 4.2e-7 on tiny BERT, 1.4e-6 on T5 logits of size 4.6)."""
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
