@@ -149,7 +149,8 @@ class PeftModel(nn.Module):
             base = type(self.get_base_model())
             cfg["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
         save_adapter(save_directory, cfg, self.adapter_state_dict(), safe_serialization=safe_serialization)
-        write_model_card(save_directory, cfg, hf_format=self._config().hf_format)
+        # HF PEFT loads the folder only in its format and when no derived table is claimed twice (T5 prefixes)
+        write_model_card(save_directory, cfg, hf_format=self._config().hf_format and not clashing_exports(self._handle))
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the adapter folder (what save_pretrained writes) to the hub repo `repo_id`, never the base model."""

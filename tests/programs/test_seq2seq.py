@@ -98,6 +98,9 @@ def test_seq2seq_program(method, t5_path, tmp_path_factory):
     assert_adapter_only(out, run["model"])
     assert_reload_same(run["reloaded"], run["logits"])
     assert run["generated"].shape == (4, 4)  # decoder start + 3 new tokens
+    # the card tells the hub which library loads the folder: not HF PEFT for T5's three prefix tables
+    card = (out / "README.md").read_text()
+    assert ("library_name: unipeft" if method == "prefix" else "library_name: peft") in card
 
 
 @pytest.mark.parametrize("method", [
