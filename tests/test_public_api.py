@@ -174,6 +174,30 @@ def test_prepare_model_for_kbit_training_matches_hf(quantized):
     assert ours.get_input_embeddings()(ids).requires_grad == quantized
 
 
+def test_prepare_model_for_kbit_training_on_an_nf4_model():
+    """A base built in NF4 by unipeft.quant: quantized storage untouched, the rest fp32, checkpointing on, and
+    a LoRA on it trains."""
+    from transformers import LlamaConfig
+
+    from unipeft.quant import is_quantized, load_quantized, random_source
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    model = load_quantized(cfg, "nf4", source=random_source(), compute_dtype=torch.bfloat16)
+    quantized = {n: (type(p), p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()}
+    assert quantized and any(p.dtype == torch.bfloat16 for p in model.parameters())
+    prepare_model_for_kbit_training(model)
+    assert model.is_gradient_checkpointing
+    for n, p in model.named_parameters():
+        assert not p.requires_grad and (quantized.get(n) == (type(p), p.dtype) if n in quantized else p.dtype == torch.float32), n
+    assert sum(is_quantized(m) for m in model.modules()) == 14
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft.train()
+    ids = torch.randint(3, 96, (2, 8))
+    peft(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)
+
+
 # -- AutoPeftModel ---------------------------------------------------------------------------------------------------
 def test_auto_peft_model_loads_base_from_config(tmp_path):
     BUILDERS["bert"]().save_pretrained(tmp_path / "base")
@@ -283,3 +307,75 @@ def test_push_to_hub_uploads_the_adapter_folder_only(tmp_path, monkeypatch):
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     adapter_bytes = sum(v.numel() * v.element_size() for v in get_peft_model_state_dict(ours).values())
     assert files["adapter_model.safetensors"] < adapter_bytes + 4096  # the adapter, not the base model
+
+
+AUTO_TASKS = {  # task -> (transformers class of the base, targets, our Auto class name)
+    "TOKEN_CLS": ("BertForTokenClassification", ["query", "value"], "AutoPeftModelForTokenClassification"),
+    "QUESTION_ANS": ("BertForQuestionAnswering", ["query", "value"], "AutoPeftModelForQuestionAnswering"),
+    "FEATURE_EXTRACTION": ("BertModel", ["query", "value"], "AutoPeftModelForFeatureExtraction"),
+    "SEQ_2_SEQ_LM": ("T5ForConditionalGeneration", ["q", "v"], "AutoPeftModelForSeq2SeqLM"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(AUTO_TASKS))
+def test_auto_peft_model_for_each_task(task, tmp_path):
+    import transformers
+
+    cls_name, targets, auto_name = AUTO_TASKS[task]
+    arch = "t5" if task == "SEQ_2_SEQ_LM" else "bert"
+    src = BUILDERS[arch]()
+    if task == "QUESTION_ANS":
+        src.config.num_labels = 2  # start and end logits
+    base = getattr(transformers, cls_name)(src.config)
+    base.load_state_dict(src.state_dict(), strict=False)
+    base.save_pretrained(tmp_path / "base")
+    base = getattr(transformers, cls_name).from_pretrained(tmp_path / "base")
+    peft = get_peft_model(base, LoraConfig(task_type=task, r=4, target_modules=targets, init_lora_weights=False)).eval()
+    peft.save_pretrained(tmp_path / "ad")
+    loaded = getattr(unipeft, auto_name).from_pretrained(tmp_path / "ad")
+    assert type(loaded.get_base_model()) is type(peft.get_base_model())
+    b = {k: v for k, v in batch_for(arch).items() if k != "labels"}
+    if arch == "t5":
+        b["decoder_input_ids"] = batch_for(arch)["labels"]
+
+    def first(out):
+        return out.last_hidden_state if task == "FEATURE_EXTRACTION" else (
+            out.start_logits if task == "QUESTION_ANS" else out.logits)
+
+    with torch.no_grad():
+        ref = first(peft(**b))
+        torch.testing.assert_close(first(loaded(**b)), ref, rtol=0, atol=0)
+        theirs = getattr(hf, auto_name).from_pretrained(str(tmp_path / "ad"))
+        torch.testing.assert_close(first(theirs(**b)), ref, rtol=0, atol=ATOL)
+
+
+def test_hf_written_pickle_folder_loads(tmp_path):
+    theirs, _ = lora_pair()
+    theirs.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    ours = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path)
+    b = batch_for("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(ours, b), logits_of(theirs, b), rtol=0, atol=ATOL)
+
+
+PROMPT_METHODS = {  # HF config, our config: the same prompt-learning adapter
+    "prompt": (lambda: hf.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
+               lambda: unipeft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)),
+    "p_tuning": (lambda: hf.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4, encoder_hidden_size=16),
+                 lambda: unipeft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4, encoder_hidden_size=16)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PROMPT_METHODS))
+def test_prompt_state_dicts_against_hf(method):
+    """HF PEFT's state dict of a prompt method loads through set_peft_model_state_dict with the same outputs, and
+    ours holds every key HF's has (plus, for P-tuning, the encoder weights that let training resume)."""
+    theirs = hf.get_peft_model(BUILDERS["bert"](), PROMPT_METHODS[method][0]()).eval()
+    sd = hf.get_peft_model_state_dict(theirs)
+    ours = get_peft_model(BUILDERS["bert"](), PROMPT_METHODS[method][1]()).eval()
+    assert set(sd) <= set(get_peft_model_state_dict(ours))
+    set_peft_model_state_dict(ours, sd)
+    b = batch_for("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(ours, b), logits_of(theirs, b), rtol=0, atol=ATOL)

@@ -8,16 +8,17 @@ import torch
 from torch import nn
 
 from .checkpointing import enable_gradient_checkpointing
+from .quant import is_quantized as is_quantized_linear
 
-# storage classes of bitsandbytes' 8-bit and 4-bit weights (named, so bitsandbytes need not be importable)
+# storage classes of bitsandbytes' 8-bit and 4-bit weights (a 4-bit one may be stored as bf16: skip by class)
 _QUANT_PARAMS = ("Params4bit", "Int8Params")
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Loaded in 8/4 bits by transformers (its flags), or holding bitsandbytes weights (unipeft.quant)."""
+def loaded_in_kbit(model: nn.Module) -> bool:
+    """Loaded in 8/4 bits by transformers (its flags), or holding bitsandbytes linears (unipeft.quant)."""
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
         return True
-    return any(type(p).__name__ in _QUANT_PARAMS for p in model.parameters())
+    return any(is_quantized_linear(m) for m in model.modules())
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
@@ -33,7 +34,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             p.data = p.data.to(torch.float32)
     if auto_clear_cache and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if is_quantized(model) and use_gradient_checkpointing:
+    if loaded_in_kbit(model) and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
             # as HF PEFT: reentrant checkpointing needs an input that requires grad (harmless otherwise)
             model.enable_input_require_grads()
