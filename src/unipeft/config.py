@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Union
 
+from .io.config_file import load_config, save_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,14 +95,10 @@ class PeftConfig:
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "PeftConfig":
         """The config in `<folder>/adapter_config.json`, as its own method's class. On a method's class
         (LoraConfig.from_pretrained) a file of another method is refused. Config fields in kwargs override."""
-        from .io.config_file import load_config
-
         return load_config(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write `<save_directory>/adapter_config.json`."""
-        from .io.config_file import save_config
-
         save_config(self, save_directory, **kwargs)
 
     # -- JSON --------------------------------------------------------------------------------------------

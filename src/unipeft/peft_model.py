@@ -17,8 +17,8 @@ from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
 from .io.hub import push_adapter
-from .io.model_card import write_model_card
 from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
+from .io.model_card import write_model_card
 from .registry import config_class
 
 logger = logging.getLogger(__name__)
