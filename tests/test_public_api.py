@@ -44,6 +44,12 @@ def test_founding_brief_import_line_and_get_peft_config():
         get_peft_config({**d, "peft_type": "LORAX"})
     with pytest.raises(ValueError, match="peft_type"):
         get_peft_config({"r": 8})
+    # HF fields unipeft lacks: accepted at their defaults, refused otherwise (the list shrinks as LoRA grows)
+    assert get_peft_config({**d, **L.unsupported}) == cfg
+    for k, default in L.unsupported.items():
+        other = {False: True, None: "x"}.get(default, {"x": 1})
+        with pytest.raises(ValueError, match=f"sets {k}="):
+            get_peft_config({**d, k: other})
 
 
 def test_peft_type_is_every_registered_method_with_hf_names():

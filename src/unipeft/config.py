@@ -110,11 +110,16 @@ class PeftConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PeftConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+    def check_unsupported(cls, d: dict) -> None:
+        """HF PEFT keys unipeft lacks are fine at their defaults; any other value would change the method."""
         for k, default in cls.unsupported.items():
             if k in d and d[k] not in (default, None) and not (default == {} and d[k] == {}):
                 raise ValueError(f"this {cls.peft_type} adapter sets {k}={d[k]!r}, which unipeft does not support")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeftConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        cls.check_unsupported(d)
         dropped = sorted(k for k in d if k not in known and k != "peft_type")
         if dropped:
             logger.debug("ignoring adapter_config keys unipeft does not use: %s", dropped)
