@@ -47,7 +47,7 @@ def test_founding_brief_import_line_and_get_peft_config():
     # HF fields unipeft lacks: accepted at their defaults, refused otherwise (the list shrinks as LoRA grows)
     assert get_peft_config({**d, **L.unsupported}) == cfg
     for k, default in L.unsupported.items():
-        other = {False: True, None: "x"}.get(default, {"x": 1})
+        other = True if default is False else ("x" if default is None else {"x": 1})
         with pytest.raises(ValueError, match=f"sets {k}="):
             get_peft_config({**d, k: other})
 
