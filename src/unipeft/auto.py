@@ -40,7 +40,9 @@ def _base_class(cls, cfg: PeftConfig, base_path: str):
 
 
 class AutoPeftModel:
-    """`AutoPeftModel.from_pretrained(adapter)`: base model from `base_model_name_or_path`, then the adapter."""
+    """`AutoPeftModel.from_pretrained(adapter)`: base model from `base_model_name_or_path`, then the adapter.
+    The base's class comes from the adapter's task_type (HF PEFT's AutoPeftModel refuses a task_type and asks
+    for the task's class; here it is simply used), else from `auto_mapping`, else from the base's config."""
 
     _task: TaskType | None = None
 
