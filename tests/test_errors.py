@@ -118,16 +118,26 @@ def test_corrupt_safetensors(saved):
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_pickle_refused_unless_asked(saved):
+def test_pickle_file_loads_through_the_weights_only_unpickler(saved):
+    """HF programs load adapter_model.bin folders; torch's weights-only unpickler builds tensors and never runs
+    code, so no opt-in is needed — and a pickle that would run code is refused."""
     from safetensors.torch import load_file
 
     tensors = load_file(saved / "adapter_model.safetensors")
     (saved / "adapter_model.safetensors").unlink()
     torch.save(tensors, saved / "adapter_model.bin")
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-        PeftModel.from_pretrained(BUILDERS["llama"](), saved)
-    peft = PeftModel.from_pretrained(BUILDERS["llama"](), saved, allow_pickle=True)
-    assert peft.handle.sites
+    peft = PeftModel.from_pretrained(BUILDERS["llama"](), saved)
+    assert torch.equal(peft.adapter_state_dict()[next(iter(tensors))], next(iter(tensors.values())))
+    torch.save({"x": _RunsCode()}, saved / "adapter_model.bin")
+    model = BUILDERS["llama"]()
+    with pytest.raises(ValueError, match="weights_only=True"):
+        PeftModel.from_pretrained(model, saved)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pickle ran code",))
 
 
 def test_missing_folder(tmp_path):
@@ -138,7 +148,7 @@ def test_missing_folder(tmp_path):
 def test_save_is_atomic_and_leaves_no_temp_files(saved):
     peft = PeftModel.from_pretrained(BUILDERS["llama"](), saved)
     peft.save_pretrained(saved)
-    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_merging_a_non_mergeable_adapter_is_all_or_nothing():

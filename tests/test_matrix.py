@@ -79,7 +79,7 @@ def test_save_load_reproduces_outputs(method, arch, tmp_path):
         out = logits_of(peft, b)
         assert not torch.allclose(out, logits_of(ref, b), atol=1e-4), "adapter has no effect: test would be vacuous"
     peft.save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
     loaded = PeftModel.from_pretrained(ref, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(logits_of(loaded, b), out, rtol=0, atol=0)

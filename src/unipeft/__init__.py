@@ -1,15 +1,23 @@
 """unipeft: parameter-efficient fine-tuning as points of one design space (He et al., ICLR 2022)."""
 
 from . import methods as _methods  # noqa: F401  (registers the presets)
+from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                   AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM, AutoPeftModelForSequenceClassification,
+                   AutoPeftModelForTokenClassification)
 from .config import PeftConfig, TaskType
+from .config_dict import get_peft_config
 from .handle import Handle
 from .host_embedding import HostEmbedding, embeddings_on_host
 from .inject import inject
+from .inject_adapter import inject_adapter_in_model
+from .kbit import prepare_model_for_kbit_training
 from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig,
                       PromptTuningConfig, PTuningV2Config)
 from .prompts import apply_template
 from .peft_model import PeftModel, get_peft_model
+from .peft_types import PeftType, PromptEncoderReparameterizationType, PromptTuningInit
 from .registry import methods
+from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .spec import (AtAttentionKV, AtInput, AtLinear, AtSublayer, Bottleneck, Compose, Form, Insertion, LowRank,
                    Prefix, Prompt, Scaling, Sublayer)
 
@@ -21,4 +29,10 @@ __all__ = [
     "Prefix", "Prompt",
     "methods", "inject", "Handle", "Insertion", "Form", "Compose", "AtLinear", "AtSublayer", "AtAttentionKV",
     "AtInput", "Sublayer", "LowRank", "Scaling", "Bottleneck", "embeddings_on_host", "HostEmbedding",
+    # HF PEFT's public names
+    "get_peft_config", "PeftType", "PromptTuningInit", "PromptEncoderReparameterizationType",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "inject_adapter_in_model",
+    "prepare_model_for_kbit_training", "AutoPeftModel", "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

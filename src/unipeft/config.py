@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Union
 
+from .io.config_file import load_config, save_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,6 +51,9 @@ class PeftConfig:
     revision: Union[str, None] = None
     inference_mode: bool = False
     modules_to_save: Union[tuple[str, ...], None] = None
+    # HF PEFT's bookkeeping fields: accepted and written back, they change nothing here
+    auto_mapping: Union[dict, None] = None  # {"base_model_class", "parent_library"} when task_type is None
+    peft_version: Union[str, None] = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -85,6 +90,17 @@ class PeftConfig:
     def bias_mode(self) -> str:
         return self.trainable_biases
 
+    # -- files (HF PEFT's API; unipeft.io.config_file does the work) ----------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "PeftConfig":
+        """The config in `<folder>/adapter_config.json`, as its own method's class. On a method's class
+        (LoraConfig.from_pretrained) a file of another method is refused. Config fields in kwargs override."""
+        return load_config(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write `<save_directory>/adapter_config.json`."""
+        save_config(self, save_directory, **kwargs)
+
     # -- JSON --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {"peft_type": self.peft_type}
@@ -94,12 +110,17 @@ class PeftConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PeftConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+    def check_unsupported(cls, d: dict) -> None:
+        """HF PEFT keys unipeft lacks are fine at their defaults; any other value would change the method."""
         for k, default in cls.unsupported.items():
             # an empty list/dict is "not set" (HF PEFT writes target_parameters=[] for Mixtral)
             if k in d and d[k] not in (default, None) and not (isinstance(d[k], (list, dict)) and not d[k]):
                 raise ValueError(f"this {cls.peft_type} adapter sets {k}={d[k]!r}, which unipeft does not support")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeftConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        cls.check_unsupported(d)
         dropped = sorted(k for k in d if k not in known and k != "peft_type")
         if dropped:
             logger.debug("ignoring adapter_config keys unipeft does not use: %s", dropped)

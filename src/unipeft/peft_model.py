@@ -16,7 +16,9 @@ from .handle import Handle
 from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
+from .io.hub import push_adapter
 from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
+from .io.model_card import write_model_card
 from .registry import config_class
 
 logger = logging.getLogger(__name__)
@@ -139,18 +141,27 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True,
                         path_initial_model_for_weight_conversion=None, **_) -> None:
-        if not safe_serialization:
-            raise ValueError("unipeft writes safetensors only (pickle files can run code when loaded)")
+        """adapter_config.json + adapter_model.safetensors (adapter_model.bin with safe_serialization=False),
+        and a README.md model card unless the folder has one of the user's."""
         cfg = self._config().to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
             cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
+        if cfg.get("task_type") is None and cfg.get("auto_mapping") is None:  # how AutoPeftModel finds the class
+            base = type(self.get_base_model())
+            cfg["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
         tensors = self.adapter_state_dict()
         if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA -> LoRA on the original base
             from .methods.lora_convert import to_plain_lora
 
             cfg, tensors = to_plain_lora(cfg, tensors, path_initial_model_for_weight_conversion)
-        save_adapter(save_directory, cfg, tensors)
+        save_adapter(save_directory, cfg, tensors, safe_serialization=safe_serialization)
+        # HF PEFT loads the folder only in its format and when no derived table is claimed twice (T5 prefixes)
+        write_model_card(save_directory, cfg, hf_format=self._config().hf_format and not clashing_exports(self._handle))
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapter folder (what save_pretrained writes) to the hub repo `repo_id`, never the base model."""
+        return push_adapter(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,

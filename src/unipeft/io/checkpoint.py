@@ -17,13 +17,20 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
 
-def save_adapter(folder, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+def save_adapter(folder, config: dict, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
+    """Write the two files; safe_serialization=False writes adapter_model.bin (torch.save of the same dict),
+    as HF PEFT does. The other format's file is removed, so a folder never holds two disagreeing weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; adapter tensors are small, so plain contiguous copies are fine.
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    name, stale = (WEIGHTS_NAME, PICKLE_NAME) if safe_serialization else (PICKLE_NAME, WEIGHTS_NAME)
+    with atomic_path(folder / name) as tmp:
+        if safe_serialization:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp)
+    (folder / stale).unlink(missing_ok=True)
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -64,6 +71,8 @@ def load_config_dict(folder) -> dict:
 
 
 def load_tensors(folder, allow_pickle: bool = False, device="cpu") -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors, else adapter_model.bin through torch's weights-only unpickler (it builds
+    tensors and plain containers only, never runs code), so `allow_pickle` is no longer needed."""
     folder = Path(folder)
     st, pk = folder / WEIGHTS_NAME, folder / PICKLE_NAME
     if st.is_file():
@@ -72,11 +81,12 @@ def load_tensors(folder, allow_pickle: bool = False, device="cpu") -> dict[str, 
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{st} is corrupt or truncated ({e}); re-save the adapter or restore the file") from None
     if pk.is_file():
-        if not allow_pickle:
-            raise ValueError(f"{folder} holds only {PICKLE_NAME}, a pickle file that can run code when loaded; "
-                             f"unipeft reads it only with allow_pickle=True (if you trust its source)")
         try:
-            return torch.load(pk, map_location=device, weights_only=True)
+            tensors = torch.load(pk, map_location=device, weights_only=True)
         except Exception as e:
-            raise ValueError(f"{pk} could not be read ({e})") from None
+            raise ValueError(f"{pk} could not be read safely: torch.load(weights_only=True) refused it or it is damaged "
+                             f"({str(e).splitlines()[0]}); an adapter file holds only tensors") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError(f"{pk} is not a dict of tensors, so it is not an adapter_model.bin")
+        return tensors
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (found: {sorted(os.listdir(folder))})")

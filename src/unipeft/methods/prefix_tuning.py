@@ -27,9 +27,13 @@ class PrefixTuningConfig(PromptLearningConfig):
     init_text: Union[str, None] = None
     tokenizer_name_or_path: Union[str, None] = None
     position_shift: Union[bool, None] = None  # real tokens' positions start at P (HF PEFT); None: False for new
+    init_weights: Union[str, None] = None  # HF PEFT's field: None (random) is what unipeft does; "zero" is not
 
     def validate(self) -> None:
         super().validate()
+        if self.init_weights is not None and not self.inference_mode:
+            raise ValueError(f"init_weights={self.init_weights!r} is not supported: unipeft starts prefixes at random "
+                             f"(init_weights=None) or from real tokens (init_text=...)")
         Prefix(length=self.num_virtual_tokens, projection=self.encoder_hidden_size if self.prefix_projection else None)
         if self.init_text is not None and self.prefix_projection:
             raise ValueError("init_text initialises the flat prefix table; use prefix_projection=False with it")
