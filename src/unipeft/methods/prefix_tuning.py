@@ -56,13 +56,16 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def resolved(self, model, arch):
         """HF PEFT's shape fields: on a GQA model the prefix has the key/value heads (token_dim = kv_heads·head_dim)."""
-        cfg = super().resolved(model, arch)
+        cfg = self._resolved_dims(super().resolved(model, arch), model)
+        # HF PEFT records the MLP's width too (the token dim when unset; a recorded token_dim is what made it)
+        return dataclasses.replace(cfg, encoder_hidden_size=cfg.encoder_hidden_size or self.token_dim or cfg.token_dim)
+
+    def _resolved_dims(self, cfg, model):
         mc = model.config
         heads = mc.num_attention_heads
-        kv = getattr(mc, "num_key_value_heads", None)
-        if kv is None:
-            return cfg
-        head_dim = getattr(mc, "head_dim", None) or (getattr(mc, "hidden_size", None) or mc.d_model) // heads
+        kv = getattr(mc, "num_key_value_heads", None) or heads
+        head_dim = getattr(mc, "head_dim", None) or getattr(mc, "d_kv", None) or \
+            (getattr(mc, "hidden_size", None) or mc.d_model) // heads
         want = (head_dim * kv, kv)
         given = (self.token_dim or want[0], self.num_attention_heads or want[1])
         legacy = (getattr(mc, "hidden_size", None), heads)  # what older unipeft files recorded: replaced by HF's

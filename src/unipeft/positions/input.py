@@ -183,6 +183,10 @@ class InputSite:
             return args, kwargs
         ids = kwargs.get("input_ids")
         if kwargs.get("inputs_embeds") is None and ids is not None and bool((ids < 0).any()):  # template slots
+            if kwargs.get("position_ids") is None and self.positions:
+                derived = positions_from_mask(kwargs.get("attention_mask"), ids.shape[1])
+                if derived is not None:
+                    kwargs["position_ids"] = derived
             if self.inner is None:
                 kwargs["inputs_embeds"] = self._fill_slots(kwargs.pop("input_ids"))
             return args, kwargs
