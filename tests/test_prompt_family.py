@@ -54,7 +54,7 @@ def test_training_lowers_loss_then_save_load_and_resume(method, arch, tmp_path):
     assert resumed.get_nb_trainable_parameters()[0] == peft.get_nb_trainable_parameters()[0]
     assert eval_loss(resumed, b) == pytest.approx(mid, abs=1e-6)
     train(resumed, b)
-    assert eval_loss(resumed, b) < mid - 1e-4
+    assert eval_loss(resumed, b) < mid - min(1e-4, mid / 2)  # mid may already be near 0 (BERT prefix)
 
 
 # Left padding changes the base model's own answer in two cases, whatever the method: absolute position

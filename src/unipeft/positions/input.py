@@ -147,9 +147,8 @@ class InputSite:
         elif as_slots:
             kwargs["input_ids"] = torch.cat([torch.full((B, P), SLOT, dtype=ids.dtype, device=ids.device), ids], 1)
         else:
-            kwargs.pop("input_ids")
-            kwargs["inputs_embeds"] = torch.cat([self.delta().to(self.embed.weight.dtype).expand(B, P, -1),
-                                                 self.embed(ids)], 1)
+            x = self.embed(kwargs.pop("input_ids"))
+            kwargs["inputs_embeds"] = torch.cat([self.delta().to(x.dtype).expand(B, P, -1), x], 1)
         ones = lambda t: torch.ones(B, P, dtype=t.dtype, device=t.device)  # noqa: E731
         mask = kwargs.get("attention_mask")
         if kwargs.get("position_ids") is None and self.positions:
