@@ -197,12 +197,16 @@ def batch_for(arch: str, seed: int = 0, batch: int = 3, length: int = 7) -> dict
     return {"input_ids": ids, "attention_mask": mask, "labels": dec}
 
 
-def assert_padding_invariant(peft, arch: str) -> None:
-    """A row padded on the right inside a batch gives the same outputs as the same row alone."""
+def assert_padding_invariant(peft, arch: str, side: str = "right") -> None:
+    """A row padded on the `side` inside a batch gives the same outputs as the same row alone.
+
+    Per-token logits may include V virtual positions first (prompt methods return them, as HF PEFT does):
+    those are compared too, and the real tokens' after them."""
     g = torch.Generator().manual_seed(5)
     short, long = torch.randint(3, VOCAB, (1, 5), generator=g), torch.randint(3, VOCAB, (1, 8), generator=g)
-    padded = torch.cat([short, torch.zeros(1, 3, dtype=torch.long)], 1)
-    mask = torch.cat([torch.ones(1, 5, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)], 1)
+    pad, ones = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)
+    padded = torch.cat([short, pad] if side == "right" else [pad, short], 1)
+    mask = torch.cat([ones, pad] if side == "right" else [pad, ones], 1)
     batch = {"input_ids": torch.cat([padded, long]), "attention_mask": torch.cat([mask, torch.ones_like(long)])}
     alone = {"input_ids": short, "attention_mask": torch.ones_like(short)}
     if TASKS[arch] == "SEQ_2_SEQ_LM":
@@ -210,8 +214,11 @@ def assert_padding_invariant(peft, arch: str) -> None:
         batch["decoder_input_ids"], alone["decoder_input_ids"] = dec, dec[:1]
     with torch.no_grad():
         a, b = peft(**batch).logits, peft(**alone).logits
-    per_token = TASKS[arch] in ("CAUSAL_LM", "TOKEN_CLS")
-    torch.testing.assert_close(a[0, :5] if per_token else a[0], b[0], rtol=0, atol=1e-5)
+    if TASKS[arch] in ("CAUSAL_LM", "TOKEN_CLS"):  # per token
+        V = a.shape[1] - 8
+        real = a[0, V:V + 5] if side == "right" else a[0, V + 3:]
+        a = torch.cat([a[0, :V], real])[None]
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
 
 
 def logits_of(model, batch) -> torch.Tensor:

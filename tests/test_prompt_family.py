@@ -54,12 +54,23 @@ def test_training_lowers_loss_then_save_load_and_resume(method, arch, tmp_path):
     assert resumed.get_nb_trainable_parameters()[0] == peft.get_nb_trainable_parameters()[0]
     assert eval_loss(resumed, b) == pytest.approx(mid, abs=1e-6)
     train(resumed, b)
-    assert eval_loss(resumed, b) < mid - 1e-4
+    assert eval_loss(resumed, b) < mid - min(1e-4, mid / 2)  # mid may already be near 0 (BERT prefix)
 
 
-@pytest.mark.parametrize("method,arch", CASES)
-def test_padded_and_unpadded_rows_agree(method, arch):
-    assert_padding_invariant(build(method, arch, random=True), arch)
+# Left padding changes the base model's own answer in two cases, whatever the method: absolute position
+# embeddings move (GPT-2, BERT) for a method that leaves positions alone (the bottleneck multi-head PA; the
+# prompt family derives them from the mask), and BERT's classifier pools position 0, a pad, unless a prompt sits there.
+BASE_LEFT_PAD_VARIANT = {("multi_head_parallel", "gpt2"), ("multi_head_parallel", "bert_tok")} | {
+    (m, "bert") for m in ("multi_head_parallel", "prefix", "prefix_proj", "p_tuning_v2", "mam")}
+
+
+PAD_CASES = [pytest.param(*c.values, side, id=f"{c.id}-{side}") for side in ("right", "left") for c in CASES
+             if side == "right" or tuple(c.values) not in BASE_LEFT_PAD_VARIANT]
+
+
+@pytest.mark.parametrize("method,arch,side", PAD_CASES)
+def test_padded_and_unpadded_rows_agree(method, arch, side):
+    assert_padding_invariant(build(method, arch, random=True), arch, side)
 
 
 def _no_dropout(model):

@@ -155,6 +155,21 @@ class PromptLearningConfig(PeftConfig):
             num_layers=cfg.num_layers or getattr(mc, "num_hidden_layers", None) or mc.num_layers)
 
 
+def init_text_ids(text: str, tokenizer_name_or_path, length: int, tokenizer_kwargs=None) -> tuple[int, ...]:
+    """HF PEFT's prompt-tuning TEXT init: the text's token ids with the tokenizer's special tokens, cut to
+    `length` when longer and repeated to fill it when shorter."""
+    if not tokenizer_name_or_path:
+        raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a tokenizer folder or hub id) to "
+                         "turn the text into tokens")
+    from transformers import AutoTokenizer
+
+    kw = {k: v for k, v in (tokenizer_kwargs or {}).items() if k != "trust_remote_code"}  # a file must not run code
+    ids = list(AutoTokenizer.from_pretrained(tokenizer_name_or_path, **kw)(text)["input_ids"])
+    if not ids:
+        raise ValueError(f"prompt_tuning_init_text {text!r} has no tokens")
+    return tuple((ids * -(-length // len(ids)))[:length])
+
+
 def tokenize_init_text(text: str, tokenizer_name_or_path, limit: int, what: str) -> tuple[int, ...]:
     """Token ids of an init text; it must fit in `limit` virtual tokens."""
     if not tokenizer_name_or_path:

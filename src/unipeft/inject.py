@@ -17,9 +17,10 @@ from .deltas import build_delta
 from .handle import Handle
 from .losses import ChunkedLoss
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
+from .positions import attention_kv, input as input_position
+from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam, relative_bias_source
 from .positions.fused import SlicedLinearDeltaSite
-from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
-from .positions.input import InputSite, PositionShift
+from .positions.input import InputSite, PrefixPositions
 from .positions.weight import sibling_passes
 from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Form, Insertion, Sublayer
 
@@ -138,9 +139,16 @@ def _install_attention_kv(model, ins: Insertion, arch, handle) -> list:
     if arch is None:
         resolve_sublayers(model, AtSublayer(sublayer=Sublayer.ATTN), arch)  # raises, listing the modules
     paths = arch.attn if ins.position.attention == "self" else arch.cross_attn
+    in_stack = None
+    if ins.position.stack == "decoder":
+        if not getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"stack='decoder' selects an encoder-decoder's decoder; {type(model).__name__} has none")
+        in_stack = {id(m) for m in model.get_decoder().modules()}
     modules = []
     for b in blocks(model, arch):
         if ins.position.layers is not None and b.index not in ins.position.layers:
+            continue
+        if in_stack is not None and id(b.module) not in in_stack:
             continue
         for p in paths:
             m = get_submodule(b.module, p)
@@ -151,19 +159,31 @@ def _install_attention_kv(model, ins: Insertion, arch, handle) -> list:
         raise ValueError(f"no {ins.position.attention}-attention modules found at {paths} in {type(model).__name__}")
     for name, m in modules:
         check_seam(m, name)
+        attention_kv.check_insertion(ins, m, name)
     kv_heads, head_dim = attention_dims(model)
     delta = build_delta(ins.delta, 0, 0, sites=len(modules), kv_heads=kv_heads, head_dim=head_dim,
                         **_param_like(model, _autocast(handle)))
     handle.extras.append(RootModule(model, ins.name, delta))
     if not any(isinstance(e, SeamConfigs) for e in handle.extras):
         handle.extras.append(SeamConfigs(model))
-    if ins.position.position_shift:
-        handle.extras.append(PositionShift(model, ins.delta.length, handle.switch))
-    return [AttentionKVSite(m, n, ins, delta, i, handle.switch, ins.name) for i, (n, m) in enumerate(modules)]
+    if not getattr(model.config, "is_encoder_decoder", False):
+        shift = ins.delta.length if ins.position.position_shift else 0
+        other = next((e for e in handle.extras if isinstance(e, PrefixPositions)), None)
+        if other is not None and other.shift != shift:
+            raise ValueError(f"prefix insertions with different position shifts ({other.shift} and {shift}) on one "
+                             f"model: real tokens can start at one position only")
+        if other is None:
+            handle.extras.append(PrefixPositions(model, shift, handle.switch))
+    bias = relative_bias_source([m for _, m in modules])
+    L = len(modules)
+    slot = (lambda i: 2 * i % L) if ins.position.hf_seq2seq_blocks else (lambda i: i)  # noqa: E731
+    return [AttentionKVSite(m, n, ins, delta, slot(i), handle.switch, ins.name, bias_source=bias)
+            for i, (n, m) in enumerate(modules)]
 
 
 @position_installer(AtInput)
 def _install_input(model, ins: Insertion, arch, handle) -> list:
+    input_position.check_insertion(ins)
     emb = model.get_input_embeddings()
     subs = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
     delta = build_delta(ins.delta, emb.embedding_dim, emb.embedding_dim, word_embeddings=emb, submodules=subs,

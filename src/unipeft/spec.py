@@ -85,13 +85,29 @@ class AtAttentionKV:
 
     layers: Union[tuple[int, ...], None] = None
     attention: str = "self"  # "self" | "cross" (encoder-decoders)
-    position_shift: bool = False  # HF PEFT's semantics: real tokens' positions start at P (its cache route)
+    stack: Union[str, None] = None  # None: every stack · "decoder": only the decoder's blocks (encoder-decoders)
+    # HF PEFT's semantics: the prefix occupies positions 0..P-1 as if cached, real tokens' positions start at P
+    # (relative position biases see the prefix at those positions too)
+    position_shift: bool = False
+    # HF PEFT's encoder-decoder table layout: it stacks the table twice (self- and cross-attention copies) and hands
+    # each decoder layer l the key/value block 2l mod L, so layers l and l + L/2 share a block and odd blocks go unused
+    hf_seq2seq_blocks: bool = False
+
+    def __post_init__(self):
+        if self.attention not in ("self", "cross"):
+            raise ValueError(f"attention must be 'self' or 'cross', got {self.attention!r}")
+        if self.stack not in (None, "decoder"):
+            raise ValueError(f"stack must be None (every stack) or 'decoder', got {self.stack!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class AtInput:
     """Virtual-token embeddings placed in the input sequence: prepended, or at the slots a template marks
     (input ids < 0, see `unipeft.prompts.apply_template`). For encoder-decoders, in the encoder input."""
+
+    # True: returned logits include the P virtual positions, as HF PEFT's (real tokens' are logits[:, P:]);
+    # False: they are cut, so logits line up with input_ids
+    keep_virtual_logits: bool = True
 
 
 Position = Union[AtLinear, AtSublayer, AtAttentionKV, AtInput]

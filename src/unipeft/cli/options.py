@@ -251,6 +251,8 @@ def build_method_config(method: str, task: str, options: dict, extra: dict | Non
             raise CliError(f"method {method!r} has no option {k!r}",
                            f"its options are: {', '.join(sorted(fields)) or '(none)'}")
         kwargs[k] = coerce(k, v, fields.get(k, Any), method)
+    if "keep_virtual_logits" in fields:  # the CLI's metrics line logits up with the labels: cut virtual positions
+        kwargs.setdefault("keep_virtual_logits", False)
     try:
         return info.factory(task_type=TASK_TYPES[task], **kwargs)
     except (TypeError, ValueError) as e:

@@ -4,7 +4,8 @@ arXiv:2103.10385.
     template "[P][P][P] {text} [P][P] It was [MASK]."  →  ids with slots (< 0) where the [P]s are;
     the encoder (bi-LSTM + MLP, or MLP) turns P embeddings into the virtual tokens that fill the slots.
 
-Without a template the virtual tokens are prepended (HF PEFT's P_TUNING). `unipeft.prompts.apply_template`
+Without a template the virtual tokens are prepended (HF PEFT's P_TUNING), and logits include their positions
+as HF PEFT's do (`keep_virtual_logits=False` cuts them). `unipeft.prompts.apply_template`
 tokenizes text through a template.
 """
 
@@ -28,6 +29,7 @@ class PromptEncoderConfig(PromptLearningConfig):
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
     template: Union[str, None] = None  # e.g. "[P][P][P] {text} [P][P] It was [MASK]."
+    keep_virtual_logits: bool = True  # False: logits line up with input_ids (prepended virtual positions cut)
 
     def validate(self) -> None:
         super().validate()
@@ -46,7 +48,8 @@ class PromptEncoderConfig(PromptLearningConfig):
         delta = Prompt(length=self.num_virtual_tokens, encoder=self.encoder_reparameterization_type,
                        encoder_hidden_size=self.encoder_hidden_size, encoder_num_layers=self.encoder_num_layers,
                        encoder_dropout=self.encoder_dropout)
-        return (Insertion(delta=delta, position=AtInput(), form=Form.SEQUENTIAL, compose=Compose.ADD, name="prompt"),)
+        return (Insertion(delta=delta, position=AtInput(keep_virtual_logits=self.keep_virtual_logits),
+                          form=Form.SEQUENTIAL, compose=Compose.ADD, name="prompt"),)
 
 
 register_method("p_tuning", PromptEncoderConfig, "prompt encoder (LSTM/MLP) @ input, template slots · concat",

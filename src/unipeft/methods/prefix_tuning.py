@@ -5,10 +5,22 @@ mass (He et al. 2022, eq. 7). P comes from an MLP over E (prefix_projection=True
 reparameterization) or is a flat table. Encoder-decoders get separate prefixes for encoder self-attention,
 decoder self-attention and cross-attention, as in the paper. `init_text` starts the flat table from the
 keys/values of real tokens — the paper's best initialisation.
+
+Positions (`position_shift`): by default HF PEFT's semantics — its prefix is a KV cache of P entries, so real
+tokens sit at positions P..P+T-1 and the prefix keys are never rotated. `position_shift=False` keeps real tokens
+at 0..T-1 (ours; a prefix then acts like a pure memory, independent of P). Such a file is not HF's: it is written
+without HF's `prompt_embeddings` tensor, so HF PEFT refuses it (KeyError 'prompt_embeddings') instead of
+silently computing something else; unipeft loads it from its own keys.
+Encoder-decoders: with HF's semantics a single prefix serves the decoder's self-attention (HF PEFT gives the
+encoder and cross-attention none), the prefix keys get T5's relative position bias as cached positions 0..P-1,
+and decoder layer l reads the table's block 2l mod L (HF's cache layout: layers l and l + L/2 share a block);
+`position_shift=False` gives the paper's separate encoder, decoder and cross-attention prefixes instead.
+GQA: `token_dim` / `num_attention_heads` record the key/value heads (HF PEFT's numbers), e.g. 192 / 3 on SmolLM2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
@@ -26,8 +38,13 @@ class PrefixTuningConfig(PromptLearningConfig):
     encoder_hidden_size: Union[int, None] = None  # the MLP's width (default: the model's hidden size)
     init_text: Union[str, None] = None
     tokenizer_name_or_path: Union[str, None] = None
-    position_shift: Union[bool, None] = None  # real tokens' positions start at P (HF PEFT); None: False for new
+    position_shift: bool = True  # True: HF PEFT's positions (real tokens start at P); False: ours (0..T-1)
     init_weights: Union[str, None] = None  # HF PEFT's field: None (random) is what unipeft does; "zero" is not
+
+    @property
+    def hf_format(self) -> bool:  # type: ignore[override]
+        """Only HF's semantics are written in HF's format; an unshifted file must not load into HF PEFT."""
+        return bool(self.position_shift)
 
     def validate(self) -> None:
         super().validate()
@@ -35,25 +52,46 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ValueError(f"init_weights={self.init_weights!r} is not supported: unipeft starts prefixes at random "
                              f"(init_weights=None) or from real tokens (init_text=...)")
         Prefix(length=self.num_virtual_tokens, projection=self.encoder_hidden_size if self.prefix_projection else None)
+        if not isinstance(self.position_shift, bool):
+            raise ValueError(f"position_shift must be True (HF PEFT's positions) or False (real tokens keep 0..T-1), "
+                             f"got {self.position_shift!r}")
         if self.init_text is not None and self.prefix_projection:
             raise ValueError("init_text initialises the flat prefix table; use prefix_projection=False with it")
 
-    @classmethod
-    def from_dict(cls, d: dict):
-        if "position_shift" not in d:  # an HF PEFT file: keep its position semantics
-            d = {**d, "position_shift": True}
-        return super().from_dict(d)
+    def resolved(self, model, arch):
+        """HF PEFT's shape fields: on a GQA model the prefix has the key/value heads (token_dim = kv_heads·head_dim)."""
+        cfg = self._resolved_dims(super().resolved(model, arch), model)
+        # HF PEFT records the MLP's width too (the token dim when unset; a recorded token_dim is what made it)
+        return dataclasses.replace(cfg, encoder_hidden_size=cfg.encoder_hidden_size or self.token_dim or cfg.token_dim)
+
+    def _resolved_dims(self, cfg, model):
+        mc = model.config
+        heads = mc.num_attention_heads
+        kv = getattr(mc, "num_key_value_heads", None) or heads
+        head_dim = getattr(mc, "head_dim", None) or getattr(mc, "d_kv", None) or \
+            (getattr(mc, "hidden_size", None) or mc.d_model) // heads
+        want = (head_dim * kv, kv)
+        given = (self.token_dim or want[0], self.num_attention_heads or want[1])
+        legacy = (getattr(mc, "hidden_size", None), heads)  # what older unipeft files recorded: replaced by HF's
+        if given not in (want, legacy):
+            raise ValueError(f"token_dim={self.token_dim}, num_attention_heads={self.num_attention_heads} do not fit "
+                             f"this model's prefix keys/values ({kv} key/value heads of size {head_dim}: token_dim "
+                             f"{want[0]}, num_attention_heads {want[1]}); leave them unset to derive them")
+        return dataclasses.replace(cfg, token_dim=want[0], num_attention_heads=want[1])
 
     def prefix_insertions(self, model, layers=None) -> tuple:
         proj = (self.encoder_hidden_size or self.token_dim) if self.prefix_projection else None
         delta = Prefix(length=self.num_virtual_tokens, projection=proj)
-        shift = bool(self.position_shift)
-        out = [Insertion(delta=delta, position=AtAttentionKV(layers=layers, position_shift=shift), form=Form.PARALLEL,
-                         compose=Compose.GATE, name="prefix")]
-        if getattr(model.config, "is_encoder_decoder", False):
-            out.append(Insertion(delta=delta, position=AtAttentionKV(layers=layers, attention="cross"),
-                                 form=Form.PARALLEL, compose=Compose.GATE, name="cross_prefix"))
-        return tuple(out)
+        kw = dict(form=Form.PARALLEL, compose=Compose.GATE)
+        if not getattr(model.config, "is_encoder_decoder", False):
+            return (Insertion(delta=delta, position=AtAttentionKV(layers=layers, position_shift=self.position_shift),
+                              name="prefix", **kw),)
+        if self.position_shift:  # HF PEFT's layout: one prefix, at the decoder's self-attention
+            pos = AtAttentionKV(layers=layers, stack="decoder", position_shift=True, hf_seq2seq_blocks=True)
+            return (Insertion(delta=delta, position=pos, name="prefix", **kw),)
+        return (Insertion(delta=delta, position=AtAttentionKV(layers=layers), name="prefix", **kw),
+                Insertion(delta=delta, position=AtAttentionKV(layers=layers, attention="cross"), name="cross_prefix",
+                          **kw))
 
     def insertions(self, model, arch):
         return self.prefix_insertions(model)

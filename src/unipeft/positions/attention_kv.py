@@ -4,10 +4,13 @@ The model's attention implementation (sdpa, eager, ...) is wrapped by `seam`, re
 
     seam(module, q, k, v, mask):   k ← [P_k ; k],  v ← [P_v ; v],  mask ← [visible | mask]
 
-Prefixes never enter the KV cache, so generation with a cache and a full forward see the same thing, and
-real tokens keep their positions (set position_shift for HF PEFT's shifted positions). The mask is always
-explicit: SDPA's own is_causal would align top-left once keys outnumber queries. Prefix K/V have the
-model's KV-head count (GQA); T5's relative position bias gets zero columns for the prefix.
+Prefixes never enter the KV cache, so generation with a cache and a full forward see the same thing. With
+`position_shift` (HF PEFT's semantics) the prefix stands at positions 0..P-1 as if it were cached tokens: real
+tokens' position ids start at P (`PrefixPositions`), and a relative position bias (T5) gets the prefix's
+columns from the bias of those positions; without it real tokens keep 0..T-1 and the prefix columns get zero
+bias. Without position ids from the caller they are derived from the attention mask, so a left-padded row sees
+the same positions as the row alone. The mask is always explicit: SDPA's own is_causal would align top-left once
+keys outnumber queries. Prefix K/V have the model's KV-head count (GQA).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from ..spec import Insertion
+from ..spec import Compose, Form, Insertion
 from .base import Switch
 
 _SEAM_PREFIX = "unipeft_prefix_"
@@ -64,10 +67,13 @@ def _prefix_seen(site, P: int, kwargs):
     return (pos[:, None, :, None] - torch.arange(P, device=pos.device)) < window  # (B|1, 1, T, P)
 
 
-def _pad_bias(bias, P: int):
+def _pad_bias(bias, P: int, prefix_bias=None):
+    """[prefix columns | bias]: the prefix's own relative bias (HF's cached positions 0..P-1), else zeros."""
     if bias is None:
         return None
-    return torch.cat([bias.new_zeros((*bias.shape[:-1], P)), bias], dim=-1)
+    cols = bias.new_zeros((*bias.shape[:-1], P)) if prefix_bias is None else prefix_bias.to(bias.dtype).expand(
+        *bias.shape[:-1], P)
+    return torch.cat([cols, bias], dim=-1)
 
 
 def make_seam(base_name: str):
@@ -88,7 +94,7 @@ def make_seam(base_name: str):
         causal = getattr(module, "is_causal", True) if causal is None else causal
         attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query, _prefix_seen(site, P, kwargs))
         if "position_bias" in kwargs:
-            kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P)
+            kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P, site.prefix_bias(q_len, kv_len, P))
         if "is_causal" in kwargs:
             kwargs["is_causal"] = False  # the mask is explicit now
         return base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask, **kwargs)
@@ -131,13 +137,50 @@ def check_seam(module: nn.Module, name: str) -> None:
         )
 
 
+# The (form, compose) pairs a prefix at attention K/V can mean: the prefix is attended to together with the real
+# keys, so the output is the softmax-mass gate of He et al. (eq. 7). Other values would be labels only.
+VALID_FORMS = {(Form.PARALLEL, Compose.GATE)}
+
+
+def check_insertion(ins: Insertion, module: nn.Module, name: str) -> None:
+    """Refuse what a prefix cannot compute, and a second prefix on one attention (one would silently win)."""
+    if (ins.form, ins.compose) not in VALID_FORMS:
+        raise ValueError(f"a prefix at attention keys/values computes form={Form.PARALLEL.value!r}, "
+                         f"compose={Compose.GATE.value!r} (the softmax-mass gate); got form={ins.form.value!r}, "
+                         f"compose={ins.compose.value!r}, which would be a label only. Valid: "
+                         f"{sorted((f.value, c.value) for f, c in VALID_FORMS)}")
+    other = getattr(module, "_unipeft_kv", None)
+    if other is not None:
+        raise ValueError(f"{name} already holds the prefix {other.ins.name!r}; two prefixes on one attention are not "
+                         f"supported (the second would replace the first). Use one prefix with more virtual tokens, "
+                         f"or put the insertions on disjoint layers")
+
+
+def relative_bias_source(modules: list[nn.Module]):
+    """The module computing the relative position bias of an attention stack (T5's first layer), or None."""
+    for m in modules:
+        if getattr(m, "has_relative_attention_bias", False) and callable(getattr(m, "compute_bias", None)):
+            return m
+    return None
+
+
 class AttentionKVSite:
     """A prefix at one attention module. The shared prefix table lives on the model root."""
 
-    def __init__(self, module: nn.Module, name: str, ins: Insertion, delta, slot: int, switch: Switch, root_name: str):
+    def __init__(self, module: nn.Module, name: str, ins: Insertion, delta, slot: int, switch: Switch, root_name: str,
+                 bias_source: nn.Module | None = None):
         self.host, self.host_name, self.ins, self.delta, self.slot, self.switch = module, name, ins, delta, slot, switch
         self.merged, self.path, self.capture = False, root_name, None
+        self.bias_source = bias_source if ins.position.position_shift else None
         module._unipeft_kv = self
+
+    def prefix_bias(self, q_len: int, kv_len: int, P: int):
+        """(1, H, q_len, P): the relative bias queries at P + past + i give to cached positions 0..P-1 (HF PEFT's
+        cache route), or None (zero bias) without position_shift or a relative bias."""
+        if self.bias_source is None:
+            return None
+        full = self.bias_source.compute_bias(q_len, P + kv_len, past_seen_tokens=P + kv_len - q_len)
+        return full[..., :P]
 
     @property
     def active(self) -> bool:
@@ -188,9 +231,16 @@ def init_prefix_from_tokens(model: nn.Module, handle, ids: tuple[int, ...]) -> N
         for s in sites:
             s.capture = None
     for delta in {id(s.delta): s.delta for s in sites}.values():
+        by_slot: dict = {}
+        for s in sites:
+            if s.delta is delta:
+                by_slot.setdefault(s.slot, s)  # sites sharing a block (HF's seq2seq layout): the first one's
         cols = []
-        for s in sorted((s for s in sites if s.delta is delta), key=lambda s: s.slot):
-            k, v = captured[s]  # (1, H_kv, T, d)
+        for slot in range(delta.L):
+            if slot not in by_slot:  # a block no site reads
+                cols.append(torch.zeros(len(ids), 2 * delta.H * delta.hd, device=x.device))
+                continue
+            k, v = captured[by_slot[slot]]  # (1, H_kv, T, d)
             cols.append(torch.cat([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], -1))
         table = torch.cat(cols, -1)  # (T, L·2·H·d)
         reps = -(-delta.P // table.shape[0])
