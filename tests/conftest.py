@@ -209,12 +209,12 @@ def assert_padding_invariant(peft, arch: str, side: str = "right") -> None:
     mask = torch.cat([ones, pad] if side == "right" else [pad, ones], 1)
     batch = {"input_ids": torch.cat([padded, long]), "attention_mask": torch.cat([mask, torch.ones_like(long)])}
     alone = {"input_ids": short, "attention_mask": torch.ones_like(short)}
-    if TASKS[arch] == "SEQ_2_SEQ_LM":
+    if TASKS.get(arch) == "SEQ_2_SEQ_LM":
         dec = torch.randint(3, VOCAB, (2, 4), generator=g)
         batch["decoder_input_ids"], alone["decoder_input_ids"] = dec, dec[:1]
     with torch.no_grad():
         a, b = peft(**batch).logits, peft(**alone).logits
-    if TASKS[arch] in ("CAUSAL_LM", "TOKEN_CLS"):  # per token
+    if TASKS.get(arch) in ("CAUSAL_LM", "TOKEN_CLS"):  # per token (builders outside TASKS: seq-cls)
         V = a.shape[1] - 8
         real = a[0, V:V + 5] if side == "right" else a[0, V + 3:]
         a = torch.cat([a[0, :V], real])[None]

@@ -150,7 +150,11 @@ def test_gemma2_prefix_honours_softcap_and_sliding_window(method):
     cfg = base.config
     assert cfg.layer_types[0] == "sliding_attention" and cfg.sliding_window == 3 and cfg.attn_logit_softcapping
     ref = copy.deepcopy(base)
-    peft = unipeft.get_peft_model(base, unipeft.methods()[method].factory(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    # the reference is the paper's prefix (seen by every query, real tokens at 0..T-1): HF's shifted semantics,
+    # prefix_tuning's default, are checked against HF PEFT's own files in test_hf_prefix_file_* below
+    opts = {"position_shift": False} if method == "prefix_tuning" else {}
+    peft = unipeft.get_peft_model(base, unipeft.methods()[method].factory(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                          **opts))
     b = batch_for("gemma2")  # 7 tokens: the window of 3 cuts
     B = b["input_ids"].shape[0]
     with torch.no_grad():

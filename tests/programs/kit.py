@@ -100,6 +100,16 @@ def assert_same_logits(theirs: torch.Tensor, ours: torch.Tensor, atol=1e-5) -> N
     torch.testing.assert_close(theirs, ours, rtol=0, atol=atol)
 
 
+def assert_same_logits_unpadded(theirs: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor, atol=1e-5) -> None:
+    """Equal logits on the rows without padding. On a left-padded row HF PEFT's prompt and prefix forward numbers
+    the real tokens from the pads on (transformers numbers positions 0..T-1 when no position_ids are given), so
+    the row's logits depend on its padding; unipeft derives positions from the attention mask, so a padded row
+    equals the row alone (tests/test_prompt_semantics.py). Only unpadded rows have one right answer to share."""
+    full = mask.bool().all(dim=1)
+    assert full.any() and not full.all(), "the batch must hold both padded and unpadded rows"
+    assert_same_logits(theirs[full], ours[full], atol)
+
+
 def assert_reload_same(reloaded: torch.Tensor, trained: torch.Tensor) -> None:
     """Reloaded adapter, same logits. Not bit-exact: sibling LoRA deltas (query, value read the same x) fuse
     their A-projections into one matmul from the second forward on (unipeft.deltas.siblings), so a fresh

@@ -78,7 +78,7 @@ PROGRAMS = {  # each notebook's config line
                                 lora_dropout=0.1), 1e-2),
     "ia3": (lambda: IA3Config(task_type=TaskType.SEQ_2_SEQ_LM, inference_mode=False, feedforward_modules=[]), 3e-1),
     "prefix": (lambda: PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, inference_mode=False,
-                                          num_virtual_tokens=20), 3e-2),
+                                          num_virtual_tokens=20), 1e-2),  # the notebook's lr
 }
 _RUNS: dict = {}
 
@@ -91,26 +91,39 @@ def run_of(method, t5_path, tmp_path_factory):
     return _RUNS[method]
 
 
+def hf_prefix_losses(t5_path, tmp_path_factory) -> list[float]:
+    """The same notebook run with HF PEFT's get_peft_model and config (the oracle)."""
+    import peft
+
+    make_config, lr = PROGRAMS["prefix"]
+    cfg = peft.PrefixTuningConfig(**{k: v for k, v in make_config().to_dict().items()
+                                     if k in ("task_type", "inference_mode", "num_virtual_tokens")})
+    global get_peft_model
+    ours, get_peft_model = get_peft_model, peft.get_peft_model
+    try:
+        return notebook(t5_path, cfg, lr, 4, tmp_path_factory.mktemp("hf_prefix") / "out")["losses"]
+    finally:
+        get_peft_model = ours
+
+
 @pytest.mark.parametrize("method", sorted(PROGRAMS))
 def test_seq2seq_program(method, t5_path, tmp_path_factory):
     run, out = run_of(method, t5_path, tmp_path_factory)
-    assert run["losses"][-1] < 0.9 * run["losses"][0], run["losses"]
+    if method == "prefix":  # HF's one-table T5 prefix learns slowly on this tiny model: HF PEFT's own run is the bar
+        assert run["losses"][-1] < run["losses"][0], run["losses"]
+        torch.testing.assert_close(run["losses"], hf_prefix_losses(t5_path, tmp_path_factory), rtol=0, atol=1e-4)
+    else:
+        assert run["losses"][-1] < 0.9 * run["losses"][0], run["losses"]
     assert_adapter_only(out, run["model"])
     assert_reload_same(run["reloaded"], run["logits"])
     assert run["generated"].shape == (4, 4)  # decoder start + 3 new tokens
-    # the card tells the hub which library loads the folder: not HF PEFT for T5's three prefix tables
-    card = (out / "README.md").read_text()
-    assert ("library_name: unipeft" if method == "prefix" else "library_name: peft") in card
+    # the card tells the hub which library loads the folder: HF PEFT, since every file here is in its layout
+    assert "library_name: peft" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("method", [
     "lora", "ia3",
-    pytest.param("prefix", marks=pytest.mark.xfail(
-        strict=True, raises=KeyError,
-        reason="unipeft gives T5 separate encoder, decoder and cross-attention prefixes (Li & Liang) and writes "
-               "no single HF prompt_embeddings table, so HF PEFT fails with KeyError 'prompt_embeddings'; HF's T5 "
-               "prefix layout is not supported either way "
-               "(issue 13 item 6, h-prompt-semantics' area)"))])
+    "prefix"])
 def test_seq2seq_file_gives_hf_the_same_logits(method, t5_path, tmp_path_factory):
     run, out = run_of(method, t5_path, tmp_path_factory)
     assert_same_logits(hf_logits(AutoModelForSeq2SeqLM, t5_path, out, run["inputs"]), run["logits"])

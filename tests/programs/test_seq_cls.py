@@ -67,7 +67,7 @@ def notebook(model_name_or_path: str, peft_config, lr: float, num_epochs: int, o
 PROGRAMS = {  # the config line of each notebook, and whether HF PEFT 0.21 has the method on BERT
     "lora": (lambda: LoraConfig(task_type=TaskType.SEQ_CLS, inference_mode=False, r=8, lora_alpha=16, lora_dropout=0.1),
              3e-3, True),
-    "prefix": (lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20), 3e-3, False),
+    "prefix": (lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20), 1e-2, False),  # notebook's lr
     "prompt": (lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=10), 3e-3, True),
     "p_tuning": (lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=20, encoder_hidden_size=128),
                  3e-3, True),

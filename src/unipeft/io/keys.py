@@ -72,4 +72,4 @@ def hf_base_copies(handle, prefix: str) -> dict[str, nn.Parameter]:
     """Keys under which HF PEFT may write a full copy of an adapted layer's own weight (it does for embeddings:
     `<host>.base_layer.weight`, to carry a resized vocabulary) -> the host's weight, to check a file against."""
     return {f"{prefix}{s.host_name}.base_layer.weight": s.host.weight for s in _unique_sites(handle)
-            if isinstance(getattr(s.host, "weight", None), nn.Parameter)}
+            if isinstance(getattr(getattr(s, "host", None), "weight", None), nn.Parameter)}  # input sites: no host

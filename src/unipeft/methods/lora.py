@@ -102,7 +102,7 @@ class LoraConfig(PeftConfig):
     def validate(self) -> None:
         for name, (default, what) in NOT_IMPLEMENTED.items():
             v = getattr(self, name)
-            if v != default and v is not None and v != {} and v is not False:
+            if v != default and v is not None and v != {} and v != () and v is not False:  # () : HF's []
                 raise ValueError(f"LoraConfig {name}={v!r} ({what}) is not implemented in unipeft; leave {name} at "
                                  f"its default ({default!r})")
         if self.runtime_config and any(_as_dict(self.runtime_config).values()):
