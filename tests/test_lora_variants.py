@@ -552,3 +552,35 @@ def test_dora_with_dropout_in_training_follows_hf_formula():
     W, b, s = model[0].weight, model[0].bias, 2.0
     g = d.m / torch.linalg.norm(W + s * d.B @ d.A, dim=1)
     close(out, x @ W.t() + b + (g - 1) * (xd @ W.t()) + g * s * (xd @ d.A.t() @ d.B.t()))
+
+
+# ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
+
+@pytest.mark.real
+@pytest.mark.parametrize("kw", [dict(use_dora=True, init_lora_weights=False), dict(init_lora_weights="pissa"),
+                                dict(init_lora_weights="olora", use_dora=True)], ids=["dora", "pissa", "olora-dora"])
+def test_smollm2_variants_parity(kw, tmp_path):
+    import copy
+
+    from test_hf_parity import REAL_ATOL
+    from unipeft.models import load_embedded
+
+    try:
+        base_model, tok = load_embedded()
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+    batch = dict(tok("The capital of France is", return_tensors="pt"))
+
+    def run(m):
+        with torch.no_grad():
+            return m.eval()(**batch).logits
+
+    args = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], **kw)
+    ours = unipeft.get_peft_model(copy.deepcopy(base_model), unipeft.LoraConfig(**args))
+    perturb(ours, seed=1)
+    y = run(ours)
+    assert (y - run(base_model)).abs().max() > 1e-2
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = hf.PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "ours")  # re-inits on the original
+    close(run(theirs), y, atol=REAL_ATOL)
+    close(run(ours.merge_and_unload()), run(theirs.merge_and_unload()), atol=REAL_ATOL)

@@ -267,9 +267,16 @@ def test_decoder_seq_cls_p_tuning_template_never_pools_a_pad(family, side):
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
 
 
-def test_prompt_seq_cls_on_a_decoder_matches_hf(tmp_path):
-    """Unpadded rows: HF PEFT's prompt tuning on LlamaForSequenceClassification gives the same logits."""
-    theirs = hf.get_peft_model(tiny_seq_cls("llama"), hf.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+HF_SEQ_CLS = {"prompt": lambda: hf.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P),
+              "p_mlp": lambda: hf.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=P, encoder_hidden_size=16)}
+# (HF PEFT 0.21.2 refuses prefix tuning on LlamaForSequenceClassification of transformers 5: "Model does not
+# support past key values")
+
+
+@pytest.mark.parametrize("kind", list(HF_SEQ_CLS))
+def test_prompt_seq_cls_on_a_decoder_matches_hf(kind, tmp_path):
+    """Unpadded rows: HF PEFT's prompt tuning / P-tuning on LlamaForSequenceClassification give the same logits."""
+    theirs = hf.get_peft_model(tiny_seq_cls("llama"), HF_SEQ_CLS[kind]())
     theirs.save_pretrained(tmp_path)
     ours = unipeft.PeftModel.from_pretrained(tiny_seq_cls("llama"), tmp_path)
     b = _batch()

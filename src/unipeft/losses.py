@@ -108,9 +108,15 @@ def _inner_and_head(model: nn.Module):
 def causal_lm_loss(model: nn.Module, input_ids, attention_mask=None, labels=None, *, chunk: int | None = None,
                    num_items_in_batch=None, **kwargs) -> torch.Tensor:
     """model(input_ids, attention_mask, labels=labels).loss, computed from the inner model's hidden states
-    with `chunked_lm_loss`. Falls back to the model's own loss (with a warning) when the head is adapted or
+    with `chunked_lm_loss` (on an injected model: the standard call with skip_logits=True, see ChunkedLoss). Falls back to the model's own loss (with a warning) when the head is adapted or
     wrapped (prompt tokens, a delta on lm_head, soft-capped logits)."""
     labels = input_ids if labels is None else labels
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "_unipeft_chunked_loss", None) is not None:  # injected: the standard call is chunked
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, skip_logits=True,
+                     **kwargs).loss
     parts = _inner_and_head(model)
     if parts is None:
         logger.warning("causal_lm_loss: the LM head of %s cannot be fused; using the model's own loss",
