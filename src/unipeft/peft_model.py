@@ -15,6 +15,7 @@ from .config import PeftConfig, TaskType
 from .handle import Handle
 from .inject import inject
 from .integrations import compat
+from .integrations.trl import check_fused_lm_head
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
 from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
@@ -64,6 +65,8 @@ class PeftModel(nn.Module):
             return getattr(self.base_model.model, name)
 
     def forward(self, *args, **kwargs):
+        if kwargs.get("fused_lm_head"):
+            check_fused_lm_head(self)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -241,6 +244,8 @@ class PeftModel(nn.Module):
 # inspects the signature (Trainer's label names and dataset columns, TRL) sees `labels` and the inputs. Named
 # arguments left at None are not passed on, so the model's own defaults apply.
 def _call(peft: PeftModel, named: dict, kwargs: dict):
+    if kwargs.get("fused_lm_head"):
+        check_fused_lm_head(peft)
     return peft.base_model.model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
 
 
