@@ -20,7 +20,8 @@ pytest.importorskip("datasets")
 from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from unipeft import LoraConfig, PeftModel, PeftModelForCausalLM, TaskType, get_peft_model  # noqa: E402
+from unipeft import (IA3Config, LoraConfig, PeftModel, PeftModelForCausalLM, PrefixTuningConfig,  # noqa: E402
+                     PromptTuningConfig, TaskType, get_peft_model)
 
 LORA = dict(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
@@ -229,3 +230,46 @@ def test_load_adapter_refuses_another_config(tmp_path):
         other.load_adapter(str(tmp_path / "a"), "default")
     with pytest.raises(NotImplementedError, match="holds only"):
         peft.load_adapter(str(tmp_path / "a"), "second")
+
+
+OTHER_METHODS = {
+    "ia3": lambda: IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                             feedforward_modules=["down_proj"]),
+    "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+                                                encoder_hidden_size=16),
+}
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_other_methods_checkpoint_best_and_resume(tmp_path, method):
+    """Every checkpoint is the adapter alone, load_best_model_at_end reloads it and resume is exact, beyond LoRA."""
+    data, evals = pattern_data(16), pattern_data(8, start=7)
+    args = dict(num_train_epochs=2, learning_rate=1e-2)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return get_peft_model(tiny_llama(0, tie_word_embeddings=True), OTHER_METHODS[method]())
+
+    full = model(0)
+    trainer = Trainer(model=full, args=args_for(tmp_path, greater_is_better=True, **args), train_dataset=data,
+                      eval_dataset=evals)
+    trainer.train()
+    cks = checkpoints(tmp_path)
+    assert [c.name for c in cks] == ["checkpoint-2", "checkpoint-4"]
+    for c in cks:
+        files = set(os.listdir(c))
+        assert "adapter_model.safetensors" in files and not files & {"model.safetensors", "pytorch_model.bin"}
+    first = load_file(str(cks[0] / "adapter_model.safetensors"))
+    assert Path(trainer.state.best_model_checkpoint) == cks[0]  # the loss falls, so the first is "best" here
+    for k, v in adapter_weights(full).items():
+        torch.testing.assert_close(v, first[k], rtol=0, atol=0)
+
+    last = load_file(str(cks[1] / "adapter_model.safetensors"))
+    resumed = model(123)
+    Trainer(model=resumed, args=args_for(tmp_path, load_best_model_at_end=False, **args), train_dataset=data,
+            eval_dataset=evals).train(resume_from_checkpoint=str(cks[0]))
+    got = adapter_weights(resumed)
+    assert got.keys() == last.keys()
+    for k in last:
+        torch.testing.assert_close(got[k], last[k], rtol=0, atol=1e-6)
