@@ -19,6 +19,7 @@ from conftest import tiny_llama
 pytest.importorskip("datasets")
 from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers.utils import find_labels  # noqa: E402
 
 from unipeft import (IA3Config, LoraConfig, PeftModel, PeftModelForCausalLM, PrefixTuningConfig,  # noqa: E402
                      PromptTuningConfig, TaskType, get_peft_model)
@@ -95,8 +96,13 @@ def test_task_class_and_signature():
     assert type(peft) is PeftModelForCausalLM and isinstance(peft, PeftModel)
     params = inspect.signature(type(peft).forward).parameters
     assert {"input_ids", "attention_mask", "labels"} <= set(params)
-    ids = torch.tensor([[3, 4, 5, 6]])
-    torch.testing.assert_close(peft(ids).logits, peft(input_ids=ids).logits, rtol=0, atol=0)  # positional still works
+    assert find_labels(type(peft)) == ["labels"]  # what Trainer finds when it inspects the class itself
+    ids, mask, pos = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 5, 9, 20]])
+    base = peft.get_base_model()
+    with torch.no_grad():  # positional arguments keep the model's own order (Llama: input_ids, mask, position_ids)
+        torch.testing.assert_close(peft(ids).logits, peft(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(peft(ids, mask, pos).logits, base(ids, mask, pos).logits, rtol=0, atol=0)
+        assert (peft(ids, mask, pos).logits - peft(ids, mask).logits).abs().max() > 1e-4  # position_ids did matter
 
 
 def test_trainer_quicktour_flow(tmp_path, peft_world):

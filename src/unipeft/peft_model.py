@@ -93,13 +93,10 @@ class PeftModel(nn.Module):
                                       f"{list(self.peft_config)}; loading a further adapter is not supported yet")
         folder = resolve_folder(model_id)
         d = load_config_dict(folder)
-        mine = self.peft_config[adapter_name]
-        theirs = config_class(d["peft_type"]).from_dict(d)
         varying = ("inference_mode", "base_model_name_or_path", "revision")
-        a = {k: v for k, v in mine.to_dict().items() if k not in varying}
-        b = {k: v for k, v in theirs.resolved(self.get_base_model(), find_arch(self.get_base_model())).to_dict().items()
-             if k not in varying}
-        if a != b:
+        a = {k: v for k, v in self.peft_config[adapter_name].to_dict().items() if k not in varying}
+        b = {k: v for k, v in config_class(d["peft_type"]).from_dict(d).to_dict().items() if k not in varying}
+        if a != b:  # save_pretrained writes the resolved config, so a folder of this adapter matches as it is
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ValueError(f"{folder} holds a different adapter than {adapter_name!r} (differs in {diff}); "
                              f"load it into a fresh base model with PeftModel.from_pretrained")
@@ -241,20 +238,25 @@ class PeftModel(nn.Module):
 
 
 # Task classes, as HF PEFT has them: the same model, with forward's named arguments spelled out so that code which
-# inspects the signature (Trainer's label names and dataset columns, TRL) sees `labels` and the inputs. Named
-# arguments left at None are not passed on, so the model's own defaults apply.
-def _call(peft: PeftModel, named: dict, kwargs: dict):
+# inspects the signature (Trainer's label names and dataset columns, TRL) sees `labels` and the inputs. Positional
+# arguments reach the model in its own order; named arguments left at None are not passed on, so the model's own
+# defaults apply.
+def _call(peft: PeftModel, positional: tuple, named: dict, kwargs: dict):
     if kwargs.get("fused_lm_head"):
         check_fused_lm_head(peft)
-    return peft.base_model.model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+    named = {k: v for k, v in named.items() if v is not None}
+    if positional:  # the model's own positional order after input_ids, attention_mask
+        return peft.base_model.model(named.pop("input_ids", None), named.pop("attention_mask", None), *positional,
+                                     **named, **kwargs)
+    return peft.base_model.model(**named, **kwargs)
 
 
 class _InputsAndLabels(PeftModel):
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                labels=labels, output_attentions=output_attentions,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+    def forward(self, input_ids=None, attention_mask=None, *args, inputs_embeds=None, labels=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      labels=labels, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
 
 class PeftModelForCausalLM(_InputsAndLabels):
@@ -270,33 +272,34 @@ class PeftModelForTokenClassification(_InputsAndLabels):
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+    def forward(self, input_ids=None, attention_mask=None, *args, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
-        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
-                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                return_dict=return_dict), kwargs)
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      decoder_input_ids=decoder_input_ids,
+                                      decoder_attention_mask=decoder_attention_mask,
+                                      decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      return_dict=return_dict), kwargs)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
-        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                start_positions=start_positions, end_positions=end_positions,
-                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                return_dict=return_dict), kwargs)
+    def forward(self, input_ids=None, attention_mask=None, *args, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                      token_type_ids=token_type_ids, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, start_positions=start_positions,
+                                      end_positions=end_positions, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+    def forward(self, input_ids=None, attention_mask=None, *args, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
-        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                return_dict=return_dict), kwargs)
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      return_dict=return_dict), kwargs)
 
 
 TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {
