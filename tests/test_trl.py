@@ -18,7 +18,8 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from unipeft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from unipeft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,  # noqa: E402
+                     get_peft_model)
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
@@ -78,9 +79,20 @@ def test_sft_trainer_with_get_peft_model(tmp_path, peft_world):
         torch.testing.assert_close(loaded(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
-def test_sft_fused_loss_equals_the_models_own_loss(tmp_path):
-    """TRL's fused LM head runs on our base model's backbone, with the adapter: its loss is the model's loss."""
-    peft = get_peft_model(tiny_llama(0, tie_word_embeddings=True), LoraConfig(**LORA))
+METHODS = {
+    "lora": lambda: LoraConfig(**LORA),
+    "ia3": lambda: IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                             feedforward_modules=["down_proj"]),
+    "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sft_fused_loss_equals_the_models_own_loss(tmp_path, method):
+    """TRL's fused LM head runs on our base model's backbone, with the adapter: its loss is the model's loss
+    (prompt methods included: their virtual tokens are inserted and masked before the backbone)."""
+    peft = get_peft_model(tiny_llama(0, tie_word_embeddings=True), METHODS[method]())
     with torch.no_grad():  # a non-zero adapter, so that dropping it would show
         for n, p in peft.named_parameters():
             if p.requires_grad:

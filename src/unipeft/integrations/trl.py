@@ -8,7 +8,8 @@ def check_fused_lm_head(peft) -> None:
     from the backbone's hidden states times `lm_head.weight` directly. A delta hooked on the output embedding would
     be skipped (never trained, silently): refuse instead. (TRL refuses HF PEFT's lm_head adapters the same way.)"""
     head = peft.get_base_model().get_output_embeddings()
-    hooked = [s.path for s in peft.handle.sites if head is not None and s.host is head and not s.merged]
+    hooked = [s.path for s in peft.handle.sites if head is not None and getattr(s, "host", None) is head
+              and not getattr(s, "merged", False)]
     if hooked:
         raise ValueError(f"TRL computes the loss from lm_head.weight directly (its fused LM head), so the adapter on "
                          f"the output embedding ({', '.join(hooked)}) would never be trained; remove 'lm_head' from "
