@@ -318,3 +318,39 @@ def test_smollm2_tied_embeddings_checkpoint_and_resume(tmp_path):
     got = adapter_weights(resumed)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+
+def test_sequence_classification_quicktour(tmp_path, peft_world):
+    """The transformers quicktour shape: a `label` column, a classifier head trained and saved with the adapter,
+    eval_loss for the best model, resume."""
+    from conftest import tiny_bert
+
+    from unipeft import PeftModelForSequenceClassification
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (24, 10), generator=g)
+    labels = (ids[:, 0] % 3).tolist()  # the class is in the first token
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 10] * 24, "label": labels})
+    cfg = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
+    args = dict(num_train_epochs=2, learning_rate=2e-2)
+
+    peft = get_peft_model(tiny_bert(0), cfg)
+    assert type(peft) is PeftModelForSequenceClassification
+    trainer = Trainer(model=peft, args=args_for(tmp_path, **args), train_dataset=data, eval_dataset=data)
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    cks = checkpoints(tmp_path)
+    keys = load_file(str(cks[-1] / "adapter_model.safetensors")).keys()
+    assert any("classifier" in k for k in keys) and any("lora_" in k for k in keys)
+    assert not any("word_embeddings" in k or ("attention" in k and "lora_" not in k) for k in keys), sorted(keys)
+    want = adapter_weights(peft)
+
+    resumed = get_peft_model(tiny_bert(0), cfg)
+    Trainer(model=resumed, args=args_for(tmp_path, **args), train_dataset=data, eval_dataset=data).train(
+        resume_from_checkpoint=str(cks[0]))
+    got = adapter_weights(resumed)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
