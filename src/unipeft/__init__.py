@@ -14,7 +14,9 @@ from .kbit import prepare_model_for_kbit_training
 from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig,
                       PromptTuningConfig, PTuningV2Config)
 from .prompts import apply_template
-from .peft_model import PeftModel, get_peft_model
+from .peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
+                         PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,
+                         get_peft_model)
 from .peft_types import PeftType, PromptEncoderReparameterizationType, PromptTuningInit
 from .registry import methods
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
@@ -24,7 +26,9 @@ from .spec import (AtAttentionKV, AtInput, AtLinear, AtSublayer, Bottleneck, Com
 __version__ = "0.1.0"
 
 __all__ = [
-    "get_peft_model", "PeftModel", "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "AdapterConfig",
+    "get_peft_model", "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftModelForSeq2SeqLM", "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction", "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "AdapterConfig",
     "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PTuningV2Config", "MAMConfig", "apply_template",
     "Prefix", "Prompt",
     "methods", "inject", "Handle", "Insertion", "Form", "Compose", "AtLinear", "AtSublayer", "AtAttentionKV",

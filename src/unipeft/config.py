@@ -45,6 +45,7 @@ class PeftConfig:
     key_prefix: ClassVar[str] = "base_model.model."  # HF PEFT's prefix for this kind of adapter
     # keys of foreign (HF PEFT) files that change the meaning of an adapter when not at these values
     unsupported: ClassVar[dict[str, Any]] = {}
+    is_prompt_learning: ClassVar[bool] = False  # HF PEFT's flag (read by transformers.Trainer)
 
     task_type: Union[TaskType, str, None] = None
     base_model_name_or_path: Union[str, None] = None
@@ -133,6 +134,7 @@ class PromptLearningConfig(PeftConfig):
 
     key_prefix: ClassVar[str] = "base_model."
     hf_format: ClassVar[bool] = True
+    is_prompt_learning: ClassVar[bool] = True
 
     num_virtual_tokens: int = 20
     token_dim: Union[int, None] = None

@@ -11,9 +11,11 @@ from torch import nn
 
 from .arch import find_arch
 from .checkpointing import enable_gradient_checkpointing
-from .config import PeftConfig
+from .config import PeftConfig, TaskType
 from .handle import Handle
 from .inject import inject
+from .integrations import compat
+from .integrations.trl import check_fused_lm_head
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
 from .io.hub import push_adapter
@@ -54,6 +56,7 @@ class PeftModel(nn.Module):
         except Exception:
             handle.remove()
             raise
+        compat.register(PeftModel)  # transformers.Trainer, accelerate and TRL now treat us as a PEFT model
 
     # pass-through --------------------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -65,6 +68,8 @@ class PeftModel(nn.Module):
             return getattr(self.base_model.model, name)
 
     def forward(self, *args, **kwargs):
+        if kwargs.get("fused_lm_head"):
+            check_fused_lm_head(self)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -76,6 +81,30 @@ class PeftModel(nn.Module):
     @property
     def handle(self) -> Handle:
         return self._handle
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, allow_pickle: bool = False,
+                     **_) -> None:
+        """Reload the weights of the loaded adapter from a folder written by save_pretrained (what Trainer does to
+        resume and for load_best_model_at_end). The folder's config must be this adapter's: same shapes with
+        another lora_alpha would load without error and compute something else."""
+        if adapter_name not in self.peft_config:
+            raise NotImplementedError(f"load_adapter({adapter_name!r}): this PeftModel holds only "
+                                      f"{list(self.peft_config)}; loading a further adapter is not supported yet")
+        folder = resolve_folder(model_id)
+        d = load_config_dict(folder)
+        varying = ("inference_mode", "base_model_name_or_path", "revision")
+        a = {k: v for k, v in self.peft_config[adapter_name].to_dict().items() if k not in varying}
+        b = {k: v for k, v in config_class(d["peft_type"]).from_dict(d).to_dict().items() if k not in varying}
+        if a != b:  # save_pretrained writes the resolved config, so a folder of this adapter matches as it is
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ValueError(f"{folder} holds a different adapter than {adapter_name!r} (differs in {diff}); "
+                             f"load it into a fresh base model with PeftModel.from_pretrained")
+        # As in HF PEFT, reloading an existing adapter changes its weights only, not what is trainable.
+        self.load_adapter_weights(load_tensors(folder, allow_pickle=allow_pickle), source=str(folder))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, offload_activations: bool = False):
         """Non-reentrant checkpointing (adapter gradients flow though the frozen inputs need none); with
@@ -172,6 +201,8 @@ class PeftModel(nn.Module):
             d = load_config_dict(folder)
             config = config_class(d["peft_type"]).from_dict(d)
         tensors = load_tensors(folder, allow_pickle=allow_pickle)
+        if cls is PeftModel:  # PeftModel.from_pretrained builds the task class, as in HF PEFT
+            cls = peft_model_class(config)
         peft = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft.load_adapter_weights(tensors, source=str(folder))
@@ -231,13 +262,91 @@ class PeftModel(nn.Module):
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
 
 
+# Task classes, as HF PEFT has them: the same model, with forward's named arguments spelled out so that code which
+# inspects the signature (Trainer's label names and dataset columns, TRL) sees `labels` and the inputs. Positional
+# arguments reach the model in its own order; named arguments left at None are not passed on, so the model's own
+# defaults apply.
+def _call(peft: PeftModel, positional: tuple, named: dict, kwargs: dict):
+    if kwargs.get("fused_lm_head"):
+        check_fused_lm_head(peft)
+    named = {k: v for k, v in named.items() if v is not None}
+    if positional:  # the model's own positional order after input_ids, attention_mask
+        return peft.base_model.model(named.pop("input_ids", None), named.pop("attention_mask", None), *positional,
+                                     **named, **kwargs)
+    return peft.base_model.model(**named, **kwargs)
+
+
+class _InputsAndLabels(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, *args, inputs_embeds=None, labels=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      labels=labels, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+
+class PeftModelForCausalLM(_InputsAndLabels):
+    pass
+
+
+class PeftModelForSequenceClassification(_InputsAndLabels):
+    pass
+
+
+class PeftModelForTokenClassification(_InputsAndLabels):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, *args, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      decoder_input_ids=decoder_input_ids,
+                                      decoder_attention_mask=decoder_attention_mask,
+                                      decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      return_dict=return_dict), kwargs)
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, *args, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                      token_type_ids=token_type_ids, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, start_positions=start_positions,
+                                      end_positions=end_positions, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, *args, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        return _call(self, args, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      return_dict=return_dict), kwargs)
+
+
+TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM, TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification, TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering, TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def peft_model_class(peft_config: PeftConfig) -> type[PeftModel]:
+    """The PeftModel class HF PEFT would build for this config: by task_type, plain PeftModel without one."""
+    return TASK_MODEL_CLASSES.get(peft_config.task_type, PeftModel)
+
+
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", *,
                    autocast_adapter_dtype: bool = True, **_) -> PeftModel:
-    """Inject `peft_config`'s method into `model` (in place) and return the wrapping PeftModel.
+    """Inject `peft_config`'s method into `model` (in place) and return the wrapping PeftModel (the task class
+    for the config's task_type, as in HF PEFT).
 
     `autocast_adapter_dtype` (HF PEFT's name): trainable parameters over a bf16/fp16 or quantized base are fp32
     (default) and compute in the activation dtype; False keeps them in the base's dtype."""
-    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return peft_model_class(peft_config)(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def _n_weights(p: torch.Tensor) -> int:
