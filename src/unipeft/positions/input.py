@@ -49,7 +49,11 @@ def _max_positions(model) -> int | None:
 
 def positions_from_mask(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     """Position ids of the last `length` tokens counted over real tokens only (None when no row is padded)."""
-    if mask is None or mask.dim() != 2 or mask.shape[1] < length or bool(mask.all()):
+    if mask is None or mask.dim() != 2 or mask.shape[1] < length:
+        return None
+    # unpadded: the model's own numbering (the same values for 0-based models); compiled graphs cannot branch on
+    # data, so they always derive, which gives the same positions on the 0-based families we register
+    if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
