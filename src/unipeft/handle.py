@@ -83,7 +83,7 @@ class Handle:
         for s in reversed(self.sites):
             s.remove()
         for c in self.copies:  # the trained heads stay in the model
-            c.parent._modules[c.attr] = c.copy
+            c.keep()
         for e in reversed(self.extras):
             e.remove()
         self.sites, self.copies, self.trainable_base, self.extras = [], [], [], []

@@ -14,7 +14,8 @@ from .arch.resolve import get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .handle import Handle
-from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
+from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
+from .positions.layout import place_delta, unplace_delta
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam
 from .positions.input import InputSite, PositionShift
 from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Form, Insertion, Sublayer
@@ -72,17 +73,14 @@ def _install_sublayer(model, ins: Insertion, arch, handle) -> list[Site]:
 
 
 class RootModule:
-    """A delta shared by many sites (a prefix table, a prompt), registered on the model root."""
+    """A delta shared by many sites (a prefix table, a prompt), placed on the model root: `<name>.<adapter>`."""
 
-    def __init__(self, model: nn.Module, name: str, delta: nn.Module):
-        if name in model._modules:
-            raise ValueError(f"the model already has a submodule named {name!r}; name the insertion differently")
-        self.model, self.name, self.delta = model, name, delta
-        model.add_module(name, delta)
+    def __init__(self, model: nn.Module, name: str, delta: nn.Module, adapter: str):
+        self.model, self.name, self.delta, self.adapter = model, name, delta, adapter
+        place_delta(model, name, adapter, delta)
 
     def remove(self):
-        if self.model._modules.get(self.name) is self.delta:
-            del self.model._modules[self.name]
+        unplace_delta(self.model, self.name, self.adapter, self.delta)
 
 
 def attention_dims(model) -> tuple[int, int]:
@@ -113,7 +111,7 @@ def _install_attention_kv(model, ins: Insertion, arch, handle) -> list:
         check_seam(m, name)
     kv_heads, head_dim = attention_dims(model)
     delta = build_delta(ins.delta, 0, 0, sites=len(modules), kv_heads=kv_heads, head_dim=head_dim, **_param_like(model))
-    handle.extras.append(RootModule(model, ins.name, delta))
+    handle.extras.append(RootModule(model, ins.name, delta, handle.switch.adapter))
     if not any(isinstance(e, SeamConfigs) for e in handle.extras):
         handle.extras.append(SeamConfigs(model))
     if ins.position.position_shift:
@@ -127,7 +125,7 @@ def _install_input(model, ins: Insertion, arch, handle) -> list:
     subs = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
     delta = build_delta(ins.delta, emb.embedding_dim, emb.embedding_dim, word_embeddings=emb, submodules=subs,
                         **_param_like(emb))
-    handle.extras.append(RootModule(model, ins.name, delta))
+    handle.extras.append(RootModule(model, ins.name, delta, handle.switch.adapter))
     return [InputSite(model, ins, delta, handle.switch, ins.name)]
 
 
@@ -138,15 +136,18 @@ def inject(
     arch: ArchSpec | None = None,
     modules_to_save: tuple[str, ...] = (),
     trainable_biases: str = "none",
+    adapter_name: str = "default",
 ) -> Handle:
     """Install `insertions` into `model` in place and return the Handle that can undo it.
 
     Args:
         modules_to_save: module names (or name suffixes) trained in full as copies, e.g. task heads.
         trainable_biases: "none" | "all" (every bias of the model) | "sites" (biases of modules holding a delta).
+        adapter_name: the adapter's name in the module layout (`q_proj.lora_A.<adapter_name>.weight`); several
+            adapters can live in one model, each injected by its own call.
     """
     arch = arch or find_arch(model)
-    handle = Handle(model)
+    handle = Handle(model, switch=Switch(adapter_name))
     try:
         for ins in insertions:
             try:
@@ -168,10 +169,12 @@ def _install_copies(model, handle: Handle, names) -> None:
     for name, mod in list(model.named_modules()):
         if not name or not any(name == n or name.endswith("." + n) for n in names):
             continue
+        if ".original_module" in name or ".modules_to_save." in name:  # inside another adapter's head copies
+            continue
         if any(name.startswith(c.name + ".") for c in handle.copies):
             continue
         parent_name, _, attr = name.rpartition(".")
-        handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name))
+        handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name, handle.switch.adapter))
 
 
 def _train_biases(model, handle: Handle, mode: str) -> None:
@@ -184,6 +187,7 @@ def _train_biases(model, handle: Handle, mode: str) -> None:
     else:
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {mode!r}")
     owned = {id(p) for s in handle.sites for p in s.delta.parameters()}
+    owned |= {id(p) for c in handle.copies for m in (c.copy, c.original) for p in m.parameters()}  # heads: trained whole
     seen = set()
     for n, m in hosts:
         b = m._parameters.get("bias") if hasattr(m, "_parameters") else None

@@ -15,11 +15,39 @@ class DeltaModule(nn.Module):
 
     `mergeable`: the delta folds into the linear it sits on (`delta_weight()` or a scaling vector).
     `hf_keys`: parameter name -> HF PEFT key suffix, for checkpoint compatibility (empty: our own names).
+    `layout`: parameter name -> "slot.suffix": where the parameter lives in the model, `<host>.<slot>.<adapter>.
+    <suffix>` (HF PEFT's module layout, e.g. LoRA's A at `lora_A.<adapter>.weight`; see positions/layout.py).
+    Parameters not named stay on the delta, at `<host>.<insertion name>.<adapter>.<name>`. Placed parameters are
+    still read as `self.<name>` and listed by `named_parameters()` under their own names.
     """
 
     spec_type: ClassVar[type]
     mergeable: ClassVar[bool] = False
     hf_keys: ClassVar[dict[str, str]] = {}
+    layout: ClassVar[dict[str, str]] = {}
+
+    def __init__(self):
+        super().__init__()
+        self._placed: dict[str, tuple[nn.Module, str]] = {}  # name -> (module holding it, its attribute there)
+
+    def __getattr__(self, name: str):
+        placed = self.__dict__.get("_placed")
+        if placed and name in placed:
+            return getattr(*placed[name])
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        placed = self.__dict__.get("_placed")
+        if placed and name in placed:
+            mod, attr = placed[name]
+            setattr(mod, attr, value)
+        else:
+            super().__setattr__(name, value)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, (mod, attr) in self.__dict__.get("_placed", {}).items():
+            yield (f"{prefix}.{name}" if prefix else name), getattr(mod, attr)
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -25,6 +25,7 @@ class LowRankDelta(DeltaModule):
     spec_type = LowRank
     mergeable = True
     hf_keys = {"A": "lora_A.weight", "B": "lora_B.weight"}
+    layout = {"A": "lora_A.weight", "B": "lora_B.weight"}  # HF's lora_A.<adapter>.weight
 
     def __init__(self, spec: LowRank, d_in: int, d_out: int, *, side: str = "out", dtype=None, device=None):
         super().__init__()

@@ -11,26 +11,26 @@ import torch
 from torch import nn
 
 from ..spec import Compose, Insertion
+from .layout import check_adapter_name, place_delta, unplace_delta
 
 
 class Switch:
-    """Shared on/off state of one adapter (disable_adapter() flips it)."""
+    """Shared on/off state of one adapter (disable_adapter() and set_adapter() flip it), and its name."""
 
-    def __init__(self):
-        self.on = True
+    def __init__(self, adapter: str = "default"):
+        check_adapter_name(adapter)
+        self.on, self.adapter = True, adapter
 
 
 class Site:
     def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch):
-        if ins.name in host._modules:
-            raise ValueError(f"{host_name} already holds a delta named {ins.name!r}; give the insertion another name")
         self.host, self.host_name, self.ins, self.delta, self.switch = host, host_name, ins, delta, switch
         self.merged = False
         self._hooks: list = []
         if ins.compose == Compose.LEARNED:  # the learned scale s lives with its delta
             p = next(delta.parameters(), None)
             delta.register_parameter("scale", nn.Parameter(torch.tensor(float(ins.scale), dtype=p.dtype if p is not None else None)))
-        host.add_module(ins.name, delta)
+        place_delta(host, ins.name, switch.adapter, delta, host_name)  # <host>.<ins.name>.<adapter>
 
     @property
     def s(self):
@@ -41,7 +41,7 @@ class Site:
         return self.switch.on and not self.merged
 
     @property
-    def path(self) -> str:
+    def path(self) -> str:  # the file-key stem (HF PEFT's files have no adapter segment)
         return f"{self.host_name}.{self.ins.name}" if self.host_name else self.ins.name
 
     def hook(self, handle) -> None:
@@ -60,8 +60,7 @@ class Site:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if self.host._modules.get(self.ins.name) is self.delta:
-            del self.host._modules[self.ins.name]
+        unplace_delta(self.host, self.ins.name, self.switch.adapter, self.delta)
 
 
 def first_input(args, kwargs):

@@ -1,7 +1,10 @@
-"""`modules_to_save`: a trainable copy of a whole module (a task head) swapped in for the original.
+"""`modules_to_save`: trainable copies of a whole module (a task head), HF PEFT's ModulesToSaveWrapper layout.
 
-The original object is kept untouched and swapped back by `disable()`/`remove()`, so disabling the adapter
-or removing it restores the base model bit-exactly. State-dict keys stay the original module's.
+The head is replaced by a `HeadCopies` module holding the untouched original at `<head>.original_module` and
+each adapter's trainable copy at `<head>.modules_to_save.<adapter>`. Both live in the module tree, so `.to()`,
+`.double()` or `.half()` after injection move the original too (disable_adapter() and unload() then give a
+head on the model's device and dtype). Forward runs the copy of the active adapter, or the original when
+none is active. Removing the last copy puts the original object back; checkpoint keys stay the head's own.
 """
 
 from __future__ import annotations
@@ -11,18 +14,65 @@ import copy
 from torch import nn
 
 
+class HeadCopies(nn.Module):
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.use: str | None = None  # the adapter whose copy runs; None: the original
+
+    @property
+    def current(self) -> nn.Module:
+        copies = self._modules["modules_to_save"]._modules
+        return copies[self.use] if self.use is not None else self._modules["original_module"]
+
+    def forward(self, *args, **kwargs):
+        return self.current(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # e.g. model code reading `score.weight.dtype`
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.current, name)
+
+
 class TrainableCopy:
-    def __init__(self, parent: nn.Module, attr: str, name: str):
-        self.parent, self.attr, self.name = parent, attr, name
-        self.original = parent._modules[attr]
+    def __init__(self, parent: nn.Module, attr: str, name: str, adapter: str = "default"):
+        self.parent, self.attr, self.name, self.adapter = parent, attr, name, adapter
+        held = parent._modules[attr]
+        if not isinstance(held, HeadCopies):
+            held = HeadCopies(held)
+        if adapter in held.modules_to_save:
+            raise ValueError(f"{name} already holds a copy for adapter {adapter!r}")
+        self.wrapper, self.original = held, held.original_module
         self.copy = copy.deepcopy(self.original)
         for p in self.copy.parameters():
             p.requires_grad_(True)
-        parent._modules[attr] = self.copy
+        held.modules_to_save[adapter] = self.copy
+        held.use = adapter
+        parent._modules[attr] = held
 
     def set_enabled(self, on: bool) -> None:
-        self.parent._modules[self.attr] = self.copy if on else self.original
+        if on:
+            self.wrapper.use = self.adapter
+        elif self.wrapper.use == self.adapter:
+            self.wrapper.use = None
 
     def remove(self) -> nn.Module:
-        self.parent._modules[self.attr] = self.original
+        """Drop this adapter's copy; the last one out puts the original module back. Returns the copy."""
+        w = self.wrapper
+        if w.modules_to_save._modules.get(self.adapter) is self.copy:
+            del w.modules_to_save[self.adapter]
+        if w.use == self.adapter:
+            w.use = None
+        if not len(w.modules_to_save) and self.parent._modules.get(self.attr) is w:
+            self.parent._modules[self.attr] = self.original
+        return self.copy
+
+    def keep(self) -> nn.Module:
+        """Put this adapter's trained copy in place of the head (merge_and_unload)."""
+        self.remove()
+        self.parent._modules[self.attr] = self.copy
         return self.copy
