@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 
 import torch
 from torch import nn
@@ -17,7 +18,9 @@ from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
 from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
+from .positions.layout import check_adapter_name
 from .registry import config_class
+from .weighted import add_weighted_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -34,31 +37,30 @@ class TunerModel(nn.Module):
 
 
 class PeftModel(nn.Module):
-    """A model with one adapter injected. Forward, generate and everything else pass to the model."""
+    """A model with one or more named adapters injected, one of them active. Forward, generate and everything
+    else pass to the model."""
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
-        arch = find_arch(model)
-        cfg = peft_config.resolved(model, arch)
-        handle = inject(model, cfg.insertions(model, arch), arch=arch, modules_to_save=cfg.modules_to_save or (),
-                        trainable_biases=cfg.bias_mode())
+        check_adapter_name(adapter_name)
         self.base_model = TunerModel(model)
-        self.peft_config = {adapter_name: cfg}
+        self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
-        object.__setattr__(self, "_handle", handle)  # plain attribute: not a submodule
-        try:
-            cfg.initialize(model, handle)
-        except Exception:
-            handle.remove()
-            raise
+        object.__setattr__(self, "_handles", {})  # adapter name -> Handle; plain attribute: not a submodule
+        self._inject(adapter_name, peft_config)
 
     # pass-through --------------------------------------------------------------------------------------
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_handle"):
+            if name in ("base_model", "_handle", "_handles"):
                 raise
+            if name in _TRANSFORMERS_PEFT_NAMES:  # the base model's own PEFT mixin must not answer for us
+                raise AttributeError(
+                    f"unipeft's PeftModel has no {name!r}; transformers' PEFT integration on the base model would "
+                    f"answer it for the wrong model. Adapters are managed here with add_adapter, load_adapter, "
+                    f"set_adapter, delete_adapter, active_adapters and disable_adapter()") from None
             return getattr(self.base_model.model, name)
 
     def forward(self, *args, **kwargs):
@@ -73,6 +75,10 @@ class PeftModel(nn.Module):
     @property
     def handle(self) -> Handle:
         return self._handle
+
+    @property
+    def _handle(self) -> Handle:
+        return self._handles[self.active_adapter]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, offload_activations: bool = False):
         """Non-reentrant checkpointing (adapter gradients flow though the frozen inputs need none); with
@@ -111,39 +117,173 @@ class PeftModel(nn.Module):
         self._handle.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Fold the adapter into the weights and return the plain model (trained task heads kept)."""
+        """Fold the active adapter into the weights, drop the others, and return the plain model (trained task
+        heads of the active adapter kept)."""
+        self._remove_inactive()
         return self._handle.unload(merge=True)
 
     def unload(self) -> nn.Module:
-        """Remove the adapter and return the base model exactly as it was before get_peft_model."""
+        """Remove every adapter and return the base model exactly as it was before get_peft_model."""
+        self._remove_inactive()
         return self._handle.remove()
 
+    # several adapters (HF PEFT's multi-adapter API) ---------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def _inject(self, adapter_name: str, peft_config: PeftConfig) -> Handle:
+        """Inject one more adapter, inactive unless it is the first; the other adapters' trainability is kept."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or "
+                             f"choose another name")
+        model = self.base_model.model
+        arch = find_arch(model)
+        cfg = peft_config.resolved(model, arch)
+        others = list(self._handles.values())
+        if others and (cfg.bias_mode() != "none" or any(h.trainable_base for h in others)):
+            raise ValueError("only one adapter of a model may train the base model's biases (bias='all' or "
+                             "'lora_only'), since every adapter shares them; use bias='none' for the others")
+        grads = {id(p): p.requires_grad for p in model.parameters()}
+        enabled = [(h, h.switch.on) for h in others]
+        for h in others:  # a new adapter is built (and data-initialised) on the base model alone
+            h.set_enabled(False)
+        try:
+            handle = inject(model, cfg.insertions(model, arch), arch=arch, modules_to_save=cfg.modules_to_save or (),
+                            trainable_biases=cfg.bias_mode(), adapter_name=adapter_name)
+            try:
+                cfg.initialize(model, handle)
+            except Exception:
+                handle.remove()
+                raise
+        finally:
+            for h, on in enabled:
+                h.set_enabled(on)
+        self._handles[adapter_name] = handle
+        self.peft_config[adapter_name] = cfg
+        if others:  # not active, not trainable (HF PEFT); the active adapter keeps its head and its gradients
+            handle.set_enabled(False)
+            self._handle.set_enabled(self._handle.switch.on)
+            own = {id(p) for p in handle.adapter_parameters().values()}
+            for p in model.parameters():
+                p.requires_grad_(grads.get(id(p), False) and id(p) not in own)
+        return handle
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new, untrained adapter; it is not active (set_adapter activates it)."""
+        self._inject(adapter_name, peft_config)
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, torch_device=None,
+                     autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                     low_cpu_mem_usage: bool = False, subfolder: str | None = None, allow_pickle: bool = False,
+                     **_) -> None:
+        """Load a saved adapter (a folder written by save_pretrained, ours or HF PEFT's) as `adapter_name`,
+        beside the adapters already here; it is not active (set_adapter activates it)."""
+        folder = resolve_folder(model_id)
+        if subfolder:
+            folder = resolve_folder(folder / subfolder)
+        d = load_config_dict(folder)
+        config = config_class(d["peft_type"]).from_dict(d)
+        tensors = load_tensors(folder, allow_pickle=allow_pickle)
+        grads = {id(p): p.requires_grad for p in self.parameters()}
+        handle = self._inject(adapter_name, config)
+        try:
+            self.load_adapter_weights(tensors, source=str(folder), adapter_name=adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        own = {id(p) for p in handle.adapter_parameters().values()}
+        for p in self.parameters():  # loading may have re-marked trainables; restore, the new adapter frozen
+            p.requires_grad_(grads.get(id(p), False) and id(p) not in own)
+        if not is_trainable:
+            self.eval()
+        if torch_device is not None:
+            self.to(torch_device)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the one adapter that acts, and trainable unless `inference_mode` (HF PEFT)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; this model has {list(self.peft_config)}")
+        if self._handle.merged:
+            logger.warning("adapter %r is merged; unmerging it before switching to %r", self.active_adapter, adapter_name)
+            self._handle.unmerge()
+        for h in self._handles.values():
+            h.set_enabled(False)
+        self.active_adapter = adapter_name
+        self._handle.set_enabled(True)
+        self._handle.mark_trainable()  # freezes every other adapter
+        if inference_mode:
+            for p in self._handle.adapter_parameters().values():
+                p.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and free its parameters; deleting the active one activates the first remaining."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
+        if len(self._handles) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
+        if adapter_name == self.active_adapter:
+            self.set_adapter(next(n for n in self._handles if n != adapter_name))
+        grads = {id(p): p.requires_grad for p in self.parameters()}
+        handle = self._handles.pop(adapter_name)
+        del self.peft_config[adapter_name]
+        handle.remove()
+        for p in self.parameters():
+            p.requires_grad_(grads.get(id(p), False))
+
+    def _remove_inactive(self) -> None:
+        for name in [n for n in self._handles if n != self.active_adapter]:
+            self._handles.pop(name).remove()
+            del self.peft_config[name]
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None, **_) -> None:
+        """A new LoRA adapter combining `adapters` with `weights` (HF PEFT's linear, cat and svd; see
+        unipeft.weighted). It is not active; set_adapter activates it."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+
     # checkpoints -------------------------------------------------------------------------------------------
-    def _config(self):
-        return self.peft_config[self.active_adapter]
+    def _config(self, adapter: str | None = None):
+        return self.peft_config[adapter or self.active_adapter]
 
-    def _file_keys(self):
-        cfg = self._config()
-        return file_keys(self._handle, hf_names=cfg.hf_format, prefix=cfg.key_prefix)
+    def _file_keys(self, adapter: str | None = None):
+        cfg = self._config(adapter)
+        return file_keys(self._handles[adapter or self.active_adapter], hf_names=cfg.hf_format, prefix=cfg.key_prefix)
 
-    def _exports(self):
-        return exported(self._handle) if self._config().hf_format else {}
+    def _exports(self, adapter: str | None = None):
+        return exported(self._handles[adapter or self.active_adapter]) if self._config(adapter).hf_format else {}
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What save_pretrained writes: our weights under HF PEFT's names, plus HF's derived tensors."""
-        sd = {k: p.detach() for k, (_, p) in self._file_keys().items()}
-        for name, delta in self._exports().items():
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """What save_pretrained writes for one adapter (the active one by default): our weights under HF PEFT's
+        names, plus HF's derived tensors."""
+        sd = {k: p.detach() for k, (_, p) in self._file_keys(adapter_name).items()}
+        for name, delta in self._exports(adapter_name).items():
             sd[name] = delta.hf_tensors()[name]
         return sd
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, **_) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None, **_) -> None:
+        """Every adapter (or `selected_adapters`) in HF PEFT's layout: "default" in `save_directory`, any other
+        in `save_directory/<adapter name>/`."""
         if not safe_serialization:
             raise ValueError("unipeft writes safetensors only (pickle files can run code when loaded)")
-        cfg = self._config().to_dict()
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters names unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            self._save_one(folder, name)
+
+    def _save_one(self, folder, adapter_name: str) -> None:
+        cfg = self._config(adapter_name).to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
             cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
-        save_adapter(save_directory, cfg, self.adapter_state_dict())
+        save_adapter(folder, cfg, self.adapter_state_dict(adapter_name))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
@@ -166,29 +306,32 @@ class PeftModel(nn.Module):
         return peft
 
     @torch.no_grad()
-    def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        skip = hf_wrapper_prefixes(self._handle, self._config().key_prefix)
+    def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+                             adapter_name: str | None = None) -> None:
+        """Copy a file's tensors into one adapter (the active one by default), refusing any that do not fit."""
+        adapter_name = adapter_name or self.active_adapter
+        skip = hf_wrapper_prefixes(self._handles[adapter_name], self._config(adapter_name).key_prefix)
         tensors = {k: v for k, v in tensors.items() if not (skip and k.startswith(skip))}
-        exports = self._exports()
+        exports = self._exports(adapter_name)
         # A file with only HF's derived tensor for a delta (an HF PEFT prompt-learning checkpoint) loads
         # through it; the delta then continues from that tensor.
         for delta in {id(d): d for d in exports.values()}.values():
-            own = [k for k, (_, p) in self._file_keys().items() if any(p is q for q in delta.parameters())]
+            own = [k for k, (_, p) in self._file_keys(adapter_name).items() if any(p is q for q in delta.parameters())]
             names = [n for n, d in exports.items() if d is delta]
             if not all(k in tensors for k in own) and all(n in tensors for n in names):
                 delta.load_hf_tensors({n: tensors[n] for n in names})
-                self._handle.mark_trainable()
+                self._handles[adapter_name].mark_trainable()
                 tensors = dict(tensors)  # the delta's weights are now what the file meant
-                tensors.update({k: p.detach() for k, (_, p) in self._file_keys().items()
+                tensors.update({k: p.detach() for k, (_, p) in self._file_keys(adapter_name).items()
                                 if any(p is q for q in delta.parameters())})
-        keys = self._file_keys()
+        keys = self._file_keys(adapter_name)
         tensors = {k: v for k, v in tensors.items() if k not in exports}  # derived: written for HF PEFT only
         unexpected = sorted(set(tensors) - set(keys))
         missing = sorted(set(keys) - set(tensors))
-        derived = [k for k in unexpected if k in clashing_exports(self._handle)]
+        derived = [k for k in unexpected if k in clashing_exports(self._handles[adapter_name])]
         if derived:
             raise ValueError(f"{source} holds only {derived}, HF PEFT's single derived table, but this model's "
-                             f"{self._config().peft_type} is made of several deltas (e.g. separate encoder, decoder and "
+                             f"{self._config(adapter_name).peft_type} is made of several deltas (e.g. separate encoder, decoder and "
                              f"cross-attention prefixes) that one table cannot fill; HF PEFT's layout for this model "
                              f"is not supported")
         if unexpected or missing:
@@ -209,6 +352,12 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_) -> PeftModel:
     """Inject `peft_config`'s method into `model` (in place) and return the wrapping PeftModel."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+# public names of transformers' PeftAdapterMixin (on every PreTrainedModel): never answered by the base model
+_TRANSFORMERS_PEFT_NAMES = frozenset({"active_adapters", "add_adapter", "delete_adapter", "disable_adapters",
+                                      "enable_adapters", "enable_peft_hotswap", "get_adapter_state_dict",
+                                      "load_adapter", "set_adapter"})
 
 
 def _n_weights(p: torch.Tensor) -> int:
