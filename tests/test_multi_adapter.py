@@ -331,3 +331,87 @@ def test_weighted_adapter_refusals():
     with pytest.raises(ValueError, match="same module"):
         heads.add_weighted_adapter(["default", "b"], [1, 1], "mix", combination_type="cat")
     assert "mix" not in peft.peft_config and "mix" not in heads.peft_config
+
+
+# -- 4. mixed-adapter batches ---------------------------------------------------------------------------------
+def _three_adapters(arch: str):
+    """LoRA "a", IA3 "b", a Houlsby adapter "c" on one model (heads too on bert), all non-identity."""
+    peft = peft_of("lora", arch)
+    peft.add_adapter("b", config("ia3", arch, random=True))
+    peft.add_adapter("c", config("houlsby", arch, random=True))
+    for name in ("c", "b", "default"):
+        peft.set_adapter(name)
+        perturb(peft, len(name) + 7)
+    return peft.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+def test_mixed_batch_rows_equal_single_adapter_runs(arch):
+    peft = _three_adapters(arch)
+    b = batch_for(arch, batch=6)
+    names = ["b", "default", "__base__", "c", "default", "b"]
+    with torch.no_grad():
+        single = {}
+        for name in ("default", "b", "c"):
+            peft.set_adapter(name)
+            single[name] = logits_of(peft, b)
+        with peft.disable_adapter():
+            single["__base__"] = logits_of(peft, b)
+        peft.set_adapter("default")
+        assert not torch.allclose(single["b"], single["c"], atol=1e-3)
+        kw = {k: v for k, v in b.items() if k != "labels" or arch == "t5"}
+        mixed = peft(**kw, adapter_names=names).logits
+        for i, name in enumerate(names):
+            torch.testing.assert_close(mixed[i], single[name][i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits_of(peft, b), single["default"], rtol=0, atol=0)  # state restored
+
+
+def test_mixed_batch_gradients_reach_each_group():
+    peft = _three_adapters("llama")
+    b = batch_for("llama", batch=4)
+    for name in ("b", "c"):
+        for p in peft._handles[name].adapter_parameters().values():
+            p.requires_grad_(True)
+    out = peft(input_ids=b["input_ids"], adapter_names=["b", "__base__", "c", "b"]).logits
+    out[[0, 2, 3]].sum().backward()
+    for name in ("b", "c"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft._handles[name].adapter_parameters().values())
+    assert all(p.grad is None for p in peft._handles["default"].adapter_parameters().values())
+
+
+def test_mixed_batch_through_generate():
+    peft = _three_adapters("llama")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 96, (4, 5), generator=g)
+    names = ["c", "default", "b", "__base__"]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        mixed = peft.generate(input_ids=ids, adapter_names=names, **kw)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with peft.disable_adapter():
+                    want = peft.generate(input_ids=ids[i:i + 1], **kw)
+            else:
+                peft.set_adapter(name)
+                want = peft.generate(input_ids=ids[i:i + 1], **kw)
+            assert torch.equal(mixed[i:i + 1], want), name
+        peft.set_adapter("default")
+        outs = {tuple(peft.generate(input_ids=ids[:1], adapter_names=[n], **kw)[0, 5:].tolist()) for n in ("b", "c", "default")}
+        assert len(outs) > 1, "adapters generate the same tokens: test would be vacuous"
+
+
+def test_mixed_batch_refusals():
+    peft = _three_adapters("llama")
+    ids = batch_for("llama", batch=2)["input_ids"]
+    with pytest.raises(ValueError, match="one adapter name"):
+        peft(input_ids=ids, adapter_names=["b"])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        peft(input_ids=ids, adapter_names=["b", "zzz"])
+    with pytest.raises(ValueError, match="num_beams"):
+        peft.generate(input_ids=ids, adapter_names=["b", "c"], num_beams=2, max_new_tokens=2)
+    peft.add_adapter("p", config("prefix", "llama"))
+    with pytest.raises(ValueError, match="prompt-family|prefixes or prompts"):
+        peft(input_ids=ids, adapter_names=["p", "b"])
+    peft.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        peft(input_ids=ids, adapter_names=["default", "b"])

@@ -19,6 +19,7 @@ from .io import load_config_dict, load_tensors, save_adapter
 from .io.checkpoint import resolve_folder
 from .io.keys import clashing_exports, exported, file_keys, hf_wrapper_prefixes
 from .positions.layout import check_adapter_name
+from .mixed_batch import batch_size, mixed_batch
 from .registry import config_class
 from .weighted import add_weighted_adapter
 
@@ -63,11 +64,24 @@ class PeftModel(nn.Module):
                     f"set_adapter, delete_adapter, active_adapters and disable_adapter()") from None
             return getattr(self.base_model.model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None:
+            with self._mixed(adapter_names, args, kwargs):
+                return self.base_model.model(*args, **kwargs)
         return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None:
+            if kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1:
+                raise ValueError("adapter_names with num_beams or num_return_sequences > 1 is not supported (rows "
+                                 "are multiplied during generation); generate each adapter's rows separately")
+            with self._mixed(adapter_names, args, kwargs):
+                return self.base_model.model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
+
+    def _mixed(self, adapter_names, args, kwargs):
+        """A mixed-adapter batch: one adapter name (or "__base__") per row (see unipeft.mixed_batch)."""
+        return mixed_batch(self._handles, adapter_names, batch_size(args, kwargs), next(self.parameters()).device)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model

@@ -20,9 +20,21 @@ class Switch:
     def __init__(self, adapter: str = "default"):
         check_adapter_name(adapter)
         self.on, self.adapter = True, adapter
+        self.rows: torch.Tensor | None = None  # in a mixed-adapter batch: the rows this adapter serves
+
+
+def on_rows(switch: Switch, h: torch.Tensor, fn, *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(h, *inputs) on the batch rows the adapter serves: all of them, or in a mixed-adapter batch its group
+    (one call per adapter, not per row; the other rows pass through unchanged)."""
+    rows = switch.rows
+    if rows is None:
+        return fn(h, *inputs)
+    return h.index_put((rows,), fn(h[rows], *(x[rows] for x in inputs)))
 
 
 class Site:
+    rowwise = True  # acts on each batch row separately, so it can serve a group of rows (mixed-adapter batches)
+
     def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch):
         self.host, self.host_name, self.ins, self.delta, self.switch = host, host_name, ins, delta, switch
         self.merged = False

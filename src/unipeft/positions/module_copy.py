@@ -20,6 +20,7 @@ class HeadCopies(nn.Module):
         self.original_module = original
         self.modules_to_save = nn.ModuleDict()
         self.use: str | None = None  # the adapter whose copy runs; None: the original
+        self.groups: list | None = None  # mixed-adapter batch: [(adapter or None, rows)] covering every row
 
     @property
     def current(self) -> nn.Module:
@@ -27,7 +28,16 @@ class HeadCopies(nn.Module):
         return copies[self.use] if self.use is not None else self._modules["original_module"]
 
     def forward(self, *args, **kwargs):
-        return self.current(*args, **kwargs)
+        if self.groups is None:
+            return self.current(*args, **kwargs)
+        x, rest = args[0], args[1:]  # a mixed-adapter batch: each group of rows through its own head
+        copies, out = self._modules["modules_to_save"]._modules, None
+        for adapter, rows in self.groups:
+            head = copies[adapter] if adapter is not None else self._modules["original_module"]
+            y = head(x[rows], *rest, **kwargs)
+            out = y.new_zeros((x.shape[0],) + y.shape[1:]) if out is None else out
+            out = out.index_put((rows,), y)
+        return out
 
     def __getattr__(self, name: str):  # e.g. model code reading `score.weight.dtype`
         try:
