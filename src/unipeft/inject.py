@@ -13,6 +13,7 @@ from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_subla
 from .arch.resolve import get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
+from .deltas.base import delta_parameters
 from .handle import Handle
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
 from .positions.layout import place_delta, unplace_delta
@@ -186,7 +187,7 @@ def _train_biases(model, handle: Handle, mode: str) -> None:
         hosts = [(s.host_name, s.host) for s in handle.sites]
     else:
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {mode!r}")
-    owned = {id(p) for s in handle.sites for p in s.delta.parameters()}
+    owned = {id(p) for s in handle.sites for _, p in delta_parameters(s.delta)}
     owned |= {id(p) for c in handle.copies for m in (c.copy, c.original) for p in m.parameters()}  # heads: trained whole
     seen = set()
     for n, m in hosts:

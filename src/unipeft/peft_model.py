@@ -13,6 +13,7 @@ from torch import nn
 from .arch import find_arch
 from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig
+from .deltas.base import delta_parameters
 from .handle import Handle
 from .inject import inject
 from .io import load_config_dict, load_tensors, save_adapter
@@ -330,14 +331,14 @@ class PeftModel(nn.Module):
         # A file with only HF's derived tensor for a delta (an HF PEFT prompt-learning checkpoint) loads
         # through it; the delta then continues from that tensor.
         for delta in {id(d): d for d in exports.values()}.values():
-            own = [k for k, (_, p) in self._file_keys(adapter_name).items() if any(p is q for q in delta.parameters())]
+            own = [k for k, (_, p) in self._file_keys(adapter_name).items() if any(p is q for _, q in delta_parameters(delta))]
             names = [n for n, d in exports.items() if d is delta]
             if not all(k in tensors for k in own) and all(n in tensors for n in names):
                 delta.load_hf_tensors({n: tensors[n] for n in names})
                 self._handles[adapter_name].mark_trainable()
                 tensors = dict(tensors)  # the delta's weights are now what the file meant
                 tensors.update({k: p.detach() for k, (_, p) in self._file_keys(adapter_name).items()
-                                if any(p is q for q in delta.parameters())})
+                                if any(p is q for _, q in delta_parameters(delta))})
         keys = self._file_keys(adapter_name)
         tensors = {k: v for k, v in tensors.items() if k not in exports}  # derived: written for HF PEFT only
         unexpected = sorted(set(tensors) - set(keys))

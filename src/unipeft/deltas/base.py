@@ -18,7 +18,8 @@ class DeltaModule(nn.Module):
     `layout`: parameter name -> "slot.suffix": where the parameter lives in the model, `<host>.<slot>.<adapter>.
     <suffix>` (HF PEFT's module layout, e.g. LoRA's A at `lora_A.<adapter>.weight`; see positions/layout.py).
     Parameters not named stay on the delta, at `<host>.<insertion name>.<adapter>.<name>`. Placed parameters are
-    still read as `self.<name>` and listed by `named_parameters()` under their own names.
+    still read as `self.<name>`; `delta_parameters(delta)` lists all of a delta's parameters under its own names
+    (`delta.parameters()` no longer holds the placed ones; overriding it would make torch.compile give up).
     """
 
     spec_type: ClassVar[type]
@@ -30,12 +31,6 @@ class DeltaModule(nn.Module):
         super().__init__()
         self._placed: dict[str, tuple[nn.Module, str]] = {}  # name -> (module holding it, its attribute there)
 
-    def __getattr__(self, name: str):
-        placed = self.__dict__.get("_placed")
-        if placed and name in placed:
-            return getattr(*placed[name])
-        return super().__getattr__(name)
-
     def __setattr__(self, name: str, value) -> None:
         placed = self.__dict__.get("_placed")
         if placed and name in placed:
@@ -44,21 +39,40 @@ class DeltaModule(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, (mod, attr) in self.__dict__.get("_placed", {}).items():
-            yield (f"{prefix}.{name}" if prefix else name), getattr(mod, attr)
-        yield from super().named_parameters(prefix, recurse, remove_duplicate)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if getattr(cls, "spec_type", None) is not None:
             _BUILDERS[cls.spec_type] = cls
+        for name in cls.__dict__.get("layout", {}):
+            setattr(cls, name, property(_placed_getter(name)))  # a property, not __getattr__: torch.compile reads it
 
     def can_merge(self) -> bool:
         return self.mergeable
 
     def delta_weight(self) -> torch.Tensor:  # (out, in)
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into a weight")
+
+
+def delta_parameters(delta: nn.Module):
+    """(name, parameter) for every parameter of a delta, those placed in HF's layout slots first."""
+    for name, (mod, attr) in getattr(delta, "_placed", {}).items():
+        yield name, getattr(mod, attr)
+    yield from delta.named_parameters()
+
+
+def _placed_getter(name: str):
+    def get(self):
+        placed = self.__dict__.get("_placed")
+        if placed and name in placed:
+            mod, attr = placed[name]
+            return getattr(mod, attr)
+        try:
+            return self._parameters[name]
+        except KeyError:
+            raise AttributeError(name) from None  # not made yet (register_parameter asks hasattr first)
+
+    return get
 
 
 def build_delta(spec, d_in: int, d_out: int, **kw) -> DeltaModule:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..deltas.base import delta_parameters
+
 
 def _unique_sites(handle):
     seen = set()
@@ -33,7 +35,7 @@ def file_keys(handle, hf_names: bool, prefix: str) -> dict[str, tuple[str, nn.Pa
         hf = hf_names and bool(type(s.delta).hf_keys)
         if hf:
             hf_hosts.add(s.host_name)
-        for pname, p in s.delta.named_parameters():
+        for pname, p in delta_parameters(s.delta):
             stem = f"{s.path}.{pname}"
             key = f"{s.host_name}.{type(s.delta).hf_keys[pname]}" if hf and pname in type(s.delta).hf_keys else stem
             out[prefix + key] = (where.get(id(p), stem), p)
