@@ -37,7 +37,7 @@ def test_phi3_lora_on_parts_equals_hand_merged_rows():
                 W = theirs.get_submodule(fused).weight
                 for part, (a, b) in rows.items():
                     if part in targets:
-                        d = host.get_submodule(f"lora_{part}")
+                        d = host.get_submodule(f"lora_{part}.default")
                         W[a:b] += 3.0 * d.B @ d.A  # alpha / r = 3
         b = batch_for("phi3")
         out, expected, plain = logits_of(peft, b), logits_of(ref, b), logits_of(BUILDERS["phi3"](), b)
@@ -55,8 +55,8 @@ def test_phi3_ia3_scales_only_k_and_v_rows():
             W = theirs.self_attn.qkv_proj.weight
             for part in ("k_proj", "v_proj"):
                 a, b = QKV[part]
-                W[a:b] *= layer.self_attn.qkv_proj.get_submodule(f"ia3_{part}").l  # (rows, 1)
-            theirs.mlp.down_proj.weight *= layer.mlp.down_proj.ia3.l  # (1, in): the FFN input
+                W[a:b] *= layer.self_attn.qkv_proj.get_submodule(f"ia3_{part}.default").l  # (rows, 1)
+            theirs.mlp.down_proj.weight *= layer.mlp.down_proj.ia3.default.l  # (1, in): the FFN input
         b = batch_for("phi3")
         torch.testing.assert_close(logits_of(peft, b), logits_of(ref, b), rtol=0, atol=1e-5)
         merged = peft.merge_and_unload()
@@ -68,7 +68,7 @@ def test_phi3_ia3_scales_only_k_and_v_rows():
 def test_phi3_default_lora_targets_q_and_v_rows_and_saves_llama_names(tmp_path):
     peft = unipeft.get_peft_model(BUILDERS["phi3"](), unipeft.LoraConfig(task_type="CAUSAL_LM", r=2))
     qkv = _layers(peft)[0].self_attn.qkv_proj
-    assert qkv.lora_q_proj.B.shape == (32, 2) and qkv.lora_v_proj.B.shape == (16, 2)
+    assert qkv.lora_q_proj.default.B.shape == (32, 2) and qkv.lora_v_proj.default.B.shape == (16, 2)
     assert not hasattr(qkv, "lora_k_proj")
     peft.save_pretrained(tmp_path)
     from safetensors.torch import load_file
@@ -81,7 +81,7 @@ def test_phi3_default_lora_targets_q_and_v_rows_and_saves_llama_names(tmp_path):
 def test_phi3_whole_fused_linear_still_targetable():
     peft = unipeft.get_peft_model(BUILDERS["phi3"](), unipeft.LoraConfig(task_type="CAUSAL_LM", r=2,
                                                                           target_modules=["qkv_proj"]))
-    assert _layers(peft)[0].self_attn.qkv_proj.lora.B.shape == (64, 2)
+    assert _layers(peft)[0].self_attn.qkv_proj.lora_B.default.weight.shape == (64, 2)  # HF's layout
 
 
 def test_phi3_input_scaling_on_a_part_is_refused():

@@ -61,8 +61,8 @@ def test_dora_gradients_match_hf(tmp_path):
     ours = unipeft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path, is_trainable=True)
     g_hf, g_ours = _grads(theirs, "llama"), _grads(ours, "llama")
     host = "model.layers.1.self_attn.v_proj"
-    pairs = {"lora_A.default.weight": "lora.A", "lora_B.default.weight": "lora.B",
-             "lora_magnitude_vector.default.weight": "lora.m"}
+    pairs = {k: k for k in ("lora_A.default.weight", "lora_B.default.weight",
+                            "lora_magnitude_vector.default.weight")}  # HF's module layout on both sides
     for hk, ok in pairs.items():
         a = g_hf[f"base_model.model.{host}.{hk}"]
         b = dict(ours.named_parameters())[f"base_model.model.{host}.{ok}"].grad
@@ -75,7 +75,7 @@ def test_dora_magnitude_starts_at_the_norm_and_merge_roundtrips():
     W = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (in, out)
     peft = unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
                                                             target_modules=["c_attn"]))
-    delta = model.transformer.h[0].attn.c_attn.lora
+    delta = model.transformer.h[0].attn.c_attn.lora.default
     torch.testing.assert_close(delta.m.detach(), torch.linalg.norm(W.t(), dim=1), atol=1e-6, rtol=0)
     perturb(peft, seed=4)
     y = logits_of(peft, batch_for("gpt2"))
@@ -173,7 +173,7 @@ def test_pissa_niter_reconstructs_the_weight():
         unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa_niter_4",
                                                          target_modules=["q_proj"]))
         q = model.model.layers[0].self_attn.q_proj
-        runs.append((q.weight.detach().clone(), q.lora.A.detach().clone(), q.lora.B.detach().clone()))
+        runs.append((q.weight.detach().clone(), q.lora.default.A.detach().clone(), q.lora.default.B.detach().clone()))
     (Wr, A, B), (Wr2, A2, B2) = runs
     close(Wr + 2.0 * B @ A, W)
     assert torch.equal(A, A2) and torch.equal(Wr, Wr2)
@@ -186,7 +186,7 @@ def test_gaussian_init():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4096, 8))
     unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, init_lora_weights="gaussian", target_modules=["0"]))
-    A, B = model[0].lora.A.detach(), model[0].lora.B.detach()
+    A, B = model[0].lora.default.A.detach(), model[0].lora.default.B.detach()
     assert torch.equal(B, torch.zeros_like(B))
     assert abs(A.std().item() - 1 / 4) < 0.01 and abs(A.mean().item()) < 0.015  # HF: A ~ N(0, 1/r)
 
@@ -251,7 +251,7 @@ def test_rank_pattern_sets_shapes_and_scale():
     # HF's rule: the key matches a dotted suffix as a regex; "layers.1.v_proj" is not a suffix of a path
     # with "self_attn" in between, so v_proj of layer 1 keeps lora_alpha
     l0, l1 = model.model.layers
-    assert l0.self_attn.q_proj.lora.A.shape == (2, 32) and l0.self_attn.v_proj.lora.A.shape == (4, 32)
+    assert l0.self_attn.q_proj.lora.default.A.shape == (2, 32) and l0.self_attn.v_proj.lora.default.A.shape == (4, 32)
     peft_sites = {s.host_name: s.s for s in unipeft.get_peft_model(
         BUILDERS["llama"](), unipeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                 rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 2})).handle.sites}
@@ -386,7 +386,7 @@ def test_embedding_lora_matches_hf(arch, emb, dora, tmp_path):
 def test_embedding_lora_orientation_and_init():
     model = BUILDERS["llama"]()
     unipeft.get_peft_model(model, unipeft.LoraConfig(r=4, target_modules=["embed_tokens"]))
-    d = model.model.embed_tokens.lora
+    d = model.model.embed_tokens.lora.default
     assert d.A.shape == (4, 96) and d.B.shape == (32, 4)  # HF: lora_embedding_A (r, vocab), _B (dim, r)
     assert torch.equal(d.A, torch.zeros_like(d.A)) and d.B.abs().sum() > 0  # A = 0, B ~ N(0, 1)
 
@@ -460,7 +460,7 @@ def test_trainable_tokens_semantics():
     model = BUILDERS["gpt2"]()
     W = model.transformer.wte.weight.detach().clone()
     peft = unipeft.get_peft_model(model, unipeft.LoraConfig(target_modules=["c_attn"], trainable_token_indices=[3, 5]))
-    rows = model.transformer.wte.token_adapter.rows
+    rows = model.transformer.wte.token_adapter.default.rows
     torch.testing.assert_close(rows.detach(), W[[3, 5]], atol=0, rtol=0)  # HF's init: a copy of the rows
     with torch.no_grad():
         rows.add_(1.0)
@@ -515,8 +515,8 @@ def test_pissa_converted_to_lora_runs_on_the_original_base(init, kw, tmp_path):
     hf_params = dict(theirs.named_parameters())
     with torch.no_grad():  # HF's adapter gets our trained tensors (its initial ones equal ours: PiSSA/QR are exact)
         for n, q in ours.named_parameters():
-            if ".lora." in n:
-                hf_params[n.replace(".lora.A", ".lora_A.default.weight").replace(".lora.B", ".lora_B.default.weight")].copy_(q)
+            if ".lora_A." in n or ".lora_B." in n:  # the same module layout as HF's
+                hf_params[n].copy_(q)
     theirs.save_pretrained(tmp_path / "hf_lora", path_initial_model_for_weight_conversion=str(tmp_path / "hf_init"))
     a, h = saved(tmp_path / "lora"), saved(tmp_path / "hf_lora")
     assert sorted(a) == sorted(h)
@@ -541,7 +541,7 @@ def test_dora_with_dropout_in_training_follows_hf_formula():
     model = torch.nn.Sequential(torch.nn.Linear(8, 6))
     peft = unipeft.get_peft_model(model, unipeft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, use_dora=True,
                                                             init_lora_weights=False, target_modules=["0"]))
-    d = model[0].lora
+    d = model[0].lora.default
     with torch.no_grad():
         d.m.mul_(1.3)
     peft.train()

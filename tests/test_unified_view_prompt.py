@@ -32,7 +32,7 @@ def test_the_seam_computes_the_gated_mix_inside_a_real_model():
     attn = model.model.layers[0].self_attn
     seen = {}
     attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("out", a[0]))
-    site = attn._unipeft_kv
+    site = attn._unipeft_kv[0]  # one prefix site per adapter
 
     ids = torch.randint(3, 96, (1, 5))
     with torch.no_grad():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .deltas.base import delta_parameters
 from .positions import LinearDeltaSite, Switch
 from .spec import Compose
 
@@ -26,7 +27,7 @@ class Handle:
     # ownership ---------------------------------------------------------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter this adapter owns, by its path in the model (ownership, never name patterns)."""
-        owned = {id(p) for s in self.sites for p in s.delta.parameters()}
+        owned = {id(p) for s in self.sites for _, p in delta_parameters(s.delta)}
         owned |= {id(p) for c in self.copies for p in c.copy.parameters()}
         owned |= {id(p) for _, p, _ in self.trainable_base}
         return {n: p for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in owned}
@@ -86,7 +87,7 @@ class Handle:
         for s in reversed(self.sites):
             s.remove()
         for c in self.copies:  # the trained heads stay in the model
-            c.parent._modules[c.attr] = c.copy
+            c.keep()
         for e in reversed(self.extras):
             e.remove()
         self.sites, self.copies, self.trainable_base, self.extras = [], [], [], []

@@ -14,13 +14,15 @@ from .arch.fused import FusedSlice
 from .arch.resolve import adaptable_dims, get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
+from .deltas.base import delta_parameters
 from .handle import Handle
 from .losses import ChunkedLoss
-from .positions import LinearDeltaSite, Site, SublayerDeltaSite, TrainableCopy
+from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
 from .positions import attention_kv, input as input_position
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam, relative_bias_source
 from .positions.fused import SlicedLinearDeltaSite
 from .positions.input import InputSite, PrefixPositions
+from .positions.layout import place_delta, unplace_delta
 from .positions.weight import sibling_passes
 from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Form, Insertion, Sublayer
 
@@ -113,17 +115,14 @@ def _install_sublayer(model, ins: Insertion, arch, handle) -> list[Site]:
 
 
 class RootModule:
-    """A delta shared by many sites (a prefix table, a prompt), registered on the model root."""
+    """A delta shared by many sites (a prefix table, a prompt), placed on the model root: `<name>.<adapter>`."""
 
-    def __init__(self, model: nn.Module, name: str, delta: nn.Module):
-        if name in model._modules:
-            raise ValueError(f"the model already has a submodule named {name!r}; name the insertion differently")
-        self.model, self.name, self.delta = model, name, delta
-        model.add_module(name, delta)
+    def __init__(self, model: nn.Module, name: str, delta: nn.Module, adapter: str):
+        self.model, self.name, self.delta, self.adapter = model, name, delta, adapter
+        place_delta(model, name, adapter, delta)
 
     def remove(self):
-        if self.model._modules.get(self.name) is self.delta:
-            del self.model._modules[self.name]
+        unplace_delta(self.model, self.name, self.adapter, self.delta)
 
 
 def attention_dims(model) -> tuple[int, int]:
@@ -159,11 +158,11 @@ def _install_attention_kv(model, ins: Insertion, arch, handle) -> list:
         raise ValueError(f"no {ins.position.attention}-attention modules found at {paths} in {type(model).__name__}")
     for name, m in modules:
         check_seam(m, name)
-        attention_kv.check_insertion(ins, m, name)
+        attention_kv.check_insertion(ins, m, name, handle.switch.adapter)
     kv_heads, head_dim = attention_dims(model)
     delta = build_delta(ins.delta, 0, 0, sites=len(modules), kv_heads=kv_heads, head_dim=head_dim,
                         **_param_like(model, _autocast(handle)))
-    handle.extras.append(RootModule(model, ins.name, delta))
+    handle.extras.append(RootModule(model, ins.name, delta, handle.switch.adapter))
     if not any(isinstance(e, SeamConfigs) for e in handle.extras):
         handle.extras.append(SeamConfigs(model))
     if not getattr(model.config, "is_encoder_decoder", False):
@@ -188,7 +187,7 @@ def _install_input(model, ins: Insertion, arch, handle) -> list:
     subs = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
     delta = build_delta(ins.delta, emb.embedding_dim, emb.embedding_dim, word_embeddings=emb, submodules=subs,
                         **_param_like(emb, _autocast(handle)))
-    handle.extras.append(RootModule(model, ins.name, delta))
+    handle.extras.append(RootModule(model, ins.name, delta, handle.switch.adapter))
     return [InputSite(model, ins, delta, handle.switch, ins.name)]
 
 
@@ -200,6 +199,7 @@ def inject(
     modules_to_save: tuple[str, ...] = (),
     trainable_biases: str = "none",
     autocast_adapter_dtype: bool = True,
+    adapter_name: str = "default",
 ) -> Handle:
     """Install `insertions` into `model` in place and return the Handle that can undo it.
 
@@ -208,9 +208,11 @@ def inject(
         trainable_biases: "none" | "all" (every bias of the model) | "sites" (biases of modules holding a delta).
         autocast_adapter_dtype: trainable parameters (deltas, prefixes, prompts, head copies) over a bf16/fp16 or
             quantized base are fp32 (True, HF PEFT's default) or in the base's dtype (False).
+        adapter_name: the adapter's name in the module layout (`q_proj.lora_A.<adapter_name>.weight`); several
+            adapters can live in one model, each injected by its own call.
     """
     arch = arch or find_arch(model)
-    handle = Handle(model)
+    handle = Handle(model, switch=Switch(adapter_name))
     handle.autocast_adapter_dtype = autocast_adapter_dtype
     try:
         for ins in insertions:
@@ -235,11 +237,14 @@ def _install_copies(model, handle: Handle, names) -> None:
     for name, mod in list(model.named_modules()):
         if not name or not any(name == n or name.endswith("." + n) for n in names):
             continue
+        if ".original_module" in name or ".modules_to_save." in name:  # inside another adapter's head copies
+            continue
         if any(name.startswith(c.name + ".") for c in handle.copies):
             continue
         parent_name, _, attr = name.rpartition(".")
         dtype = trainable_dtype(mod, _autocast(handle))
-        handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name, dtype=dtype))
+        handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name, handle.switch.adapter,
+                                           dtype=dtype))
 
 
 def _train_biases(model, handle: Handle, mode: str) -> None:
@@ -251,7 +256,8 @@ def _train_biases(model, handle: Handle, mode: str) -> None:
         hosts = [(s.host_name, s.host) for s in handle.sites]
     else:
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {mode!r}")
-    owned = {id(p) for s in handle.sites for p in s.delta.parameters()}
+    owned = {id(p) for s in handle.sites for _, p in delta_parameters(s.delta)}
+    owned |= {id(p) for c in handle.copies for m in (c.copy, c.original) for p in m.parameters()}  # heads: trained whole
     seen = set()
     for n, m in hosts:
         b = m._parameters.get("bias") if hasattr(m, "_parameters") else None

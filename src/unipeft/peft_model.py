@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from .arch import find_arch
 from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig, TaskType
+from .deltas.base import delta_parameters
 from .handle import Handle
 from .inject import inject
 from .integrations import compat
@@ -21,7 +23,10 @@ from .io.checkpoint import resolve_folder
 from .io.hub import push_adapter
 from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
 from .io.model_card import write_model_card
+from .mixed_batch import batch_size, mixed_batch
+from .positions.layout import check_adapter_name
 from .registry import config_class
+from .weighted import add_weighted_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +43,18 @@ class TunerModel(nn.Module):
 
 
 class PeftModel(nn.Module):
-    """A model with one adapter injected. Forward, generate and everything else pass to the model."""
+    """A model with one or more named adapters injected, one of them active. Forward, generate and everything
+    else pass to the model."""
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", *,
                  autocast_adapter_dtype: bool = True):
         super().__init__()
-        arch = find_arch(model)
-        cfg = peft_config.resolved(model, arch)
-        handle = inject(model, cfg.insertions(model, arch), arch=arch, modules_to_save=cfg.modules_to_save or (),
-                        trainable_biases=cfg.bias_mode(), autocast_adapter_dtype=autocast_adapter_dtype)
+        check_adapter_name(adapter_name)
         self.base_model = TunerModel(model)
-        self.peft_config = {adapter_name: cfg}
+        self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
-        object.__setattr__(self, "_handle", handle)  # plain attribute: not a submodule
-        try:
-            cfg.initialize(model, handle)
-        except Exception:
-            handle.remove()
-            raise
+        object.__setattr__(self, "_handles", {})  # adapter name -> Handle; plain attribute: not a submodule
+        self._inject(adapter_name, peft_config, autocast_adapter_dtype)
         compat.register(PeftModel)  # transformers.Trainer, accelerate and TRL now treat us as a PEFT model
 
     # pass-through --------------------------------------------------------------------------------------
@@ -63,17 +62,35 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_handle"):
+            if name in ("base_model", "_handle", "_handles"):
                 raise
+            if name in _TRANSFORMERS_PEFT_NAMES:  # the base model's own PEFT mixin must not answer for us
+                raise AttributeError(
+                    f"unipeft's PeftModel has no {name!r}; transformers' PEFT integration on the base model would "
+                    f"answer it for the wrong model. Adapters are managed here with add_adapter, load_adapter, "
+                    f"set_adapter, delete_adapter, active_adapters and disable_adapter()") from None
             return getattr(self.base_model.model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names=None, **kwargs):
         if kwargs.get("fused_lm_head"):
             check_fused_lm_head(self)
+        if adapter_names is not None:
+            with self._mixed(adapter_names, args, kwargs):
+                return self.base_model.model(*args, **kwargs)
         return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None:
+            if kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1:
+                raise ValueError("adapter_names with num_beams or num_return_sequences > 1 is not supported (rows "
+                                 "are multiplied during generation); generate each adapter's rows separately")
+            with self._mixed(adapter_names, args, kwargs):
+                return self.base_model.model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
+
+    def _mixed(self, adapter_names, args, kwargs):
+        """A mixed-adapter batch: one adapter name (or "__base__") per row (see unipeft.mixed_batch)."""
+        return mixed_batch(self._handles, adapter_names, batch_size(args, kwargs), next(self.parameters()).device)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -83,18 +100,13 @@ class PeftModel(nn.Module):
         return self._handle
 
     @property
-    def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+    def _handle(self) -> Handle:
+        return self._handles[self.active_adapter]
 
-    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, allow_pickle: bool = False,
-                     **_) -> None:
-        """Reload the weights of the loaded adapter from a folder written by save_pretrained (what Trainer does to
-        resume and for load_best_model_at_end). The folder's config must be this adapter's: same shapes with
-        another lora_alpha would load without error and compute something else."""
-        if adapter_name not in self.peft_config:
-            raise NotImplementedError(f"load_adapter({adapter_name!r}): this PeftModel holds only "
-                                      f"{list(self.peft_config)}; loading a further adapter is not supported yet")
-        folder = resolve_folder(model_id)
+    def _reload_adapter(self, folder, adapter_name: str, allow_pickle: bool = False) -> None:
+        """Reload the weights of an adapter already here from a folder written by save_pretrained (what Trainer
+        does to resume and for load_best_model_at_end). The folder's config must be this adapter's: same shapes
+        with another lora_alpha would load without error and compute something else."""
         d = load_config_dict(folder)
         varying = ("inference_mode", "base_model_name_or_path", "revision")
         a = {k: v for k, v in self.peft_config[adapter_name].to_dict().items() if k not in varying}
@@ -102,9 +114,11 @@ class PeftModel(nn.Module):
         if a != b:  # save_pretrained writes the resolved config, so a folder of this adapter matches as it is
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ValueError(f"{folder} holds a different adapter than {adapter_name!r} (differs in {diff}); "
-                             f"load it into a fresh base model with PeftModel.from_pretrained")
+                             f"load it under another adapter_name, or into a fresh base model with "
+                             f"PeftModel.from_pretrained")
         # As in HF PEFT, reloading an existing adapter changes its weights only, not what is trainable.
-        self.load_adapter_weights(load_tensors(folder, allow_pickle=allow_pickle), source=str(folder))
+        self.load_adapter_weights(load_tensors(folder, allow_pickle=allow_pickle), source=str(folder),
+                                  adapter_name=adapter_name)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, offload_activations: bool = False):
         """Non-reentrant checkpointing (adapter gradients flow though the frozen inputs need none); with
@@ -143,50 +157,199 @@ class PeftModel(nn.Module):
         self._handle.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Fold the adapter into the weights and return the plain model (trained task heads kept)."""
+        """Fold the active adapter into the weights, drop the others, and return the plain model (trained task
+        heads of the active adapter kept)."""
+        self._remove_inactive()
         return self._handle.unload(merge=True)
 
     def unload(self) -> nn.Module:
-        """Remove the adapter and return the base model exactly as it was before get_peft_model."""
+        """Remove every adapter and return the base model exactly as it was before get_peft_model."""
+        self._remove_inactive()
         return self._handle.remove()
 
+    # several adapters (HF PEFT's multi-adapter API) ---------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def _inject(self, adapter_name: str, peft_config: PeftConfig, autocast_adapter_dtype: bool = True) -> Handle:
+        """Inject one more adapter, inactive unless it is the first; the other adapters' trainability is kept."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or "
+                             f"choose another name")
+        model = self.base_model.model
+        arch = find_arch(model)
+        cfg = peft_config.resolved(model, arch)
+        others = list(self._handles.values())
+        if others and (cfg.bias_mode() != "none" or any(h.trainable_base for h in others)):
+            raise ValueError("only one adapter of a model may train the base model's biases (bias='all' or "
+                             "'lora_only'), since every adapter shares them; use bias='none' for the others")
+        grads = {id(p): p.requires_grad for p in model.parameters()}
+        enabled = [(h, h.switch.on) for h in others]
+        for h in others:  # a new adapter is built (and data-initialised) on the base model alone
+            h.set_enabled(False)
+        try:
+            handle = inject(model, cfg.insertions(model, arch), arch=arch, modules_to_save=cfg.modules_to_save or (),
+                            trainable_biases=cfg.bias_mode(), adapter_name=adapter_name,
+                            autocast_adapter_dtype=autocast_adapter_dtype)
+            try:
+                cfg.initialize(model, handle)
+            except Exception:
+                handle.remove()
+                raise
+        finally:
+            for h, on in enabled:
+                h.set_enabled(on)
+        self._handles[adapter_name] = handle
+        self.peft_config[adapter_name] = cfg
+        if others:  # not active, not trainable (HF PEFT); the active adapter keeps its head and its gradients
+            handle.set_enabled(False)
+            self._handle.set_enabled(self._handle.switch.on)
+            own = {id(p) for p in handle.adapter_parameters().values()}
+            for p in model.parameters():
+                p.requires_grad_(grads.get(id(p), False) and id(p) not in own)
+        return handle
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new, untrained adapter; it is not active (set_adapter activates it)."""
+        self._inject(adapter_name, peft_config, autocast_adapter_dtype)
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, torch_device=None,
+                     autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                     low_cpu_mem_usage: bool = False, subfolder: str | None = None, allow_pickle: bool = False,
+                     **_) -> None:
+        """Load a saved adapter (a folder written by save_pretrained, ours or HF PEFT's) as `adapter_name`,
+        beside the adapters already here; it is not active (set_adapter activates it). The name of an adapter
+        already here reloads its weights (as Trainer does on resume and for load_best_model_at_end)."""
+        folder = resolve_folder(model_id)
+        if subfolder:
+            folder = resolve_folder(folder / subfolder)
+        if adapter_name in self.peft_config:
+            return self._reload_adapter(folder, adapter_name, allow_pickle=allow_pickle)
+        d = load_config_dict(folder)
+        config = config_class(d["peft_type"]).from_dict(d)
+        tensors = load_tensors(folder, allow_pickle=allow_pickle)
+        grads = {id(p): p.requires_grad for p in self.parameters()}
+        handle = self._inject(adapter_name, config, autocast_adapter_dtype)
+        try:
+            self.load_adapter_weights(tensors, source=str(folder), adapter_name=adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        own = {id(p) for p in handle.adapter_parameters().values()}
+        for p in self.parameters():  # loading may have re-marked trainables; restore, the new adapter frozen
+            p.requires_grad_(grads.get(id(p), False) and id(p) not in own)
+        if not is_trainable:
+            self.eval()
+        if torch_device is not None:
+            self.to(torch_device)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the one adapter that acts, and trainable unless `inference_mode` (HF PEFT)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; this model has {list(self.peft_config)}")
+        if self._handle.merged:
+            logger.warning("adapter %r is merged; unmerging it before switching to %r", self.active_adapter, adapter_name)
+            self._handle.unmerge()
+        for h in self._handles.values():
+            h.set_enabled(False)
+        self.active_adapter = adapter_name
+        self._handle.set_enabled(True)
+        self._handle.mark_trainable()  # freezes every other adapter
+        if inference_mode:
+            for p in self._handle.adapter_parameters().values():
+                p.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and free its parameters; deleting the active one activates the first remaining."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
+        if len(self._handles) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
+        if adapter_name == self.active_adapter:
+            self.set_adapter(next(n for n in self._handles if n != adapter_name))
+        grads = {id(p): p.requires_grad for p in self.parameters()}
+        handle = self._handles.pop(adapter_name)
+        del self.peft_config[adapter_name]
+        handle.remove()
+        for p in self.parameters():
+            p.requires_grad_(grads.get(id(p), False))
+
+    def _remove_inactive(self) -> None:
+        for name in [n for n in self._handles if n != self.active_adapter]:
+            self._handles.pop(name).remove()
+            del self.peft_config[name]
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None, **_) -> None:
+        """A new LoRA adapter combining `adapters` with `weights` (HF PEFT's linear, cat and svd; see
+        unipeft.weighted). It is not active; set_adapter activates it."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+
     # checkpoints -------------------------------------------------------------------------------------------
-    def _config(self):
-        return self.peft_config[self.active_adapter]
+    def _config(self, adapter: str | None = None):
+        return self.peft_config[adapter or self.active_adapter]
 
-    def _file_keys(self):
-        cfg = self._config()
-        return file_keys(self._handle, hf_names=cfg.hf_format, prefix=cfg.key_prefix)
+    def _file_keys(self, adapter: str | None = None):
+        cfg = self._config(adapter)
+        return file_keys(self._handles[adapter or self.active_adapter], hf_names=cfg.hf_format, prefix=cfg.key_prefix)
 
-    def _exports(self):
-        return exported(self._handle) if self._config().hf_format else {}
+    def _exports(self, adapter: str | None = None):
+        return exported(self._handles[adapter or self.active_adapter]) if self._config(adapter).hf_format else {}
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What save_pretrained writes: our weights under HF PEFT's names, plus HF's derived tensors."""
-        sd = {k: p.detach() for k, (_, p) in self._file_keys().items()}
-        for name, delta in self._exports().items():
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """What save_pretrained writes for one adapter (the active one by default): our weights under HF PEFT's
+        names, plus HF's derived tensors."""
+        sd = {k: p.detach() for k, (_, p) in self._file_keys(adapter_name).items()}
+        for name, delta in self._exports(adapter_name).items():
             sd[name] = delta.hf_tensors()[name]
         return sd
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True,
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
                         path_initial_model_for_weight_conversion=None, **_) -> None:
-        """adapter_config.json + adapter_model.safetensors (adapter_model.bin with safe_serialization=False),
-        and a README.md model card unless the folder has one of the user's."""
-        cfg = self._config().to_dict()
+        """Every adapter (or `selected_adapters`) in HF PEFT's layout: "default" in `save_directory`, any other
+        in `save_directory/<adapter name>/`; each folder holds adapter_config.json + adapter_model.safetensors
+        (adapter_model.bin with safe_serialization=False). `save_directory` also gets a README.md model card
+        (HF PEFT's loads the folder only in its format, and when no derived table is claimed twice), unless it
+        has one of the user's."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters names unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            self._save_one(folder, name, safe_serialization, path_initial_model_for_weight_conversion)
+        # one model card, at the top (as HF PEFT), describing the first adapter saved
+        first = names[0] if names else None
+        if first is not None:
+            write_model_card(save_directory, self._card_config(first), hf_format=self._config(first).hf_format
+                             and not clashing_exports(self._handles[first]))
+
+    def _save_one(self, folder, adapter_name: str, safe_serialization: bool = True,
+                  path_initial_model_for_weight_conversion=None) -> None:
+        cfg = self._config(adapter_name).to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
             cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
         if cfg.get("task_type") is None and cfg.get("auto_mapping") is None:  # how AutoPeftModel finds the class
             base = type(self.get_base_model())
             cfg["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
-        tensors = self.adapter_state_dict()
+        tensors = self.adapter_state_dict(adapter_name)
         if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA -> LoRA on the original base
             from .methods.lora_convert import to_plain_lora
 
             cfg, tensors = to_plain_lora(cfg, tensors, path_initial_model_for_weight_conversion)
-        save_adapter(save_directory, cfg, tensors, safe_serialization=safe_serialization)
-        # HF PEFT loads the folder only in its format and when no derived table is claimed twice (T5 prefixes)
-        write_model_card(save_directory, cfg, hf_format=self._config().hf_format and not clashing_exports(self._handle))
+        save_adapter(folder, cfg, tensors, safe_serialization=safe_serialization)
+
+    def _card_config(self, adapter_name: str) -> dict:
+        cfg = self._config(adapter_name).to_dict()
+        if cfg.get("base_model_name_or_path") is None:
+            cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
+        return cfg
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the adapter folder (what save_pretrained writes) to the hub repo `repo_id`, never the base model."""
@@ -216,35 +379,38 @@ class PeftModel(nn.Module):
         return peft
 
     @torch.no_grad()
-    def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        skip = hf_wrapper_prefixes(self._handle, self._config().key_prefix)
+    def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+                             adapter_name: str | None = None) -> None:
+        """Copy a file's tensors into one adapter (the active one by default), refusing any that do not fit."""
+        adapter_name = adapter_name or self.active_adapter
+        skip = hf_wrapper_prefixes(self._handles[adapter_name], self._config(adapter_name).key_prefix)
         tensors = {k: v for k, v in tensors.items() if not (skip and k.startswith(skip))}
-        for k, w in hf_base_copies(self._handle, self._config().key_prefix).items():
+        for k, w in hf_base_copies(self._handles[adapter_name], self._config(adapter_name).key_prefix).items():
             t = tensors.pop(k, None)  # HF's copy of an adapted embedding's weight: must be this model's
             if t is not None and (t.shape != w.shape or not torch.equal(t.to(w.device, w.dtype), w)):
                 raise ValueError(f"{source} carries its own {k} (shape {tuple(t.shape)}), which differs from this "
                                  f"model's; an adapter with a changed base layer (e.g. a resized vocabulary) is not "
                                  f"supported: resize the base model's embeddings to match before loading")
-        exports = self._exports()
+        exports = self._exports(adapter_name)
         # A file with only HF's derived tensor for a delta (an HF PEFT prompt-learning checkpoint) loads
         # through it; the delta then continues from that tensor.
         for delta in {id(d): d for d in exports.values()}.values():
-            own = [k for k, (_, p) in self._file_keys().items() if any(p is q for q in delta.parameters())]
+            own = [k for k, (_, p) in self._file_keys(adapter_name).items() if any(p is q for _, q in delta_parameters(delta))]
             names = [n for n, d in exports.items() if d is delta]
             if not all(k in tensors for k in own) and all(n in tensors for n in names):
                 delta.load_hf_tensors({n: tensors[n] for n in names})
-                self._handle.mark_trainable()
+                self._handles[adapter_name].mark_trainable()
                 tensors = dict(tensors)  # the delta's weights are now what the file meant
-                tensors.update({k: p.detach() for k, (_, p) in self._file_keys().items()
-                                if any(p is q for q in delta.parameters())})
-        keys = self._file_keys()
+                tensors.update({k: p.detach() for k, (_, p) in self._file_keys(adapter_name).items()
+                                if any(p is q for _, q in delta_parameters(delta))})
+        keys = self._file_keys(adapter_name)
         tensors = {k: v for k, v in tensors.items() if k not in exports}  # derived: written for HF PEFT only
         unexpected = sorted(set(tensors) - set(keys))
         missing = sorted(set(keys) - set(tensors))
-        derived = [k for k in unexpected if k in clashing_exports(self._handle)]
+        derived = [k for k in unexpected if k in clashing_exports(self._handles[adapter_name])]
         if derived:
             raise ValueError(f"{source} holds only {derived}, HF PEFT's single derived table, but this model's "
-                             f"{self._config().peft_type} is made of several deltas (e.g. separate encoder, decoder and "
+                             f"{self._config(adapter_name).peft_type} is made of several deltas (e.g. separate encoder, decoder and "
                              f"cross-attention prefixes) that one table cannot fill; HF PEFT's layout for this model "
                              f"is not supported")
         if unexpected or missing:
@@ -267,13 +433,11 @@ class PeftModel(nn.Module):
 # arguments reach the model in its own order; named arguments left at None are not passed on, so the model's own
 # defaults apply.
 def _call(peft: PeftModel, positional: tuple, named: dict, kwargs: dict):
-    if kwargs.get("fused_lm_head"):
-        check_fused_lm_head(peft)
     named = {k: v for k, v in named.items() if v is not None}
     if positional:  # the model's own positional order after input_ids, attention_mask
-        return peft.base_model.model(named.pop("input_ids", None), named.pop("attention_mask", None), *positional,
-                                     **named, **kwargs)
-    return peft.base_model.model(**named, **kwargs)
+        return PeftModel.forward(peft, named.pop("input_ids", None), named.pop("attention_mask", None), *positional,
+                                 **named, **kwargs)
+    return PeftModel.forward(peft, **named, **kwargs)  # fused_lm_head check, adapter_names
 
 
 class _InputsAndLabels(PeftModel):
@@ -347,6 +511,12 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     `autocast_adapter_dtype` (HF PEFT's name): trainable parameters over a bf16/fp16 or quantized base are fp32
     (default) and compute in the activation dtype; False keeps them in the base's dtype."""
     return peft_model_class(peft_config)(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+# public names of transformers' PeftAdapterMixin (on every PreTrainedModel): never answered by the base model
+_TRANSFORMERS_PEFT_NAMES = frozenset({"active_adapters", "add_adapter", "delete_adapter", "disable_adapters",
+                                      "enable_adapters", "enable_peft_hotswap", "get_adapter_state_dict",
+                                      "load_adapter", "set_adapter"})
 
 
 def _n_weights(p: torch.Tensor) -> int:

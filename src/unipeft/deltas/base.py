@@ -20,6 +20,11 @@ class DeltaModule(nn.Module):
     `hf_keys`: parameter name -> HF PEFT key suffix, for checkpoint compatibility (empty: our own names).
     `host_aware`: the constructor takes `host=` (the module it sits on), `scale=` (the insertion's s) and
     `where=` (the host's name, for errors): deltas that read the host weight (DoRA, PiSSA/OLoRA inits).
+    `layout`: parameter name -> "slot.suffix": where the parameter lives in the model, `<host>.<slot>.<adapter>.
+    <suffix>` (HF PEFT's module layout, e.g. LoRA's A at `lora_A.<adapter>.weight`; see positions/layout.py).
+    Parameters not named stay on the delta, at `<host>.<insertion name>.<adapter>.<name>`. Placed parameters are
+    still read as `self.<name>`; `delta_parameters(delta)` lists all of a delta's parameters under its own names
+    (`delta.parameters()` no longer holds the placed ones; overriding it would make torch.compile give up).
     """
 
     spec_type: ClassVar[type]
@@ -31,6 +36,20 @@ class DeltaModule(nn.Module):
     # varies (or names it as `variant_of`); build_delta picks it for such hosts. Deltas with no variant for a host
     # refuse it.
     host_types: ClassVar[tuple] = ()
+    layout: ClassVar[dict[str, str]] = {}
+
+    def __init__(self):
+        super().__init__()
+        self._placed: dict[str, tuple[nn.Module, str]] = {}  # name -> (module holding it, its attribute there)
+
+    def __setattr__(self, name: str, value) -> None:
+        placed = self.__dict__.get("_placed")
+        if placed and name in placed:
+            mod, attr = placed[name]
+            setattr(mod, attr, value)
+        else:
+            super().__setattr__(name, value)
+
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -40,6 +59,8 @@ class DeltaModule(nn.Module):
             _HOST_VARIANTS.setdefault(base, []).append(cls)
         elif getattr(cls, "spec_type", None) is not None:
             _BUILDERS[cls.spec_type] = cls
+        for name in cls.__dict__.get("layout", {}):
+            setattr(cls, name, property(_placed_getter(name)))  # a property, not __getattr__: torch.compile reads it
 
     @classmethod
     def for_host(cls, host, where: str = "") -> type:
@@ -63,6 +84,27 @@ class DeltaModule(nn.Module):
 
 
 _HOST_KW = ("host", "scale", "where")
+
+
+def delta_parameters(delta: nn.Module):
+    """(name, parameter) for every parameter of a delta, those placed in HF's layout slots first."""
+    for name, (mod, attr) in getattr(delta, "_placed", {}).items():
+        yield name, getattr(mod, attr)
+    yield from delta.named_parameters()
+
+
+def _placed_getter(name: str):
+    def get(self):
+        placed = self.__dict__.get("_placed")
+        if placed and name in placed:
+            mod, attr = placed[name]
+            return getattr(mod, attr)
+        try:
+            return self._parameters[name]
+        except KeyError:
+            raise AttributeError(name) from None  # not made yet (register_parameter asks hasattr first)
+
+    return get
 
 
 def build_delta(spec, d_in: int, d_out: int, **kw) -> DeltaModule:

@@ -33,6 +33,7 @@ class WeightDecomposed(LowRank):
 class DoraDelta(LowRankDelta):
     spec_type = WeightDecomposed
     hf_keys = {**LowRankDelta.hf_keys, "m": "lora_magnitude_vector"}
+    layout = {**LowRankDelta.layout, "m": "lora_magnitude_vector.weight"}  # HF's lora_magnitude_vector.<adapter>.weight
 
     def __init__(self, spec: WeightDecomposed, d_in: int, d_out: int, *, host=None, scale: float = 1.0,
                  where: str = "", dtype=None, device=None, **kw):

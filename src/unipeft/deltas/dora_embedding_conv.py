@@ -22,6 +22,7 @@ class DoraConvDelta(ConvLowRankDelta):
     host_types = (nn.Conv1d, nn.Conv2d)
     variant_of = DoraDelta
     hf_keys = {**ConvLowRankDelta.hf_keys, "m": "lora_magnitude_vector"}
+    layout = {**ConvLowRankDelta.layout, "m": "lora_magnitude_vector.weight"}
 
     def __init__(self, spec, d_in: int, d_out: int, *, host=None, scale: float = 1.0, dtype=None, device=None, **kw):
         super().__init__(spec, d_in, d_out, host=host, scale=scale, dtype=dtype, device=device, **kw)
@@ -66,6 +67,7 @@ class DoraEmbeddingDelta(EmbeddingLowRankDelta):
     host_types = (nn.Embedding,)
     variant_of = DoraDelta
     hf_keys = {**EmbeddingLowRankDelta.hf_keys, "m": "lora_magnitude_vector"}
+    layout = {**EmbeddingLowRankDelta.layout, "m": "lora_magnitude_vector.weight"}
 
     def __init__(self, spec, d_in: int, d_out: int, *, host=None, scale: float = 1.0, dtype=None, device=None, **kw):
         super().__init__(spec, d_in, d_out, host=host, scale=scale, dtype=dtype, device=device, **kw)

@@ -20,6 +20,7 @@ from .low_rank import LowRankDelta
 class EmbeddingLowRankDelta(LowRankDelta):
     host_types = (nn.Embedding,)
     hf_keys = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
+    layout = {"A": "lora_embedding_A", "B": "lora_embedding_B"}  # HF's lora_embedding_A.<adapter> (a ParameterDict)
 
     def __init__(self, spec, d_in: int, d_out: int, *, host=None, where: str = "", dtype=None, device=None, **kw):
         if changes_base(spec.init):

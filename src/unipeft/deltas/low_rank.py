@@ -27,6 +27,7 @@ class LowRankDelta(DeltaModule):
     mergeable = True
     hf_keys = {"A": "lora_A.weight", "B": "lora_B.weight"}
     host_aware = True
+    layout = {"A": "lora_A.weight", "B": "lora_B.weight"}  # HF's lora_A.<adapter>.weight
 
     def __init__(self, spec: LowRank, d_in: int, d_out: int, *, side: str = "out", dtype=None, device=None,
                  host=None, scale: float = 1.0, where: str = ""):

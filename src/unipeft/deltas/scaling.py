@@ -17,6 +17,7 @@ class ScalingDelta(DeltaModule):
     spec_type = Scaling
     mergeable = True
     hf_keys = {"l": "ia3_l"}
+    layout = {"l": "ia3_l"}  # HF's ia3_l.<adapter>
 
     def __init__(self, spec: Scaling, d_in: int, d_out: int, *, side: str = "out", dtype=None, device=None):
         super().__init__()

@@ -5,11 +5,17 @@ prompt learning). Deltas that exist in HF PEFT declare their HF names (`hf_keys`
 lora_A.weight) and are written under them; deltas whose HF form is a derived tensor (a prefix table made by
 an MLP, P-tuning's encoder output) export it under its HF name (`hf_tensors`) beside their own weights,
 so HF PEFT loads our files and we can still resume training from them.
+
+The model holds each adapter under its name (HF's module layout, `q_proj.lora_A.<adapter>.weight`; see
+positions/layout.py); file keys drop that segment, as HF PEFT's files do, so they are computed from the site
+(`<host>.<insertion name>.<param>`, or the delta's HF name) and never from the module path.
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from ..deltas.base import delta_parameters
 
 
 def _unique_sites(handle):
@@ -23,18 +29,19 @@ def _unique_sites(handle):
 def file_keys(handle, hf_names: bool, prefix: str) -> dict[str, tuple[str, nn.Parameter]]:
     """file key -> (parameter path in the model, parameter), for every parameter the adapter owns."""
     out: dict[str, tuple[str, nn.Parameter]] = {}
+    where = {id(p): n for n, p in handle.adapter_parameters().items()}  # the paths in the module layout
     hf_hosts = set()
     for s in _unique_sites(handle):
         hf = hf_names and bool(type(s.delta).hf_keys)
         if hf:
             hf_hosts.add(s.host_name)
-        for pname, p in s.delta.named_parameters():
-            path = f"{s.path}.{pname}"
-            key = f"{s.host_name}.{type(s.delta).hf_keys[pname]}" if hf and pname in type(s.delta).hf_keys else path
-            out[prefix + key] = (path, p)
+        for pname, p in delta_parameters(s.delta):
+            stem = f"{s.path}.{pname}"
+            key = f"{s.host_name}.{type(s.delta).hf_keys[pname]}" if hf and pname in type(s.delta).hf_keys else stem
+            out[prefix + key] = (where.get(id(p), stem), p)
     for c in handle.copies:
         for pname, p in c.copy.named_parameters():
-            out[f"{prefix}{c.name}.{pname}"] = (f"{c.name}.{pname}", p)
+            out[f"{prefix}{c.name}.{pname}"] = (where.get(id(p), f"{c.name}.{pname}"), p)
     for name, p, _ in handle.trainable_base:
         host = name.rsplit(".", 1)[0]
         key = f"{host}.base_layer.bias" if host in hf_hosts else name  # HF PEFT wraps the biased linear

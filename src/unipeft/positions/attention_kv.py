@@ -16,6 +16,7 @@ keys outnumber queries. Prefix K/V have the model's KV-head count (GQA).
 from __future__ import annotations
 
 import inspect
+import weakref
 import sys
 
 import torch
@@ -81,7 +82,7 @@ def make_seam(base_name: str):
 
     def seam(module, query, key, value, attention_mask, **kwargs):
         base = ALL[base_name] if base_name in ALL else _eager_of(module)
-        site = getattr(module, "_unipeft_kv", None)
+        site = _site_of(module)
         if site is not None and site.capture is not None:  # recording real tokens' keys/values
             site.capture[site] = (key, value)
             return base(module, query, key, value, attention_mask, **kwargs)
@@ -100,6 +101,18 @@ def make_seam(base_name: str):
         return base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask, **kwargs)
 
     return seam
+
+
+def _site_of(module):
+    """The prefix site that acts at this attention module now: the one recording, or the active adapter's."""
+    sites = getattr(module, "_unipeft_kv", ())
+    if len(sites) <= 1:
+        return sites[0] if sites else None
+    on = [s for s in sites if s.capture is not None] or [s for s in sites if s.active]
+    if len(on) > 1:
+        raise ValueError(f"prefixes of adapters {[s.switch.adapter for s in on]} are active together at one attention "
+                         f"module; activate one of them (set_adapter)")
+    return on[0] if on else sites[0]
 
 
 def _eager_of(module):
@@ -142,14 +155,15 @@ def check_seam(module: nn.Module, name: str) -> None:
 VALID_FORMS = {(Form.PARALLEL, Compose.GATE)}
 
 
-def check_insertion(ins: Insertion, module: nn.Module, name: str) -> None:
-    """Refuse what a prefix cannot compute, and a second prefix on one attention (one would silently win)."""
+def check_insertion(ins: Insertion, module: nn.Module, name: str, adapter: str = "default") -> None:
+    """Refuse what a prefix cannot compute, and a second prefix of one adapter on one attention (one would
+    silently win; prefixes of different adapters take turns, see _site_of)."""
     if (ins.form, ins.compose) not in VALID_FORMS:
         raise ValueError(f"a prefix at attention keys/values computes form={Form.PARALLEL.value!r}, "
                          f"compose={Compose.GATE.value!r} (the softmax-mass gate); got form={ins.form.value!r}, "
                          f"compose={ins.compose.value!r}, which would be a label only. Valid: "
                          f"{sorted((f.value, c.value) for f, c in VALID_FORMS)}")
-    other = getattr(module, "_unipeft_kv", None)
+    other = next((s for s in getattr(module, "_unipeft_kv", ()) if s.switch.adapter == adapter), None)
     if other is not None:
         raise ValueError(f"{name} already holds the prefix {other.ins.name!r}; two prefixes on one attention are not "
                          f"supported (the second would replace the first). Use one prefix with more virtual tokens, "
@@ -172,7 +186,7 @@ class AttentionKVSite:
         self.host, self.host_name, self.ins, self.delta, self.slot, self.switch = module, name, ins, delta, slot, switch
         self.merged, self.path, self.capture = False, root_name, None
         self.bias_source = bias_source if ins.position.position_shift else None
-        module._unipeft_kv = self
+        module.__dict__.setdefault("_unipeft_kv", []).append(self)  # one per adapter
 
     def prefix_bias(self, q_len: int, kv_len: int, P: int):
         """(1, H, q_len, P): the relative bias queries at P + past + i give to cached positions 0..P-1 (HF PEFT's
@@ -193,23 +207,39 @@ class AttentionKVSite:
         pass
 
     def remove(self):
-        if getattr(self.host, "_unipeft_kv", None) is self:
-            del self.host._unipeft_kv
+        sites = self.host.__dict__.get("_unipeft_kv", [])
+        if self in sites:
+            sites.remove(self)
+        if not sites:
+            self.host.__dict__.pop("_unipeft_kv", None)
 
 
 class SeamConfigs:
-    """Switches every config of the model to the seam implementation, and back on remove()."""
+    """Switches every config of the model to the seam implementation, and back when the last adapter that
+    needs it is removed (adapters with prefixes share the switch)."""
+
+    _users: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (count, saved implementations)
 
     def __init__(self, model: nn.Module):
         from transformers import PretrainedConfig
 
-        cfgs = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
-        self.saved = [(c, c._attn_implementation) for c in cfgs.values()]
-        for c, impl in self.saved:
-            c._attn_implementation = seam_name(impl or "eager")
+        self.model = model
+        count, saved = self._users.get(model, (0, None))
+        if saved is None:
+            cfgs = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
+            saved = [(c, c._attn_implementation) for c in cfgs.values()]
+            for c, impl in saved:
+                c._attn_implementation = seam_name(impl or "eager")
+        self._users[model] = (count + 1, saved)
+        self.saved = saved
 
     def remove(self):
-        for c, impl in self.saved:
+        count, saved = self._users.get(self.model, (1, self.saved))
+        if count > 1:
+            self._users[self.model] = (count - 1, saved)
+            return
+        self._users.pop(self.model, None)
+        for c, impl in saved:
             c._attn_implementation = impl
 
 

@@ -11,29 +11,42 @@ import torch
 from torch import nn
 
 from ..spec import Compose, Insertion
+from .layout import check_adapter_name, place_delta, unplace_delta
 
 
 class Switch:
-    """Shared on/off state of one adapter (disable_adapter() flips it)."""
+    """Shared on/off state of one adapter (disable_adapter() and set_adapter() flip it), and its name."""
 
-    def __init__(self):
-        self.on = True
+    def __init__(self, adapter: str = "default"):
+        check_adapter_name(adapter)
+        self.on, self.adapter = True, adapter
+        self.rows: torch.Tensor | None = None  # in a mixed-adapter batch: the rows this adapter serves
+
+
+def on_rows(switch: Switch, h: torch.Tensor, fn, *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(h, *inputs) on the batch rows the adapter serves: all of them, or in a mixed-adapter batch its group
+    (one call per adapter, not per row; the other rows pass through unchanged)."""
+    rows = switch.rows
+    if rows is None:
+        return fn(h, *inputs)
+    return h.index_put((rows,), fn(h[rows], *(x[rows] for x in inputs)))
 
 
 class Site:
+    rowwise = True  # acts on each batch row separately, so it can serve a group of rows (mixed-adapter batches)
+
     def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch,
                  attr: str | None = None):
-        attr = attr or ins.name  # the delta's attribute on its host (several parts of one fused linear differ)
-        if attr in host._modules:
-            raise ValueError(f"{host_name} already holds a delta named {attr!r}; give the insertion another name")
         self.host, self.host_name, self.ins, self.delta, self.switch = host, host_name, ins, delta, switch
-        self.attr = attr
+        # the delta's name on its host: the insertion's, or its own for each part of one fused linear, whose HF
+        # slots (lora_A.<adapter>, ...) would clash, so its parameters stay on the delta
+        self.attr, self._slots = attr or ins.name, attr is None
         self.merged = False
         self._hooks: list = []
         if ins.compose == Compose.LEARNED:  # the learned scale s lives with its delta
             p = next(delta.parameters(), None)
             delta.register_parameter("scale", nn.Parameter(torch.tensor(float(ins.scale), dtype=p.dtype if p is not None else None)))
-        host.add_module(attr, delta)
+        place_delta(host, self.attr, switch.adapter, delta, host_name, slots=self._slots)  # <host>.<attr>.<adapter>
 
     @property
     def s(self):
@@ -44,7 +57,7 @@ class Site:
         return self.switch.on and not self.merged
 
     @property
-    def path(self) -> str:
+    def path(self) -> str:  # the file-key stem (HF PEFT's files have no adapter segment)
         return f"{self.host_name}.{self.attr}" if self.host_name else self.attr
 
     def hook(self, handle) -> None:
@@ -63,8 +76,7 @@ class Site:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if self.host._modules.get(self.attr) is self.delta:
-            del self.host._modules[self.attr]
+        unplace_delta(self.host, self.attr, self.switch.adapter, self.delta)
 
 
 def first_input(args, kwargs):

@@ -1,9 +1,12 @@
-"""`modules_to_save`: a trainable copy of a whole module (a task head) swapped in for the original.
+"""`modules_to_save`: trainable copies of a whole module (a task head), HF PEFT's ModulesToSaveWrapper layout.
 
-The original object is kept untouched and swapped back by `disable()`/`remove()`, so disabling the adapter
-or removing it restores the base model bit-exactly. State-dict keys stay the original module's.
+The head is replaced by a `HeadCopies` module holding the untouched original at `<head>.original_module` and
+each adapter's trainable copy at `<head>.modules_to_save.<adapter>`. Both live in the module tree, so `.to()`,
+`.double()` or `.half()` after injection move the original too (disable_adapter() and unload() then give a
+head on the model's device and dtype). Forward runs the copy of the active adapter, or the original when
+none is active. Removing the last copy puts the original object back; checkpoint keys stay the head's own.
 
-With `dtype` (fp32 over a half-precision base) the copy's floating parameters are stored and computed in that
+With `dtype` (fp32 over a half-precision base) a copy's floating parameters are stored and computed in that
 dtype: its inputs are cast to it and its output back to the input's dtype, so the rest of the model is unchanged.
 """
 
@@ -15,10 +18,50 @@ import torch
 from torch import nn
 
 
+class HeadCopies(nn.Module):
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.use: str | None = None  # the adapter whose copy runs; None: the original
+        self.groups: list | None = None  # mixed-adapter batch: [(adapter or None, rows)] covering every row
+
+    @property
+    def current(self) -> nn.Module:
+        copies = self._modules["modules_to_save"]._modules
+        return copies[self.use] if self.use is not None else self._modules["original_module"]
+
+    def forward(self, *args, **kwargs):
+        if self.groups is None:
+            return self.current(*args, **kwargs)
+        x, rest = args[0], args[1:]  # a mixed-adapter batch: each group of rows through its own head
+        copies, out = self._modules["modules_to_save"]._modules, None
+        for adapter, rows in self.groups:
+            head = copies[adapter] if adapter is not None else self._modules["original_module"]
+            y = head(x[rows], *rest, **kwargs)
+            out = y.new_zeros((x.shape[0],) + y.shape[1:]) if out is None else out
+            out = out.index_put((rows,), y)
+        return out
+
+    def __getattr__(self, name: str):  # e.g. model code reading `score.weight.dtype`
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.current, name)
+
+
 class TrainableCopy:
-    def __init__(self, parent: nn.Module, attr: str, name: str, dtype: torch.dtype | None = None):
-        self.parent, self.attr, self.name = parent, attr, name
-        self.original = parent._modules[attr]
+    def __init__(self, parent: nn.Module, attr: str, name: str, adapter: str = "default",
+                 dtype: torch.dtype | None = None):
+        self.parent, self.attr, self.name, self.adapter = parent, attr, name, adapter
+        held = parent._modules[attr]
+        if not isinstance(held, HeadCopies):
+            held = HeadCopies(held)
+        if adapter in held.modules_to_save:
+            raise ValueError(f"{name} already holds a copy for adapter {adapter!r}")
+        self.wrapper, self.original = held, held.original_module
         self.copy = copy.deepcopy(self.original)
         if dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in self.copy.parameters()):
             self.copy.to(dtype)  # floating tensors only; .to(dtype) leaves integer buffers alone
@@ -26,13 +69,31 @@ class TrainableCopy:
             self.copy.register_forward_hook(_cast_output_back)
         for p in self.copy.parameters():
             p.requires_grad_(True)
-        parent._modules[attr] = self.copy
+        held.modules_to_save[adapter] = self.copy
+        held.use = adapter
+        parent._modules[attr] = held
 
     def set_enabled(self, on: bool) -> None:
-        self.parent._modules[self.attr] = self.copy if on else self.original
+        if on:
+            self.wrapper.use = self.adapter
+        elif self.wrapper.use == self.adapter:
+            self.wrapper.use = None
 
     def remove(self) -> nn.Module:
-        self.parent._modules[self.attr] = self.original
+        """Drop this adapter's copy; the last one out puts the original module back. Returns the copy."""
+        w = self.wrapper
+        if w.modules_to_save._modules.get(self.adapter) is self.copy:
+            del w.modules_to_save[self.adapter]
+        if w.use == self.adapter:
+            w.use = None
+        if not len(w.modules_to_save) and self.parent._modules.get(self.attr) is w:
+            self.parent._modules[self.attr] = self.original
+        return self.copy
+
+    def keep(self) -> nn.Module:
+        """Put this adapter's trained copy in place of the head (merge_and_unload)."""
+        self.remove()
+        self.parent._modules[self.attr] = self.copy
         return self.copy
 
 

@@ -16,7 +16,7 @@ recomputation runs the hooks again in the same order, so the capture stays consi
 from __future__ import annotations
 
 from ..spec import Form, Insertion
-from .base import Site, first_input, map_output
+from .base import Site, first_input, map_output, on_rows
 from .. import functional as Fn
 
 
@@ -41,13 +41,15 @@ class SublayerDeltaSite(Site):
     def _sequential(self, module, args, out):
         if not self.active:
             return out
-        return map_output(out, lambda h: Fn.compose(h, self.delta(h), self.s))
+        return map_output(out, lambda h: on_rows(self.switch, h, lambda h: Fn.compose(h, self.delta(h), self.s)))
+
+    def _add_delta_of(self, x):
+        return lambda h: on_rows(self.switch, h, lambda h, x: Fn.compose(h, self.delta(x), self.s), x)
 
     def _parallel_same(self, module, args, kwargs, out):
         if not self.active:
             return out
-        x = first_input(args, kwargs)
-        return map_output(out, lambda h: Fn.compose(h, self.delta(x), self.s))
+        return map_output(out, self._add_delta_of(first_input(args, kwargs)))
 
     def _capture(self, module, args, kwargs):
         self._x = first_input(args, kwargs) if self.active else None
@@ -56,13 +58,14 @@ class SublayerDeltaSite(Site):
         x, self._x = self._x, None
         if not self.active or x is None:
             return out
-        return map_output(out, lambda h: Fn.compose(h, self.delta(x), self.s))
+        return map_output(out, self._add_delta_of(x))
 
     def _before_norm(self, norm, args, kwargs):
         if not self.active:
             return None
         z = first_input(args, kwargs)
-        z = Fn.compose(z, self.delta(norm.forward(z)), self.s)  # .forward: N z without re-entering this hook
+        # .forward: N z without re-entering this hook
+        z = on_rows(self.switch, z, lambda z: Fn.compose(z, self.delta(norm.forward(z)), self.s))
         if args:
             return (z,) + tuple(args[1:]), kwargs
         key = next(k for k in ("hidden_states", "x", "input") if k in kwargs)

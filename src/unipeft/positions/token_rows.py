@@ -8,7 +8,7 @@ from typing import Union
 
 from torch import nn
 
-from ..deltas import DeltaModule, build_delta
+from ..deltas import build_delta
 from ..inject import position_installer
 from .weight import LinearDeltaSite
 
@@ -35,7 +35,7 @@ def _install_token_rows(model, ins, arch, handle) -> list:
     name, emb = _find_embedding(model, ins.position.embedding)
     if not isinstance(emb, nn.Embedding):
         raise ValueError(f"trainable_token_indices needs an nn.Embedding at {name}, found {type(emb).__name__}")
-    if any(isinstance(c, DeltaModule) for c in emb.children()):
+    if any(s.host is emb for s in handle.sites):  # this adapter's deltas installed so far
         raise ValueError(f"{name} already holds a delta (it is in target_modules); trainable_token_indices on the "
                          f"same embedding is not supported: drop it from target_modules")
     delta = build_delta(ins.delta, emb.num_embeddings, emb.embedding_dim, host=emb, where=name)

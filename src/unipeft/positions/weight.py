@@ -23,7 +23,7 @@ from ..arch.resolve import adaptable_dims
 from ..deltas.dropout import DropoutCache
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
-from .base import Site
+from .base import Site, on_rows
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
 
@@ -88,19 +88,19 @@ class LinearDeltaSite(Site):
         if not self.active:
             return out
         if self._fused:
-            return self.delta.add_scaled(out, args[0], float(self.s))
-        return Fn.compose(out, self.delta(args[0]), self.s)
+            return on_rows(self.switch, out, lambda h, x: self.delta.add_scaled(h, x, float(self.s)), args[0])
+        return on_rows(self.switch, out, lambda h, x: Fn.compose(h, self.delta(x), self.s), args[0])
 
     def _sequential(self, module, args, out):
-        return Fn.compose(out, self.delta(out), self.s) if self.active else out
+        return on_rows(self.switch, out, lambda h: Fn.compose(h, self.delta(h), self.s)) if self.active else out
 
     def _scale_output(self, module, args, out):
-        return out * self.delta(out) if self.active else out
+        return on_rows(self.switch, out, lambda h: h * self.delta(h)) if self.active else out
 
     def _scale_input(self, module, args):
         if not self.active:
             return None
-        return (args[0] * self.delta(args[0]),) + tuple(args[1:])
+        return (on_rows(self.switch, args[0], lambda x: x * self.delta(x)),) + tuple(args[1:])
 
     # merge -----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,63 @@
+"""Mixed-adapter batches: `model(..., adapter_names=["a", "b", "__base__", ...])`, one adapter per row.
+
+Each adapter named in the batch is switched on for its group of rows only (`Switch.rows`): every site runs
+its delta once on that group (grouped per adapter, not row by row) and leaves the other rows unchanged; rows
+named "__base__" see no adapter. Task-head copies run per group too. Only sites that act on each row
+separately can do this (low-rank, scaling, bottleneck deltas); prefixes and prompts change the sequence
+length or attention of the whole batch and are refused, as are merged adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+BASE = "__base__"
+
+
+def batch_size(args, kwargs) -> int:
+    for x in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(x, torch.Tensor):
+            return x.shape[0]
+    raise ValueError("adapter_names needs input_ids or inputs_embeds to know the batch size")
+
+
+@contextlib.contextmanager
+def mixed_batch(handles: dict, adapter_names, n_rows: int, device):
+    names = list(adapter_names)
+    if len(names) != n_rows:
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {n_rows} rows; give one adapter "
+                         f"name (or {BASE!r}) per row")
+    unknown = sorted(set(names) - set(handles) - {BASE})
+    if unknown:
+        raise ValueError(f"adapter_names names unknown adapter(s) {unknown}; this model has {list(handles)} "
+                         f"(and {BASE!r} for the base model)")
+    for name in dict.fromkeys(names):
+        h = handles.get(name)
+        if h is None:
+            continue
+        if h.merged or any(s.merged for s in h.sites):
+            raise ValueError(f"adapter {name!r} is merged into the weights, so it cannot serve only some rows; "
+                             f"unmerge_adapter() first")
+        not_rowwise = [type(s).__name__ for s in h.sites if not getattr(s, "rowwise", False)]
+        if not_rowwise:
+            raise ValueError(f"adapter {name!r} ({not_rowwise[0]}: prefixes or prompts) changes the attention or the "
+                             f"sequence of the whole batch, so it cannot serve a group of rows; mixed-adapter batches "
+                             f"support LoRA, IA3 and bottleneck adapters. Run prompt-family adapters one at a time")
+    rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device) for n in dict.fromkeys(names)}
+    saved = [(h, h.switch.on, h.switch.rows) for h in handles.values()]
+    wrappers = {id(c.wrapper): c.wrapper for h in handles.values() for c in h.copies}
+    try:
+        for name, h in handles.items():
+            h.switch.on, h.switch.rows = name in rows, rows.get(name)
+        for w in wrappers.values():
+            served = [(a, rows[a]) for a in w.modules_to_save._modules if a in rows]
+            rest = [i for i, m in enumerate(names) if m not in dict(served)]
+            w.groups = served + ([(None, torch.tensor(rest, device=device))] if rest else [])
+        yield
+    finally:
+        for h, on, r in saved:
+            h.switch.on, h.switch.rows = on, r
+        for w in wrappers.values():
+            w.groups = None
