@@ -62,7 +62,7 @@ def test_compiled_lora_learns_no_sibling_groups_when_compiled_first():
     torch.compiler.reset()
     compiled = _loss_and_grads(torch.compile(peft, fullgraph=True), peft, b)
     _assert_close(compiled, _loss_and_grads(peft, peft, b))
-    sib = peft.get_base_model().model.layers[0].self_attn.q_proj.lora.siblings
+    sib = peft.get_base_model().model.layers[0].self_attn.q_proj.lora.default.siblings
     assert len(sib._groups) == 0 and len(sib) == 0  # the compiled pass left no eager bookkeeping behind
 
 
@@ -92,7 +92,7 @@ def test_sibling_groups_wait_for_the_backward_of_the_forward_that_found_them():
         if getattr(m, "siblings", None) is not None:
             m.siblings.enabled = False
     ckpt.gradient_checkpointing_enable()
-    sib = ckpt.get_base_model().model.layers[0].self_attn.q_proj.lora.siblings
+    sib = ckpt.get_base_model().model.layers[0].self_attn.q_proj.lora.default.siblings
     out = []
     for peft in (ref, ckpt):
         peft.train()

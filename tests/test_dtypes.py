@@ -105,8 +105,8 @@ def test_bf16_merge_accumulates_in_fp32():
                                             init_lora_weights=False))
     q = peft.get_base_model().model.layers[0].self_attn.q_proj
     W = q.weight.detach().float().clone()
-    A = next(p for n, p in q.named_parameters() if n.endswith(".A")).detach().double()
-    B = next(p for n, p in q.named_parameters() if n.endswith(".B")).detach().double()
+    A = next(p for n, p in q.named_parameters() if n.endswith("lora_A.default.weight")).detach().double()
+    B = next(p for n, p in q.named_parameters() if n.endswith("lora_B.default.weight")).detach().double()
     peft.merge_adapter()
     expected = (W.double() + (8 / 4) * (B @ A)).to(torch.bfloat16)  # W + (α/r)·B·A by the paper's formula
     # fp32 accumulation: the same as rounding the exact sum once (a few ulps at most, never a bf16-sum error)

@@ -177,7 +177,8 @@ def test_family_row(method, arch, tmp_path):
             peft.merge_adapter()  # fp32 rounding of W + ΔW: 1e-5 relative to the logits' scale
             torch.testing.assert_close(logits_of(peft, b), out, rtol=0, atol=1e-5 * max(1.0, out.abs().max().item()))
             peft.unmerge_adapter()
-        params = dict(base.named_parameters())
+        # the base's own parameters (a task head's original sits at <head>.original_module, HF's layout)
+        params = {n.replace(".original_module.", "."): p for n, p in base.named_parameters()}
         for n, q in ref.named_parameters():
             torch.testing.assert_close(params[n], q, rtol=0, atol=1e-6, msg=n)
 

@@ -235,8 +235,8 @@ def test_load_adapter_refuses_another_config(tmp_path):
     other = get_peft_model(tiny_llama(0, tie_word_embeddings=True), LoraConfig(**{**LORA, "lora_alpha": 16}))
     with pytest.raises(ValueError, match="lora_alpha"):
         other.load_adapter(str(tmp_path / "a"), "default")
-    with pytest.raises(NotImplementedError, match="holds only"):
-        peft.load_adapter(str(tmp_path / "a"), "second")
+    peft.load_adapter(str(tmp_path / "a"), "second")  # another name: a second adapter beside the first
+    assert peft.active_adapters == ["default"] and set(peft.peft_config) == {"default", "second"}
 
 
 OTHER_METHODS = {
