@@ -165,3 +165,19 @@ def test_removing_the_adapter_removes_the_hooks():
     assert model is base and not hasattr(model, "_unipeft_chunked_loss")
     model.train()
     assert model(**_batch("llama")).logits is not None
+
+
+def test_a_prompt_adapter_added_later_still_gets_the_right_loss():
+    """The chunked-loss hook is installed with the first adapter; a prompt adapter added afterwards prepends its
+    virtual positions after the labels were taken, so those positions get no target (as the model's own loss)."""
+    from unipeft import PromptTuningConfig
+
+    torch.manual_seed(0)
+    peft = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=2))
+    peft.add_adapter("prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    peft.set_adapter("prompt")
+    peft.train()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    chunked = peft(input_ids=ids, labels=ids).loss
+    own = peft(input_ids=ids, labels=ids, skip_logits=False).loss
+    torch.testing.assert_close(chunked, own, rtol=0, atol=1e-5)

@@ -241,8 +241,14 @@ class ChunkedLoss:
         if state["hidden"] is None:
             raise RuntimeError(f"{type(module).__name__} did not call its LM head; unipeft's chunked loss cannot be "
                                f"computed (pass skip_logits=False)")
-        head = self.head
-        loss = chunked_lm_loss(state["hidden"], head.weight, state["labels"], bias=head.bias, shift=state["shift"],
+        head, hidden, labels = self.head, state["hidden"], state["labels"]
+        extra = hidden.shape[-2] - labels.shape[-1]
+        if extra > 0:  # positions prepended after the labels were taken (a prompt adapter added later): no targets
+            labels = F.pad(labels, (extra, 0), value=IGNORE_INDEX)
+        elif extra < 0:
+            raise RuntimeError(f"{type(module).__name__}: {labels.shape[-1]} labels per row for {hidden.shape[-2]} "
+                               f"positions; pass skip_logits=False to use the model's own loss")
+        loss = chunked_lm_loss(hidden, head.weight, labels, bias=head.bias, shift=state["shift"],
                                num_items_in_batch=state["n"])
         aux = out.get("aux_loss") if hasattr(out, "get") else None
         if aux is not None:  # mixture-of-experts load balancing, as the model adds it to its own loss
