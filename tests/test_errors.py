@@ -160,3 +160,19 @@ def test_merging_a_non_mergeable_adapter_is_all_or_nothing():
     b = batch_for("llama")
     with torch.no_grad(), peft.disable_adapter():
         torch.testing.assert_close(logits_of(peft, b), logits_of(ref, b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("position,form,compose", [
+    ("sublayer", "parallel", "multiply"), ("sublayer", "sequential", "gate"),
+    ("linear", "parallel", "gate"), ("linear", "after_add_norm", "add"), ("linear", "sequential", "multiply")])
+def test_design_points_that_mean_nothing_are_refused(position, form, compose):
+    """Issue 14 item 4: a residual site used to add s·l for compose=multiply, and a linear site treated gate as add."""
+    from unipeft import AtLinear, AtSublayer, Compose, Form, Insertion, Scaling, Sublayer, inject
+
+    model = BUILDERS["llama"]()
+    pos = AtSublayer(sublayer=Sublayer.FFN) if position == "sublayer" else AtLinear(targets=("q_proj",))
+    ins = Insertion(delta=Scaling(), position=pos, form=Form(form), compose=Compose(compose), name="s")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="label only"):
+        inject(model, (ins,))
+    assert set(model.state_dict()) == set(before)  # nothing left behind

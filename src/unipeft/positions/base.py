@@ -34,9 +34,14 @@ def on_rows(switch: Switch, h: torch.Tensor, fn, *inputs: torch.Tensor) -> torch
 
 class Site:
     rowwise = True  # acts on each batch row separately, so it can serve a group of rows (mixed-adapter batches)
+    valid_forms: frozenset = frozenset()  # (Form, Compose) pairs the site computes; others would be labels only
 
     def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch,
                  attr: str | None = None):
+        if self.valid_forms and (ins.form, ins.compose) not in self.valid_forms:
+            raise ValueError(f"{host_name}: {type(self).__name__} does not compute form={ins.form.value!r} with "
+                             f"compose={ins.compose.value!r} (it would be a label only); valid here: "
+                             f"{sorted((f.value, c.value) for f, c in self.valid_forms)}")
         self.host, self.host_name, self.ins, self.delta, self.switch = host, host_name, ins, delta, switch
         # the delta's name on its host: the insertion's, or its own for each part of one fused linear, whose HF
         # slots (lora_A.<adapter>, ...) would clash, so its parameters stay on the delta

@@ -61,6 +61,10 @@ def sibling_passes(model, sites, extras) -> list:
 
 
 class LinearDeltaSite(Site):
+    valid_forms = frozenset({(Form.PARALLEL, Compose.ADD), (Form.PARALLEL, Compose.LEARNED),  # W x + s·Δ(x)
+                             (Form.SEQUENTIAL, Compose.ADD), (Form.SEQUENTIAL, Compose.LEARNED),  # h + s·Δ(h)
+                             (Form.PARALLEL, Compose.MULTIPLY)})  # IA3: h ⊙ l, or W (x ⊙ l) on the input side
+
     def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out", attr: str | None = None):
         super().__init__(host, host_name, ins, delta, switch, attr=attr)
         self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
