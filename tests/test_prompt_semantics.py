@@ -339,3 +339,21 @@ def test_prompt_tuning_text_init_follows_hf(text):
     theirs = hf.get_peft_model(_bert_big_vocab(), hf.PromptTuningConfig(**kw))
     want = theirs.prompt_encoder["default"].embedding.weight
     torch.testing.assert_close(ours.handle.sites[0].delta.embedding, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_roberta_right_padded_row_equals_row_alone(method):
+    """RoBERTa numbers positions from padding_idx + 1: a right-padded batch must keep the model's own numbering
+    (deriving 0-based positions from the mask moved every real token of a padded row by two)."""
+    model = BUILDERS["roberta"]()
+    peft = unipeft.get_peft_model(model, unipeft.methods()[method].factory(task_type="SEQ_CLS", num_virtual_tokens=3))
+    peft.eval()
+    g = torch.Generator().manual_seed(3)
+    short, pad = torch.randint(5, VOCAB, (1, 5), generator=g), torch.full((1, 3), model.config.pad_token_id)
+    batch = torch.cat([torch.cat([short, pad], 1), torch.randint(5, VOCAB, (1, 8), generator=g)])
+    mask = torch.ones_like(batch)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        padded = peft(input_ids=batch, attention_mask=mask).logits[0]
+        alone = peft(input_ids=short, attention_mask=torch.ones_like(short)).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)

@@ -48,12 +48,13 @@ def _max_positions(model) -> int | None:
 
 
 def positions_from_mask(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """Position ids of the last `length` tokens counted over real tokens only (None when no row is padded)."""
+    """Position ids of the last `length` tokens counted over real tokens only (None when no row is left-padded)."""
     if mask is None or mask.dim() != 2 or mask.shape[1] < length:
         return None
-    # unpadded: the model's own numbering (the same values for 0-based models); compiled graphs cannot branch on
-    # data, so they always derive, which gives the same positions on the 0-based families we register
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    # Only left padding moves real tokens: unpadded and right-padded rows keep the model's own numbering, which is
+    # not always 0-based (RoBERTa counts from padding_idx + 1). A compiled graph cannot branch on the mask's
+    # values, so it keeps the model's numbering too (as HF PEFT: left-padded rows then depend on their padding).
+    if torch.compiler.is_compiling() or not bool((mask[:, 0] == 0).any()):
         return None
     return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
