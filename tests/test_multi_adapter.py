@@ -415,3 +415,31 @@ def test_mixed_batch_refusals():
     peft.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
         peft(input_ids=ids, adapter_names=["default", "b"])
+
+
+def test_review_fixes_second_adapter_head_merged_rows_subfolder(tmp_path):
+    """all-linear on a second adapter never adapts the first one's head copy or slots; a merged adapter refuses
+    mixed batches even when not named; from_pretrained(subfolder=) loads that adapter, not the top one."""
+    import torch
+    from conftest import BUILDERS
+
+    import unipeft
+
+    model = BUILDERS["bert"]()
+    peft = unipeft.get_peft_model(model, unipeft.LoraConfig(task_type="SEQ_CLS", r=2))
+    peft.add_adapter("b", unipeft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules="all-linear"))
+    names = [n for n, _ in peft.named_parameters()]
+    assert not any(".modules_to_save." in n and "lora_" in n for n in names)
+    assert not any(".original_module." in n and "lora_" in n for n in names)
+    ids = torch.randint(3, 90, (2, 5))
+    peft.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        peft(input_ids=ids, adapter_names=["__base__", "b"])
+    peft.unmerge_adapter()
+    m2 = unipeft.get_peft_model(BUILDERS["llama"](), unipeft.LoraConfig(task_type="CAUSAL_LM", r=2,
+                                                                         target_modules=["q_proj"]))
+    m2.add_adapter("b", unipeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["v_proj"]))
+    m2.save_pretrained(tmp_path)
+    loaded = unipeft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path, subfolder="b")
+    assert any("v_proj.lora_A" in n for n, _ in loaded.named_parameters())
+    assert not any("q_proj.lora_A" in n for n, _ in loaded.named_parameters())

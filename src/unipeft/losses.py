@@ -203,6 +203,8 @@ class ChunkedLoss:
                 and head.weight.is_floating_point() and not torch.compiler.is_compiling()
                 and kwargs.get("return_dict", True) is not False and not kwargs.get("fused_lm_head")
                 and _is_zero(kwargs.get("logits_to_keep", 0))
+                and getattr(module, "final_logits_bias", None) is None  # BART family: logits + bias after the head
+                and getattr(cfg, "router_z_loss_coef", None) is None  # loss terms beyond aux_loss (Switch)
                 and all(getattr(cfg, k, None) in (None, 1, 1.0) for k in _LOGIT_SCALES))
 
     def _pre(self, module, args, kwargs):

@@ -33,6 +33,10 @@ def mixed_batch(handles: dict, adapter_names, n_rows: int, device):
     if unknown:
         raise ValueError(f"adapter_names names unknown adapter(s) {unknown}; this model has {list(handles)} "
                          f"(and {BASE!r} for the base model)")
+    merged = [n for n, h in handles.items() if h.merged or any(s.merged for s in h.sites)]
+    if merged:  # a merged adapter acts on every row, named or not
+        raise ValueError(f"adapter(s) {merged} are merged into the weights, so they act on every row; "
+                         f"unmerge_adapter() first")
     for name in dict.fromkeys(names):
         h = handles.get(name)
         if h is None:

@@ -108,7 +108,7 @@ class PeftModel(nn.Module):
         does to resume and for load_best_model_at_end). The folder's config must be this adapter's: same shapes
         with another lora_alpha would load without error and compute something else."""
         d = load_config_dict(folder)
-        varying = ("inference_mode", "base_model_name_or_path", "revision")
+        varying = ("inference_mode", "base_model_name_or_path", "revision", "auto_mapping")
         a = {k: v for k, v in self.peft_config[adapter_name].to_dict().items() if k not in varying}
         b = {k: v for k, v in config_class(d["peft_type"]).from_dict(d).to_dict().items() if k not in varying}
         if a != b:  # save_pretrained writes the resolved config, so a folder of this adapter matches as it is
@@ -182,6 +182,8 @@ class PeftModel(nn.Module):
         arch = find_arch(model)
         cfg = peft_config.resolved(model, arch)
         others = list(self._handles.values())
+        # trained biases are base parameters every adapter computes with: stricter than HF PEFT, a model with
+        # several adapters has none that trains them
         if others and (cfg.bias_mode() != "none" or any(h.trainable_base for h in others)):
             raise ValueError("only one adapter of a model may train the base model's biases (bias='all' or "
                              "'lora_only'), since every adapter shares them; use bias='none' for the others")
@@ -358,8 +360,10 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
                         config: PeftConfig | None = None, allow_pickle: bool = False,
-                        autocast_adapter_dtype: bool = True, **_) -> "PeftModel":
+                        autocast_adapter_dtype: bool = True, subfolder: str | None = None, **_) -> "PeftModel":
         folder = resolve_folder(model_id)
+        if subfolder:  # e.g. a non-default adapter of a multi-adapter save
+            folder = resolve_folder(folder / subfolder)
         if config is None:
             d = load_config_dict(folder)
             config = config_class(d["peft_type"]).from_dict(d)

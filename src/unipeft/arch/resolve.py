@@ -113,11 +113,24 @@ def _head_names(model: nn.Module, arch: ArchSpec | None) -> set[str]:
     return heads
 
 
+def _own_modules(model: nn.Module):
+    """(name, module) of the model's own modules: not those inside adapters' slots or task heads trained in full
+    (classes marking themselves `unipeft_internal`), so a second adapter never adapts the first one's parts."""
+    skip: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip):
+            continue
+        if getattr(type(mod), "unipeft_internal", False):  # a head trained in full counts as a head: not a target
+            skip.append(name + ".")
+            continue
+        yield name, mod
+
+
 def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> list[tuple[str, nn.Module]]:
     """The linear modules an AtLinear position names, in model order. Raises with suggestions if none match."""
     targets = pos.targets
     dims = linear_dims if targets == "all-linear" else adaptable_dims  # embeddings and convs only by name
-    linears = [(n, m) for n, m in model.named_modules() if n and dims(m) is not None]
+    linears = [(n, m) for n, m in _own_modules(model) if dims(m) is not None]
     if targets == "all-linear":
         heads = _head_names(model, arch)
         chosen = [(n, m) for n, m in linears if n not in heads]

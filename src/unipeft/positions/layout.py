@@ -16,6 +16,8 @@ from torch import nn
 class Slot(nn.Module):
     """One slot of a host: its members by adapter name."""
 
+    unipeft_internal = True  # never a target of another adapter (arch.resolve)
+
     def forward(self, *args, **kwargs):
         raise TypeError("a Slot only holds adapters' members; the host module's hooks use them")
 

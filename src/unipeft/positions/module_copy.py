@@ -19,6 +19,8 @@ from torch import nn
 
 
 class HeadCopies(nn.Module):
+    unipeft_internal = True  # neither the copies nor the original are targets of another adapter (arch.resolve)
+
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original_module = original
