@@ -15,6 +15,7 @@ import torch
 from .. import functional as Fn
 from ..arch.fused import FusedSlice
 from ..spec import Compose, Form, Insertion
+from .base import on_rows
 from .weight import LinearDeltaSite
 
 
@@ -31,17 +32,19 @@ class SlicedLinearDeltaSite(LinearDeltaSite):
     def path(self) -> str:
         return f"{self.part.host_name}.{self.attr}"
 
-    def _on_rows(self, out: torch.Tensor, fn) -> torch.Tensor:
+    def _on_rows(self, out: torch.Tensor, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        """fn on the part's output columns, for the batch rows this adapter serves (mixed batches: its group)."""
         a, b = self.part.start, self.part.stop
-        return torch.cat([out[..., :a], fn(out[..., a:b]), out[..., b:]], dim=-1)
+        cols = lambda h, *x: torch.cat([h[..., :a], fn(h[..., a:b], *x), h[..., b:]], dim=-1)  # noqa: E731
+        return on_rows(self.switch, out, cols, *inputs)
 
     # hooks -----------------------------------------------------------------------------------------
     def _parallel(self, module, args, out):
         if not self.active:
             return out
         if self._fused:
-            return self._on_rows(out, lambda h: self.delta.add_scaled(h, args[0], float(self.s)))
-        return self._on_rows(out, lambda h: Fn.compose(h, self.delta(args[0]), self.s))
+            return self._on_rows(out, lambda h, x: self.delta.add_scaled(h, x, float(self.s)), args[0])
+        return self._on_rows(out, lambda h, x: Fn.compose(h, self.delta(x), self.s), args[0])
 
     def _sequential(self, module, args, out):
         return self._on_rows(out, lambda h: Fn.compose(h, self.delta(h), self.s)) if self.active else out
