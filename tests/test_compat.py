@@ -299,3 +299,25 @@ def test_quantized_linears_built_through_public_bitsandbytes_calls():
                                               quant_storage=torch.uint8)
     assert torch.equal(q4.weight.data, ref)
     torch.testing.assert_close(dequantize_weight(q4), bnb.functional.dequantize_4bit(ref, state), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_prefix_seam_switched_through_set_attn_implementation(impl, monkeypatch):
+    """Prefix methods switch the model's attention to their seam through the public set_attn_implementation and
+    back on unload; the private setter (compat) is left for configs no PreTrainedModel owns."""
+    from transformers import PreTrainedModel
+
+    from unipeft import PrefixTuningConfig, get_peft_model
+
+    public, private = [], []
+    real = PreTrainedModel.set_attn_implementation
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation",
+                        lambda self, name, **kw: (public.append(name), real(self, name, **kw))[1])
+    import unipeft.positions.attention_kv as kv
+
+    monkeypatch.setattr(kv, "set_config_attn_implementation", lambda c, name: private.append(name))
+    model = tiny_llama(0, attn_implementation=impl)
+    peft = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert compat.attn_implementation(model.config) == f"unipeft_prefix_{impl}"
+    assert peft.unload() is model and compat.attn_implementation(model.config) == impl
+    assert public == [f"unipeft_prefix_{impl}", impl] and private == []
