@@ -193,24 +193,6 @@ def test_recognised_as_peft_model_by_transformers_and_accelerate(peft_world):
     assert not _is_peft_model(peft.get_base_model()) and not is_peft_model(torch.nn.Linear(2, 2))
 
 
-def test_compat_names_exist():
-    """The private names unipeft.integrations.compat relies on (see its docstring)."""
-    import accelerate.utils
-    import accelerate.utils.modeling
-    import transformers.trainer
-    import transformers.trainer_utils
-
-    assert callable(transformers.trainer_utils._is_peft_model)
-    assert "_is_peft_model" in vars(transformers.trainer) and "is_peft_available" in vars(transformers.trainer)
-    src = inspect.getsource(Trainer._save)
-    assert "(PreTrainedModel,) if not is_peft_available() else (PreTrainedModel, PeftModel)" in src
-    assert callable(accelerate.utils.is_peft_model) and callable(accelerate.utils.modeling.is_peft_model)
-    assert "model.load_adapter(resume_from_checkpoint, active_adapter, is_trainable=True)" in inspect.getsource(
-        Trainer._load_from_checkpoint)
-    assert "model.load_adapter(self.state.best_model_checkpoint, active_adapter)" in inspect.getsource(
-        Trainer._load_best_model)
-
-
 def test_imported_after_the_model_is_built(tmp_path):
     """transformers.Trainer imported only after get_peft_model still recognises the model (a fresh process)."""
     import subprocess

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .compat import set_checkpoint_function
+
 
 def checkpoint_function(offload: bool = False, **kwargs):
     """A `checkpoint`-like callable (fn, *args, **kw) for transformers' layers; `kwargs` go to checkpoint."""
@@ -40,7 +42,5 @@ def enable_gradient_checkpointing(model: nn.Module, *, offload: bool = False, ch
         enable(activation_checkpointing_kwargs=kw)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    fn = checkpoint_function(offload, **kw)
-    for m in model.modules():  # what transformers' _set_gradient_checkpointing sets, with our function
-        if hasattr(m, "_gradient_checkpointing_func"):
-            m._gradient_checkpointing_func = fn
+    if offload:  # transformers' own offload=True pins host memory, which fails without an accelerator
+        set_checkpoint_function(model, checkpoint_function(offload, **kw))

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .compat import ConvertsItself
 
-class HostEmbedding(nn.Embedding):
+
+class HostEmbedding(ConvertsItself, nn.Embedding):
     """nn.Embedding whose frozen table is a host buffer (still `weight` in the state dict)."""
 
     def __init__(self, emb: nn.Embedding, compute_device):
@@ -31,11 +33,10 @@ class HostEmbedding(nn.Embedding):
                            self.scale_grad_by_freq, self.sparse)
         return rows.to(self.compute_device, self.compute_dtype, non_blocking=True)
 
-    def _apply(self, fn, recurse=True):
+    def convert(self, fn) -> None:
         # .to()/.cuda()/.half() on the model: lookups follow the device and dtype; the table stays on the host
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.compute_device))
         self.compute_device, self.compute_dtype = probe.device, probe.dtype
-        return self
 
     def frozen_buffer_weights(self) -> int:
         """Model weights held as a buffer, not a parameter: parameter counts add them."""

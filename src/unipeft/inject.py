@@ -260,7 +260,7 @@ def _train_biases(model, handle: Handle, mode: str) -> None:
     owned |= {id(p) for c in handle.copies for m in (c.copy, c.original) for p in m.parameters()}  # heads: trained whole
     seen = set()
     for n, m in hosts:
-        b = m._parameters.get("bias") if hasattr(m, "_parameters") else None
+        b = dict(m.named_parameters(recurse=False)).get("bias")
         if b is not None and id(b) not in seen and id(b) not in owned:
             seen.add(id(b))
             handle.trainable_base.append((f"{n}.bias", b, b.detach().clone()))

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import has_forward_hooks
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -99,8 +101,8 @@ def _inner_and_head(model: nn.Module):
     inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if not isinstance(head, nn.Linear) or inner is None or inner is model:
         return None
-    hooked = [m for m in (model, head) if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)]
-    if hooked or len(head._modules) or getattr(model.config, "final_logit_softcapping", None):
+    hooked = [m for m in (model, head) if has_forward_hooks(m)]
+    if hooked or next(head.children(), None) is not None or getattr(model.config, "final_logit_softcapping", None):
         return None  # a delta on the head, prompt tokens added at the root, or a logit soft-cap: not fusable
     return inner, head
 

@@ -56,7 +56,7 @@ def mixed_batch(handles: dict, adapter_names, n_rows: int, device):
         for name, h in handles.items():
             h.switch.on, h.switch.rows = name in rows, rows.get(name)
         for w in wrappers.values():
-            served = [(a, rows[a]) for a in w.modules_to_save._modules if a in rows]
+            served = [(a, rows[a]) for a in w.modules_to_save if a in rows]
             rest = [i for i, m in enumerate(names) if m not in dict(served)]
             w.groups = served + ([(None, torch.tensor(rest, device=device))] if rest else [])
         yield

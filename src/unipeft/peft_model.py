@@ -336,7 +336,7 @@ class PeftModel(nn.Module):
         cfg = self._config(adapter_name).to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
-            cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
+            cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
         if cfg.get("task_type") is None and cfg.get("auto_mapping") is None:  # how AutoPeftModel finds the class
             base = type(self.get_base_model())
             cfg["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
@@ -350,7 +350,7 @@ class PeftModel(nn.Module):
     def _card_config(self, adapter_name: str) -> dict:
         cfg = self._config(adapter_name).to_dict()
         if cfg.get("base_model_name_or_path") is None:
-            cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
+            cfg["base_model_name_or_path"] = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
         return cfg
 
     def push_to_hub(self, repo_id: str, **kwargs):

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .compat import compiled_original, is_compiled
 from .inject_adapter import INJECTED
 from .io.keys import file_keys
 from .peft_model import PeftModel
@@ -38,7 +39,7 @@ def _injected(model, adapter_name):
 
 
 def _unwrap(model):
-    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return compiled_original(model)  # torch.compile's wrapper
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default",
@@ -48,7 +49,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
     if save_embedding_layers is True:
         raise NotImplementedError("save_embedding_layers=True: unipeft never saves the base model's embedding "
                                   "layers with an adapter")
-    model = _unwrap(model) if unwrap_compiled or hasattr(model, "_orig_mod") else model
+    model = _unwrap(model) if unwrap_compiled or is_compiled(model) else model
     if isinstance(model, PeftModel):
         _check_adapter(model.peft_config, adapter_name, model.active_adapter)
         if state_dict is None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..arch.resolve import linear_dims
+from ..compat import own_parameter
 
 _BUILDERS: dict[type, type] = {}
 _HOST_VARIANTS: dict[type, list] = {}  # delta class -> its variants for non-linear hosts (embedding, conv)
@@ -100,7 +101,7 @@ def _placed_getter(name: str):
             mod, attr = placed[name]
             return getattr(mod, attr)
         try:
-            return self._parameters[name]
+            return own_parameter(self, name)
         except KeyError:
             raise AttributeError(name) from None  # not made yet (register_parameter asks hasattr first)
 

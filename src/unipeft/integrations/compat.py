@@ -8,7 +8,7 @@ signature for dataset columns and label names, and TRL's fused LM head on the ba
 subclass HF PEFT's class without importing peft, so we extend the predicates instead: each becomes
 "the original answer, or one of ours". Nothing else in those libraries changes.
 
-Names touched (tests/test_trainer.py::test_compat_names_exist checks they still exist):
+Names touched (each has a test in tests/test_compat.py, named after it):
 - transformers.trainer_utils._is_peft_model and every module that bound it (transformers.trainer, neftune);
 - accelerate.utils.is_peft_model (accelerate.utils.modeling) and every module that bound it (TRL's trainers);
 - transformers.trainer's globals `PeftModel` and `is_peft_available`, which form Trainer._save's

@@ -15,13 +15,13 @@ keys outnumber queries. Prefix K/V have the model's KV-head count (GQA).
 
 from __future__ import annotations
 
-import inspect
 import weakref
-import sys
 
 import torch
 from torch import nn
 
+from ..compat import (attn_implementation, calls_attention_interface, eager_attention_of,
+                      set_config_attn_implementation)
 from ..spec import Compose, Form, Insertion
 from .base import Switch
 
@@ -81,7 +81,7 @@ def make_seam(base_name: str):
     ALL, _, _, _ = _registries()
 
     def seam(module, query, key, value, attention_mask, **kwargs):
-        base = ALL[base_name] if base_name in ALL else _eager_of(module)
+        base = ALL[base_name] if base_name in ALL else eager_attention_of(module)
         site = _site_of(module)
         if site is not None and site.capture is not None:  # recording real tokens' keys/values
             site.capture[site] = (key, value)
@@ -115,13 +115,6 @@ def _site_of(module):
     return on[0] if on else sites[0]
 
 
-def _eager_of(module):
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if fn is None:
-        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to fall back to")
-    return fn
-
-
 def seam_name(base_name: str) -> str:
     if base_name.startswith(_SEAM_PREFIX):
         return base_name
@@ -138,11 +131,7 @@ def seam_name(base_name: str) -> str:
 
 def check_seam(module: nn.Module, name: str) -> None:
     """Refuse attention modules that do not route through the AttentionInterface (no seam to hook)."""
-    try:
-        src = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        src = ""
-    if "ALL_ATTENTION_FUNCTIONS" not in src:
+    if not calls_attention_interface(type(module)):
         raise ValueError(
             f"{name} ({type(module).__name__}) does not call transformers' AttentionInterface, so prefix keys/values "
             f"cannot be inserted there; prefix methods need an architecture whose attention uses it (transformers "
@@ -227,9 +216,8 @@ class SeamConfigs:
         count, saved = self._users.get(model, (0, None))
         if saved is None:
             cfgs = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
-            saved = [(c, c._attn_implementation) for c in cfgs.values()]
-            for c, impl in saved:
-                c._attn_implementation = seam_name(impl or "eager")
+            saved = [(c, attn_implementation(c)) for c in cfgs.values()]
+            _switch(model, [(c, seam_name(impl or "eager")) for c, impl in saved])
         self._users[model] = (count + 1, saved)
         self.saved = saved
 
@@ -239,8 +227,23 @@ class SeamConfigs:
             self._users[self.model] = (count - 1, saved)
             return
         self._users.pop(self.model, None)
-        for c, impl in saved:
-            c._attn_implementation = impl
+        _switch(self.model, saved)
+
+
+def _switch(model: nn.Module, want: list) -> None:
+    """Give each config its implementation name: through each PreTrainedModel's public set_attn_implementation
+    (outermost first; inner models then set their own), and where none reached a config (a config no
+    PreTrainedModel owns, a sub-config set_attn_implementation does not walk, or None to restore) directly."""
+    from transformers import PreTrainedModel
+
+    by_id = {id(c): name for c, name in want}
+    for m in model.modules():
+        name = by_id.get(id(getattr(m, "config", None)))
+        if isinstance(m, PreTrainedModel) and name is not None and attn_implementation(m.config) != name:
+            m.set_attn_implementation(name)
+    for c, name in want:
+        if attn_implementation(c) != name:
+            set_config_attn_implementation(c, name)
 
 
 @torch.no_grad()

@@ -34,9 +34,18 @@ def check_adapter_name(adapter: str) -> None:
         raise ValueError(f"adapter name {adapter!r} must be a non-empty string without '.' (it becomes a module name)")
 
 
+def _child(module: nn.Module, name: str):
+    return dict(module.named_children()).get(name)
+
+
+def _members(box: nn.Module) -> dict:
+    """A slot's members by adapter name: modules, and parameters placed directly (HF's `ia3_l.<adapter>`)."""
+    return {**dict(box.named_children()), **dict(box.named_parameters(recurse=False))}
+
+
 def place(host: nn.Module, slot: str, adapter: str, member, host_name: str = "") -> None:
     """Register `member` (a module or parameter) at `<host>.<slot>.<adapter>`."""
-    box = host._modules.get(slot)
+    box = _child(host, slot)
     where = f"{host_name}.{slot}" if host_name else slot
     if box is None:
         if hasattr(host, slot):
@@ -46,7 +55,7 @@ def place(host: nn.Module, slot: str, adapter: str, member, host_name: str = "")
         host.add_module(slot, box)
     elif not isinstance(box, Slot):
         raise ValueError(f"{where} is a module of the model, not an adapter slot; give the insertion another name")
-    if adapter in box._modules or adapter in box._parameters:
+    if adapter in _members(box):
         raise ValueError(f"{where} already holds a member of adapter {adapter!r}; give the insertion another name")
     if isinstance(member, nn.Parameter):
         box.register_parameter(adapter, member)
@@ -55,13 +64,13 @@ def place(host: nn.Module, slot: str, adapter: str, member, host_name: str = "")
 
 
 def unplace(host: nn.Module, slot: str, adapter: str) -> None:
-    box = host._modules.get(slot)
+    box = _child(host, slot)
     if not isinstance(box, Slot):
         return
-    box._modules.pop(adapter, None)
-    box._parameters.pop(adapter, None)
-    if not box._modules and not box._parameters:
-        del host._modules[slot]
+    if adapter in _members(box):
+        delattr(box, adapter)
+    if not _members(box):
+        delattr(host, slot)
 
 
 def place_delta(host: nn.Module, name: str, adapter: str, delta, host_name: str = "", slots: bool = True) -> None:
@@ -71,13 +80,14 @@ def place_delta(host: nn.Module, name: str, adapter: str, delta, host_name: str 
     layout = getattr(type(delta), "layout", {}) if slots else {}
     slots = [w.partition(".")[0] for w in layout.values()]
     for slot in slots:  # check before changing anything
-        box = host._modules.get(slot)
-        if box is not None and (not isinstance(box, Slot) or adapter in box._modules or adapter in box._parameters):
+        box = _child(host, slot)
+        if box is not None and (not isinstance(box, Slot) or adapter in _members(box)):
             raise ValueError(f"{host_name}.{slot} already holds adapter {adapter!r} or is a module of the model")
     place(host, name, adapter, delta, host_name)
     for pname, where in layout.items():
         slot, _, suffix = where.partition(".")
-        p = delta._parameters.pop(pname)
+        p = dict(delta.named_parameters(recurse=False))[pname]
+        delattr(delta, pname)
         if suffix:
             holder = Held()
             holder.register_parameter(suffix, p)
@@ -85,7 +95,7 @@ def place_delta(host: nn.Module, name: str, adapter: str, delta, host_name: str 
             delta._placed[pname] = (holder, suffix)
         else:
             place(host, slot, adapter, p, host_name)
-            delta._placed[pname] = (host._modules[slot], adapter)
+            delta._placed[pname] = (_child(host, slot), adapter)
 
 
 def unplace_delta(host: nn.Module, name: str, adapter: str, delta) -> None:
@@ -95,8 +105,8 @@ def unplace_delta(host: nn.Module, name: str, adapter: str, delta) -> None:
             continue  # placed without slots
         ref = delta._placed.pop(pname, None)
         if ref is not None:
-            delta._parameters[pname] = getattr(*ref)
+            delta.register_parameter(pname, getattr(*ref))
         unplace(host, where.partition(".")[0], adapter)
-    box = host._modules.get(name)
-    if isinstance(box, Slot) and box._modules.get(adapter) is delta:
+    box = _child(host, name)
+    if isinstance(box, Slot) and _members(box).get(adapter) is delta:
         unplace(host, name, adapter)

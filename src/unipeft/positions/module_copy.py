@@ -30,16 +30,15 @@ class HeadCopies(nn.Module):
 
     @property
     def current(self) -> nn.Module:
-        copies = self._modules["modules_to_save"]._modules
-        return copies[self.use] if self.use is not None else self._modules["original_module"]
+        return self.modules_to_save[self.use] if self.use is not None else self.original_module
 
     def forward(self, *args, **kwargs):
         if self.groups is None:
             return self.current(*args, **kwargs)
         x, rest = args[0], args[1:]  # a mixed-adapter batch: each group of rows through its own head
-        copies, out = self._modules["modules_to_save"]._modules, None
+        copies, out = self.modules_to_save, None
         for adapter, rows in self.groups:
-            head = copies[adapter] if adapter is not None else self._modules["original_module"]
+            head = copies[adapter] if adapter is not None else self.original_module
             y = head(x[rows], *rest, **kwargs)
             out = y.new_zeros((x.shape[0],) + y.shape[1:]) if out is None else out
             out = out.index_put((rows,), y)
@@ -58,7 +57,7 @@ class TrainableCopy:
     def __init__(self, parent: nn.Module, attr: str, name: str, adapter: str = "default",
                  dtype: torch.dtype | None = None):
         self.parent, self.attr, self.name, self.adapter = parent, attr, name, adapter
-        held = parent._modules[attr]
+        held = parent.get_submodule(attr)
         if not isinstance(held, HeadCopies):
             held = HeadCopies(held)
         if adapter in held.modules_to_save:
@@ -73,7 +72,7 @@ class TrainableCopy:
             p.requires_grad_(True)
         held.modules_to_save[adapter] = self.copy
         held.use = adapter
-        parent._modules[attr] = held
+        setattr(parent, attr, held)
 
     def set_enabled(self, on: bool) -> None:
         if on:
@@ -84,18 +83,18 @@ class TrainableCopy:
     def remove(self) -> nn.Module:
         """Drop this adapter's copy; the last one out puts the original module back. Returns the copy."""
         w = self.wrapper
-        if w.modules_to_save._modules.get(self.adapter) is self.copy:
+        if self.adapter in w.modules_to_save and w.modules_to_save[self.adapter] is self.copy:
             del w.modules_to_save[self.adapter]
         if w.use == self.adapter:
             w.use = None
-        if not len(w.modules_to_save) and self.parent._modules.get(self.attr) is w:
-            self.parent._modules[self.attr] = self.original
+        if not len(w.modules_to_save) and dict(self.parent.named_children()).get(self.attr) is w:
+            setattr(self.parent, self.attr, self.original)
         return self.copy
 
     def keep(self) -> nn.Module:
         """Put this adapter's trained copy in place of the head (merge_and_unload)."""
         self.remove()
-        self.parent._modules[self.attr] = self.copy
+        setattr(self.parent, self.attr, self.copy)
         return self.copy
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compat import unpack_4bit_for_cpu
+
 SCHEMES = ("nf4", "int8")
 
 
@@ -52,10 +54,12 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: st
         # quantized from the compute dtype, so dequantizing yields it directly (no float32 temporary per matmul)
         w = b.nn.Params4bit(weight.detach().to(device=device, dtype=compute_dtype), requires_grad=False, quant_type="nf4", blocksize=blocksize,
                             compress_statistics=double_quant, quant_storage=torch.uint8, module=q)
-        q.weight = w._quantize(device)
+        q.weight = w.to(device)  # moving an unquantized Params4bit to a device quantizes it there
     elif scheme == "int8":
         q = b.nn.Linear8bitLt(d_in, d_out, bias=bias is not None, has_fp16_weights=False, threshold=0.0, device="meta")
-        q.weight = b.nn.Int8Params(weight.detach().to(device), requires_grad=False, has_fp16_weights=False)._quantize(device)
+        # LLM.int8() row-wise absmax quantization, as Int8Params does on its first move to a device
+        CB, SCB, _ = b.functional.int8_vectorwise_quant(weight.detach().to(device=device, dtype=torch.float16).contiguous())
+        q.weight = b.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
         q.compute_dtype = compute_dtype  # what adapters on it are made in (unipeft.inject reads it)
     else:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {SCHEMES}")
@@ -84,12 +88,8 @@ def dequantize_weight(module: nn.Linear) -> torch.Tensor:
     """The (out, in) float weight a quantized linear represents (float32 for int8, the source dtype for nf4)."""
     b = bnb()
     if isinstance(module, b.nn.Linear4bit):
-        w, qs = module.weight, module.weight.quant_state
-        data = w.data
-        if getattr(qs, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-            data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
-        return b.functional.dequantize_4bit(data, qs)
+        unpack_4bit_for_cpu(module.weight)  # a CPU eval forward may have repacked it for its inference kernel
+        return b.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
     if isinstance(module, b.nn.Linear8bitLt):
         CB = module.state.CB if module.state.CB is not None else module.weight.data
         SCB = module.state.SCB if module.state.SCB is not None else module.weight.SCB

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..compat import model_from_config, move_hooks
 from ..hostmem import release_free_memory  # building one float linear at a time leaves free heap behind
 from .bnb import SCHEMES, quantized_linear
 from .stream import LayerStream
@@ -48,15 +50,14 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put `new` at `name`, carrying over the old module's children and hooks (installed deltas keep working)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    old = parent._modules[attr]
-    for child_name, child in old._modules.items():
-        new._modules.setdefault(child_name, child)
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                  "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks"):
-        if getattr(old, hooks, None):
-            setattr(new, hooks, getattr(old, hooks))  # the same dicts: RemovableHandles still remove them
+    old = parent.get_submodule(attr)
+    have = dict(new.named_children())
+    for child_name, child in old.named_children():
+        if child_name not in have:
+            new.add_module(child_name, child)
+    move_hooks(old, new)
     new.train(old.training)
-    parent._modules[attr] = new
+    setattr(parent, attr, new)
     return old
 
 
@@ -91,31 +92,47 @@ def quantize_model(model: nn.Module, quantization: Union[str, Quantization] = "n
 
 
 def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
-    for mod in model.modules():
-        for k, p in mod._parameters.items():
-            if p is not None and p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 # --------------------------------------------------------------------------- building layer by layer
 
 
+_meta_scope = threading.local()  # set in the threads building on meta
+_meta_lock = threading.Lock()
+_meta_hook: list = []  # [RemovableHandle, number of threads inside] while any thread builds on meta
+
+
+def _param_on_meta(module, name, param):
+    if getattr(_meta_scope, "on", False) and param is not None and param.device.type != "meta":
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    return None
+
+
 @contextlib.contextmanager
 def params_on_meta():
-    """Create module parameters on the meta device (buffers stay real: rotary tables and the like)."""
-    register = nn.Module.register_parameter
+    """Create module parameters on the meta device in this thread (buffers stay real: rotary tables and the
+    like). torch's public parameter-registration hook is global, so it acts only where this thread-local scope
+    is on; other threads building modules meanwhile are untouched."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
 
-    def on_meta(module, name, param):
-        register(module, name, param)
-        p = module._parameters.get(name)
-        if p is not None and p.device.type != "meta":
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = on_meta
+    with _meta_lock:
+        if not _meta_hook:
+            _meta_hook[:] = [register_module_parameter_registration_hook(_param_on_meta), 0]
+        _meta_hook[1] += 1
+    was = getattr(_meta_scope, "on", False)
+    _meta_scope.on = True
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _meta_scope.on = was
+        with _meta_lock:
+            _meta_hook[1] -= 1
+            if not _meta_hook[1]:
+                _meta_hook.pop(0).remove()
+                _meta_hook.clear()
 
 
 Source = Callable[[str, torch.Size, torch.dtype], Optional[torch.Tensor]]  # name, shape, dtype -> tensor | None
@@ -213,8 +230,7 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
         source = source or safetensors_source(config_or_path)
     with params_on_meta():
         cls = model_class or AutoModelForCausalLM
-        make = getattr(cls, "from_config", None) or cls._from_config  # an Auto class, or a concrete one
-        model = make(config, dtype=q.compute_dtype)
+        model = model_from_config(cls, config, q.compute_dtype)  # an Auto class, or a concrete one
     source = _with_prefix(source, getattr(model, "base_model_prefix", ""))
     streamer = LayerStream(device) if stream else None
     filled: list[str] = []
@@ -230,14 +246,14 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
     tied = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings", False)
     head = model.get_output_embeddings()
     for mname, mod in model.named_modules():
-        for pname, p in list(mod._parameters.items()):
-            if p is None or p.device.type != "meta":
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.device.type != "meta":
                 continue
             if tied and mod is head and pname == "weight":
                 continue  # tied to the input embeddings below
             full = f"{mname}.{pname}" if mname else pname
             t = _read(source, full, p.shape, q.compute_dtype, fill, filled)
-            mod._parameters[pname] = nn.Parameter(t.to(device), requires_grad=False)
+            setattr(mod, pname, nn.Parameter(t.to(device), requires_grad=False))
     if filled:
         logger.warning("not in the checkpoint, newly initialized (train them): %s", ", ".join(filled))
     if tied and head is not None:

@@ -10,18 +10,12 @@ recompute in backward loads each layer again, in reverse, right before its local
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from torch import nn
 
+from ..compat import keep_own_tensors_on_conversion
 from .bnb import device_tensors, is_quantized
-
-
-def _children_only(self: nn.Module, fn, recurse=True):
-    for child in self.children():  # adapters attached to the linear still follow .to()
-        child._apply(fn)
-    return self
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +39,7 @@ class LayerStream:
             setattr(obj, attr, host)
         linear._unipeft_parked = slots
         linear.compute_device = self.device  # adapters on it are made there (unipeft.inject reads it)
-        linear._apply = types.MethodType(_children_only, linear)  # model.to(device) must not pull it back
+        keep_own_tensors_on_conversion(linear)  # model.to(device) must not pull it back; its adapters still move
 
     def attach(self, model: nn.Module) -> None:
         """Group parked linears by the layer (an element of an nn.ModuleList) holding them. Each linear's
