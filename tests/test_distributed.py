@@ -35,6 +35,25 @@ def torchrun(*args, env=None, ok=True, cwd=None):
     return p
 
 
+def accelerate_launch(tmp: Path, *args, ok=True):
+    """`accelerate launch --config_file CFG ...` with a user's config for 2 processes (a multi-GPU one: on a CPU
+    machine unipeft's Accelerator runs it on CPUs with gloo)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp / "accelerate.yaml"
+    cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+                   f"num_machines: 1\nmachine_rank: 0\ngpu_ids: all\nmain_process_port: {port}\n"
+                   "mixed_precision: 'no'\nuse_cpu: false\n")
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
+                        *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
+    if ok and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
 def close(a: dict, b: dict, rtol=1e-5):
     assert sorted(a) == sorted(b), (sorted(a)[:4], sorted(b)[:4])
     for k in a:
@@ -111,8 +130,9 @@ def test_cli_on_two_processes_equals_one_and_resumes_across_world_sizes(ws):
     # one process, stopped at step 3 too, to be resumed on two
     assert in_process(*train_args(ws, "lora", runs / "lora1", "--grad-accum", "2"),
                       env={"UNIPEFT_STOP_AT_STEP": "3"}) == 130
-    # on two processes: the other methods, and the resume of the one-process run
-    torchrun(PROGRAMS / "cli_runs.py", json.dumps(
+    # on two processes, launched by `accelerate launch` with a config: the other methods, and the resume of the
+    # one-process run
+    accelerate_launch(ws, PROGRAMS / "cli_runs.py", json.dumps(
         [[0, *map(str, train_args(ws, m, runs / f"{m}2"))] for m in ("houlsby", "prefix_tuning", "prompt_tuning")]
         + [[0, "train", "--output", str(runs / "lora1"), "--resume"]]))
     # the two-process lora run resumed on one process
@@ -180,3 +200,18 @@ def test_python_api_on_two_processes_equals_one_and_every_method_runs_under_ddp(
         loaded = PeftModel.from_pretrained(train_api.base_model(), str(tmp_path / name)).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_engines_accelerate_cannot_run_here_are_refused(ws, capsys):
+    # Accelerate sets FSDP and DeepSpeed up only on GPUs: on CPU they would silently become DDP, or N independent
+    # runs racing on one folder; an --distributed flag contradicting the launch's Accelerate config is refused too
+    base = ["train", "--model", ws / "bert", "--task", "seq-cls", "--train", ws / "train.jsonl", "--output",
+            ws / "runs" / "refused"]
+    for engine in ("fsdp", "zero2", "zero3"):
+        assert in_process(*base, "--distributed", engine) == 2
+        err = capsys.readouterr().err
+        assert "needs GPUs" in err and "fix:" in err, err
+    assert in_process(*base, "--distributed", "ddp", env={"ACCELERATE_USE_FSDP": "true"}) == 2
+    err = capsys.readouterr().err
+    assert "contradicts the Accelerate config" in err, err
+    assert not (ws / "runs" / "refused").exists()

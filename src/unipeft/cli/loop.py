@@ -120,17 +120,20 @@ class Trainer:
         """Every process takes part (sharded tensors are gathered); the main process writes."""
         acc, final = self.acc, self.out / CKPT
         tmp = self.out / f".{CKPT}.tmp"
-        trainable = {n: _full(p) for n, p in self.named}
-        opt_state = _optimizer_state(self.model, self.opt)
+        trainable = _full_tensors(self.named)
+        opt_state = _optimizer_state(self.acc, self.model, self.opt)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(trainable, tmp / "trainable.safetensors")
-            torch.save(opt_state, tmp / "optimizer.pt")
+            if opt_state is not None:
+                torch.save(opt_state, tmp / "optimizer.pt")
             torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
         acc.wait_for_everyone()
+        if opt_state is None:  # DeepSpeed: each process its partition of the optimizer state
+            torch.save(self.opt.optimizer.state_dict(), tmp / f"optimizer_{acc.process_index}.pt")
         self.save_adapter(tmp / "adapter")
         torch.save(self._rng, tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
@@ -152,10 +155,17 @@ class Trainer:
             if set(tensors) != {n for n, _ in self.named}:
                 raise KeyError(sorted(set(tensors) ^ {n for n, _ in self.named})[:3])
             with torch.no_grad():
-                for n, p in self.named:
-                    _load_full(p, tensors[n])
-            _load_optimizer_state(self.model, self.opt,
-                                  torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+                _load_full(self.named, tensors)
+            if self.acc.state.deepspeed_plugin is not None:
+                # ZeRO partitions the optimizer state by process: it resumes on the same number of them only
+                mine = folder / f"optimizer_{self.acc.process_index}.pt"
+                if not mine.is_file() or (folder / f"optimizer_{self.acc.num_processes}.pt").is_file():
+                    raise ValueError(f"{folder} was not saved by a DeepSpeed run on {self.acc.num_processes} "
+                                     f"processes; a DeepSpeed checkpoint resumes on the same number of processes")
+                self.opt.optimizer.load_state_dict(torch.load(mine, weights_only=False, map_location="cpu"))
+            else:
+                _load_optimizer_state(self.model, self.opt,
+                                      torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
         except (KeyError, RuntimeError, ValueError, OSError) as e:
             raise TrainingStopped(f"the checkpoint in {folder} does not fit this model and method ({type(e).__name__}: "
                                   f"{str(e)[:200]})", "resume with the run's own options (drop method flags), or "
@@ -289,27 +299,43 @@ class Trainer:
                               exit_code=3)
 
 
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """A trainable tensor whole, on the CPU (an FSDP2 shard is gathered: a collective, so every process calls)."""
+def _gathered(params):
+    """DeepSpeed ZeRO-3 keeps each parameter partitioned; its public context gathers them (a collective)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return nullcontext()
+
+
+def _full_tensors(named) -> dict[str, torch.Tensor]:
+    """The trainable tensors whole, on the CPU (FSDP2 shards and ZeRO-3 partitions are gathered: collectives, so
+    every process calls)."""
     from torch.distributed.tensor import DTensor
 
-    t = p.full_tensor() if isinstance(p, DTensor) else p
-    return t.detach().cpu().contiguous()
+    with _gathered([p for _, p in named]):
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous().clone()
+                for n, p in named}
 
 
-def _load_full(p: torch.Tensor, full: torch.Tensor) -> None:
+def _load_full(named, tensors: dict[str, torch.Tensor]) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if isinstance(p, DTensor):
-        full = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements)
-        p.to_local().copy_(full.to_local())
-    else:
-        p.copy_(full.to(p.device, p.dtype))
+    with _gathered([p for _, p in named]):  # ZeRO-3: rank 0's values are partitioned again on exit
+        for n, p in named:
+            full = tensors[n]
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements).to_local())
+            else:
+                p.copy_(full.to(p.device, p.dtype))
 
 
-def _optimizer_state(model, opt) -> dict:
+def _optimizer_state(acc, model, opt) -> dict | None:
     """The optimizer state keyed by parameter name, whole tensors: loadable on any number of processes and
-    whatever wraps the model (DDP, FSDP2; torch's distributed-checkpoint API gathers FSDP2 shards)."""
+    whatever wraps the model (DDP, FSDP2; torch's distributed-checkpoint API gathers FSDP2 shards). None under
+    DeepSpeed, whose ZeRO optimizer holds its own partitioned state."""
+    if acc.state.deepspeed_plugin is not None:
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, opt.optimizer, options=StateDictOptions(full_state_dict=True,

@@ -69,6 +69,12 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
         raise CliError(f"--distributed {distributed} contradicts the Accelerate config this was launched with "
                        f"(it enables {configured})", "drop --distributed to use the config's engine, or launch with "
                        "a config (or torchrun) that matches it")
+    if wanted and not torch.cuda.is_available():
+        # Accelerate (1.15) sets FSDP and DeepSpeed up only for GPU-type launches: on CPU, FSDP silently becomes
+        # DDP and DeepSpeed N independent one-process runs
+        raise CliError(f"{'FSDP' if wanted == 'fsdp' else 'DeepSpeed'} through Accelerate needs GPUs (Accelerate "
+                       f"runs a CPU launch as DDP only)", "on CPU use DDP (the default: drop --distributed, or "
+                       "launch with a config without FSDP/DeepSpeed), or run on GPUs")
     kw: dict = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
     if precision == "auto" and os.environ.get("ACCELERATE_MIXED_PRECISION"):
         mp = None  # the launch config's choice
@@ -90,7 +96,11 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
         from accelerate import DeepSpeedPlugin
 
         kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(distributed[-1]))
+    launched = int(os.environ.get("WORLD_SIZE") or 0)  # torchrun / accelerate launch (mpirun sets PMI_SIZE)
     acc = Accelerator(**kw)
+    if launched and acc.num_processes != launched:  # never N independent runs racing on one output folder
+        raise CliError(f"launched on {launched} processes but Accelerate set up {acc.num_processes} "
+                       f"({acc.distributed_type})", "launch with torchrun or accelerate launch on a supported device")
     if acc.state.deepspeed_plugin is not None:
         # the loop accumulates and weights micro-batches itself (see loop.py); DeepSpeed steps at each boundary
         cfg = acc.state.deepspeed_plugin.deepspeed_config
