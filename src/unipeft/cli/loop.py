@@ -262,7 +262,7 @@ class Trainer:
     def train_step(self, micro: list[tuple[list[int], float]]) -> tuple[float, int]:
         """One optimizer step over this process's weighted micro-batches; gradients are reduced across processes
         only in the last backward (no_sync before it)."""
-        acc, total_loss, ntok = self.acc, 0.0, 0
+        acc, total_loss, ntok, losses = self.acc, 0.0, 0, []
         for i, (idx, weight) in enumerate(micro):
             batch = self.task.collate([self.train_feats[j] for j in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -270,11 +270,13 @@ class Trainer:
             acc.sync_gradients = sync  # DeepSpeed steps at a boundary only; Accelerate's optimizer steps likewise
             with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
                 loss = self.model(**batch).loss
-                if not _all_finite(acc, loss):
-                    self._nonfinite(float(loss))
                 acc.backward(loss * weight)
-            total_loss += float(loss.detach()) * weight
+            losses.append(float(loss.detach()))
+            total_loss += losses[-1] * weight
             ntok += int(batch["attention_mask"].sum()) if weight else 0
+        # one check per step, before the optimizer moves anything (a collective only with several processes)
+        if not _all_finite(acc, torch.tensor(losses)):
+            self._nonfinite(next((x for x in losses if not math.isfinite(x)), float("nan")))
         if self.args["max_grad_norm"]:
             norm = acc.clip_grad_norm_([p for _, p in self.named], self.args["max_grad_norm"])
             # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal
