@@ -18,7 +18,7 @@ from .handle import Handle
 from .inject import inject
 from .integrations import compat
 from .integrations.trl import check_fused_lm_head
-from .io import load_config_dict, load_tensors, save_adapter
+from .io import load_config_dict, load_tensors, save_adapter, weights_file
 from .io.checkpoint import resolve_folder
 from .io.hub import push_adapter
 from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
@@ -117,7 +117,7 @@ class PeftModel(nn.Module):
                              f"load it under another adapter_name, or into a fresh base model with "
                              f"PeftModel.from_pretrained")
         # As in HF PEFT, reloading an existing adapter changes its weights only, not what is trainable.
-        self.load_adapter_weights(load_tensors(folder, allow_pickle=allow_pickle), source=str(folder),
+        self.load_adapter_weights(load_tensors(folder, allow_pickle=allow_pickle), source=str(weights_file(folder)),
                                   adapter_name=adapter_name)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, offload_activations: bool = False):
@@ -236,7 +236,7 @@ class PeftModel(nn.Module):
         grads = {id(p): p.requires_grad for p in self.parameters()}
         handle = self._inject(adapter_name, config, autocast_adapter_dtype)
         try:
-            self.load_adapter_weights(tensors, source=str(folder), adapter_name=adapter_name)
+            self.load_adapter_weights(tensors, source=str(weights_file(folder)), adapter_name=adapter_name)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -312,19 +312,29 @@ class PeftModel(nn.Module):
         return sd
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
-                        path_initial_model_for_weight_conversion=None, **_) -> None:
+                        path_initial_model_for_weight_conversion=None, is_main_process: bool | None = None,
+                        **_) -> None:
         """Every adapter (or `selected_adapters`) in HF PEFT's layout: "default" in `save_directory`, any other
         in `save_directory/<adapter name>/`; each folder holds adapter_config.json + adapter_model.safetensors
         (adapter_model.bin with safe_serialization=False). `save_directory` also gets a README.md model card
         (HF PEFT's loads the folder only in its format, and when no derived table is claimed twice), unless it
-        has one of the user's."""
+        has one of the user's.
+
+        Under several processes call it on every one: only the main process (`is_main_process`; default: rank 0
+        of torch.distributed when it is initialized) writes."""
+        if is_main_process is None:
+            is_main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+                or torch.distributed.get_rank() == 0
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters names unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            self._save_one(folder, name, safe_serialization, path_initial_model_for_weight_conversion)
+            self._save_one(folder, name, safe_serialization, path_initial_model_for_weight_conversion,
+                           is_main_process)
+        if not is_main_process:
+            return
         # one model card, at the top (as HF PEFT), describing the first adapter saved
         first = names[0] if names else None
         if first is not None:
@@ -332,7 +342,7 @@ class PeftModel(nn.Module):
                              and not clashing_exports(self._handles[first]))
 
     def _save_one(self, folder, adapter_name: str, safe_serialization: bool = True,
-                  path_initial_model_for_weight_conversion=None) -> None:
+                  path_initial_model_for_weight_conversion=None, is_main_process: bool = True) -> None:
         cfg = self._config(adapter_name).to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
@@ -340,7 +350,9 @@ class PeftModel(nn.Module):
         if cfg.get("task_type") is None and cfg.get("auto_mapping") is None:  # how AutoPeftModel finds the class
             base = type(self.get_base_model())
             cfg["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
-        tensors = self.adapter_state_dict(adapter_name)
+        tensors = self.adapter_state_dict(adapter_name)  # every process: gathering sharded tensors is collective
+        if not is_main_process:
+            return
         if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA -> LoRA on the original base
             from .methods.lora_convert import to_plain_lora
 
@@ -372,7 +384,7 @@ class PeftModel(nn.Module):
             cls = peft_model_class(config)
         peft = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            peft.load_adapter_weights(tensors, source=str(folder))
+            peft.load_adapter_weights(tensors, source=str(weights_file(folder)))
         except Exception:
             peft._handle.remove()  # the user's model is left exactly as it was
             raise
@@ -387,6 +399,12 @@ class PeftModel(nn.Module):
                              adapter_name: str | None = None) -> None:
         """Copy a file's tensors into one adapter (the active one by default), refusing any that do not fit."""
         adapter_name = adapter_name or self.active_adapter
+        empty = sorted(k for k, v in tensors.items() if v.numel() == 0)
+        if empty:  # what a save without gathering writes under ZeRO-3 (HF PEFT/Trainer's known failure)
+            raise ValueError(f"{source}: tensor {empty[0]} is empty (shape {tuple(tensors[empty[0]].shape)})"
+                             + (f", and {len(empty) - 1} more" if len(empty) > 1 else "") + "; the file was "
+                             f"written from sharded parameters that were not gathered (DeepSpeed ZeRO-3 or FSDP). "
+                             f"Save again with save_pretrained called on every process")
         skip = hf_wrapper_prefixes(self._handles[adapter_name], self._config(adapter_name).key_prefix)
         tensors = {k: v for k, v in tensors.items() if not (skip and k.startswith(skip))}
         for k, w in hf_base_copies(self._handles[adapter_name], self._config(adapter_name).key_prefix).items():
@@ -402,7 +420,10 @@ class PeftModel(nn.Module):
             own = [k for k, (_, p) in self._file_keys(adapter_name).items() if any(p is q for _, q in delta_parameters(delta))]
             names = [n for n, d in exports.items() if d is delta]
             if not all(k in tensors for k in own) and all(n in tensors for n in names):
-                delta.load_hf_tensors({n: tensors[n] for n in names})
+                try:
+                    delta.load_hf_tensors({n: tensors[n] for n in names})
+                except ValueError as e:
+                    raise ValueError(f"{source}: {e}") from None
                 self._handles[adapter_name].mark_trainable()
                 tensors = dict(tensors)  # the delta's weights are now what the file meant
                 tensors.update({k: p.detach() for k, (_, p) in self._file_keys(adapter_name).items()
@@ -425,9 +446,14 @@ class PeftModel(nn.Module):
                 + ". Is the adapter for another base model, or saved with another config?"
             )
         for k, (path, p) in keys.items():
-            if tuple(tensors[k].shape) != tuple(p.shape):
-                raise ValueError(f"{source}: tensor {k} has shape {tuple(tensors[k].shape)} but the model expects "
-                                 f"{tuple(p.shape)} at {path}; the adapter was made for a different base model or config")
+            got, want = tuple(tensors[k].shape), tuple(p.shape)
+            if got != want:
+                partial = len(got) == len(want) and all(g <= w for g, w in zip(got, want))
+                raise ValueError(f"{source}: tensor {k} has shape {got} but the model expects {want} at {path}; "
+                                 + ("the file holds part of the tensor (one process's shard, saved without "
+                                    "gathering: save again with save_pretrained called on every process), or the "
+                                    "adapter is for a smaller config" if partial else
+                                    "the adapter was made for a different base model or config"))
         for k, (_, p) in keys.items():
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
 

@@ -4,6 +4,14 @@ devices through Accelerate, periodic evaluation with best-adapter keeping, and e
 Exact resume: a checkpoint holds the trainable tensors, optimizer, scheduler, every RNG (as of the end of the
 last finished step) and the data position (epoch, batch). Batches come from a per-epoch permutation seeded by
 (seed, epoch), so the order after a resume is the order the uninterrupted run would have seen.
+
+Several processes: the data order does not depend on their number. Optimizer step k takes global batch k, rows
+perm[k*G:(k+1)*G] with G = batch_size x processes x grad_accum fixed when the run starts (and kept in the
+checkpoint), cut into micro-batches of batch_size rows; process r runs micro-batches r, r+N, r+2N, ... Each
+micro-batch's loss is weighted N/M (M micro-batches in the step) and DDP/FSDP/ZeRO average over the N processes,
+so the gradient is the mean of the M micro-batch losses' gradients whatever N is: a run saved on 2 processes
+resumes on 1 (or 4) exactly. A process with fewer micro-batches (the last, short global batch) runs a
+zero-weight one, so every process takes part in every gradient reduction.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class State:
     last_saved_step: int | None = None
     train_loss: float | None = None
     elapsed_s: float = 0.0
+    global_batch: int | None = None  # rows per optimizer step, fixed for the whole run (any number of processes)
 
 
 def rng_snapshot() -> dict:
@@ -64,57 +73,68 @@ def rng_restore(snap: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, accelerator, peft, task, train_feats, eval_feats, args: dict, out: Path, log, save_adapter):
+    def __init__(self, accelerator, peft, task, train_feats, eval_feats, args: dict, out: Path, log, save_adapter,
+                 global_batch: int | None = None):
         self.acc, self.peft, self.task, self.args, self.out, self.log = accelerator, peft, task, args, out, log
         self.train_feats, self.eval_feats = train_feats, eval_feats
-        self.save_adapter = save_adapter  # callable(folder): writes the adapter (+ task metadata)
-        self.named = [(n, p) for n, p in peft.named_parameters() if p.requires_grad]
-        self.bs, self.accum = args["batch_size"], max(1, args["grad_accum"])
-        nproc = accelerator.num_processes
-        per_epoch = len(train_feats) // (self.bs * nproc) if nproc > 1 else math.ceil(len(train_feats) / self.bs)
-        if per_epoch == 0:
-            raise TrainingStopped(f"{len(train_feats)} training examples cannot fill one batch of {self.bs} on each "
-                                  f"of {nproc} processes", "lower --batch-size or add data")
-        self.steps_per_epoch = math.ceil(per_epoch / self.accum)
+        self.save_adapter = save_adapter  # callable(folder): writes the adapter (+ task metadata); every process
+        self.bs, nproc = args["batch_size"], accelerator.num_processes
+        # a resumed run keeps its global batch, whatever the number of processes now
+        self.global_batch = global_batch or self.bs * nproc * max(1, args["grad_accum"])
+        self.accum = math.ceil(self.global_batch / (self.bs * nproc))  # micro-batches per process and step
+        self.steps_per_epoch = math.ceil(len(train_feats) / self.global_batch)
+        if len(train_feats) == 0:
+            raise TrainingStopped("no training examples", "check --train")
         self.total = args["max_steps"] or max(1, math.ceil(args["epochs"] * self.steps_per_epoch))
         w = args["warmup"] or 0
         self.warmup = int(w * self.total) if w < 1 else int(w)
-        opt = make_optimizer(args.get("optimizer") or "adamw", [p for _, p in self.named], args["lr"],
-                             args["weight_decay"])
+        params = [p for p in peft.parameters() if p.requires_grad]
+        opt = make_optimizer(args.get("optimizer") or "adamw", params, args["lr"], args["weight_decay"])
         from transformers import get_scheduler
 
         name = {"constant": "constant_with_warmup"}.get(args["scheduler"], args["scheduler"])
         self.sched = get_scheduler(name, opt, num_warmup_steps=self.warmup, num_training_steps=self.total)
         self.model, self.opt = accelerator.prepare(peft, opt)
-        self.state = State()
+        # after prepare: FSDP2 swaps parameters for sharded ones, so a list taken before would be stale
+        self.named = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
+        self.state = State(global_batch=self.global_batch)
         self._rng = rng_snapshot()
         self._stop = False
 
     # data order ----------------------------------------------------------------------------------------------
-    def groups(self, epoch: int) -> list[list[list[int]]]:
-        n, nproc, rank = len(self.train_feats), self.acc.num_processes, self.acc.process_index
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Row indices of each optimizer step of an epoch; the same for any number of processes."""
         g = torch.Generator().manual_seed(self.args["seed"] * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g).tolist()
-        gb = self.bs * nproc
-        batches = [perm[i:i + gb] for i in range(0, n, gb)]
-        if nproc > 1:
-            batches = [b[rank * self.bs:(rank + 1) * self.bs] for b in batches if len(b) == gb]
-        return [batches[i:i + self.accum] for i in range(0, len(batches), self.accum)]
+        perm = torch.randperm(len(self.train_feats), generator=g).tolist()
+        return [perm[i:i + self.global_batch] for i in range(0, len(perm), self.global_batch)]
+
+    def my_micro_batches(self, rows: list[int]) -> list[tuple[list[int], float]]:
+        """This process's micro-batches of one global batch, each with its loss weight (see the module doc)."""
+        micros = [rows[i:i + self.bs] for i in range(0, len(rows), self.bs)]
+        n, rank = self.acc.num_processes, self.acc.process_index
+        mine = [(m, n / len(micros)) for m in micros[rank::n]]
+        return mine + [(micros[0], 0.0)] * (math.ceil(len(micros) / n) - len(mine))
 
     # checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Every process takes part (sharded tensors are gathered); the main process writes."""
         acc, final = self.acc, self.out / CKPT
         tmp = self.out / f".{CKPT}.tmp"
+        trainable = _full_tensors(self.named)
+        opt_state = _optimizer_state(self.acc, self.model, self.opt)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.named}, tmp / "trainable.safetensors")
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            save_file(trainable, tmp / "trainable.safetensors")
+            if opt_state is not None:
+                torch.save(opt_state, tmp / "optimizer.pt")
             torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-            self.save_adapter(tmp / "adapter")
         acc.wait_for_everyone()
+        if opt_state is None:  # DeepSpeed: each process its partition of the optimizer state
+            torch.save(self.opt.optimizer.state_dict(), tmp / f"optimizer_{acc.process_index}.pt")
+        self.save_adapter(tmp / "adapter")
         torch.save(self._rng, tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -132,12 +152,20 @@ class Trainer:
         folder = self.out / CKPT
         try:
             tensors = load_file(folder / "trainable.safetensors")
-            with torch.no_grad():
-                for n, p in self.named:
-                    p.copy_(tensors[n].to(p.device, p.dtype))
             if set(tensors) != {n for n, _ in self.named}:
                 raise KeyError(sorted(set(tensors) ^ {n for n, _ in self.named})[:3])
-            self.opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+            with torch.no_grad():
+                _load_full(self.named, tensors)
+            if self.acc.state.deepspeed_plugin is not None:
+                # ZeRO partitions the optimizer state by process: it resumes on the same number of them only
+                mine = folder / f"optimizer_{self.acc.process_index}.pt"
+                if not mine.is_file() or (folder / f"optimizer_{self.acc.num_processes}.pt").is_file():
+                    raise ValueError(f"{folder} was not saved by a DeepSpeed run on {self.acc.num_processes} "
+                                     f"processes; a DeepSpeed checkpoint resumes on the same number of processes")
+                self.opt.optimizer.load_state_dict(torch.load(mine, weights_only=False, map_location="cpu"))
+            else:
+                _load_optimizer_state(self.model, self.opt,
+                                      torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
         except (KeyError, RuntimeError, ValueError, OSError) as e:
             raise TrainingStopped(f"the checkpoint in {folder} does not fit this model and method ({type(e).__name__}: "
                                   f"{str(e)[:200]})", "resume with the run's own options (drop method flags), or "
@@ -146,6 +174,8 @@ class Trainer:
         if self.acc.scaler is not None and (folder / "scaler.pt").is_file():
             self.acc.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
         self.state = State(**json.loads((folder / "state.json").read_text()))
+        self.state.global_batch = self.global_batch
+        # each process its own RNG; a process the saving run did not have continues from the main one's
         rng = folder / f"rng_{self.acc.process_index}.pt"
         self._rng = torch.load(rng if rng.is_file() else folder / "rng_0.pt", weights_only=True)
         rng_restore(self._rng)
@@ -159,8 +189,7 @@ class Trainer:
         better = st.best is None or (value > st.best if self.task.greater_is_better else value < st.best)
         if better and math.isfinite(value):
             st.best, st.best_step = value, st.step
-            if self.acc.is_main_process:
-                self.save_adapter(self.out / "adapter")
+            self.save_adapter(self.out / "adapter")
         if self.acc.is_main_process:
             self.log.write({"step": st.step, "epoch": round(st.epoch + st.batch / max(1, self.steps_per_epoch), 4),
                             **m, "best": st.best_step == st.step})
@@ -184,9 +213,9 @@ class Trainer:
         t0, tokens, window = time.time(), 0, []
         try:
             while st.step < self.total:
-                epoch, groups = st.epoch, self.groups(st.epoch)
+                epoch, groups = st.epoch, self.global_batches(st.epoch)
                 while st.epoch == epoch and st.step < self.total:
-                    loss, ntok = self.train_step(groups[st.batch])
+                    loss, ntok = self.train_step(self.my_micro_batches(groups[st.batch]))
                     st.step += 1
                     st.batch += 1
                     self._rng = rng_snapshot()
@@ -216,7 +245,7 @@ class Trainer:
         except KeyboardInterrupt:
             st.elapsed_s += time.time() - t0
             self.save_checkpoint()
-            if not self.eval_feats and acc.is_main_process:
+            if not self.eval_feats:
                 self.save_adapter(self.out / "adapter")
             raise TrainingStopped(f"interrupted at step {st.step}/{self.total}; a resumable checkpoint is in "
                                   f"{self.out / CKPT}", f"continue with: unipeft train --output {self.out} --resume",
@@ -225,32 +254,39 @@ class Trainer:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
         st.elapsed_s += time.time() - t0
-        if not self.eval_feats and acc.is_main_process:
+        if not self.eval_feats:
             self.save_adapter(self.out / "adapter")
         self.save_checkpoint()
         return st
 
-    def train_step(self, group) -> tuple[float, int]:
-        acc, total_loss, ntok = self.acc, 0.0, 0
-        for i, idx in enumerate(group):
+    def train_step(self, micro: list[tuple[list[int], float]]) -> tuple[float, int]:
+        """One optimizer step over this process's weighted micro-batches; gradients are reduced across processes
+        only in the last backward (no_sync before it)."""
+        acc, total_loss, ntok, losses = self.acc, 0.0, 0, []
+        for i, (idx, weight) in enumerate(micro):
             batch = self.task.collate([self.train_feats[j] for j in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            sync = i == len(group) - 1
+            sync = i == len(micro) - 1
+            acc.sync_gradients = sync  # DeepSpeed steps at a boundary only; Accelerate's optimizer steps likewise
             with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
                 loss = self.model(**batch).loss
-                if not _all_finite(acc, loss):
-                    self._nonfinite(float(loss))
-                acc.backward(loss / len(group))
-            total_loss += float(loss.detach()) / len(group)
-            ntok += int(batch["attention_mask"].sum())
+                acc.backward(loss * weight)
+            losses.append(float(loss.detach()))
+            total_loss += losses[-1] * weight
+            ntok += int(batch["attention_mask"].sum()) if weight else 0
+        # one check per step, before the optimizer moves anything (a collective only with several processes)
+        if not _all_finite(acc, torch.tensor(losses)):
+            self._nonfinite(next((x for x in losses if not math.isfinite(x)), float("nan")))
         if self.args["max_grad_norm"]:
             norm = acc.clip_grad_norm_([p for _, p in self.named], self.args["max_grad_norm"])
             # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal
-            if acc.scaler is None and not _all_finite(acc, torch.as_tensor(norm)):
+            # (DeepSpeed clips inside its own step and returns no norm here)
+            if norm is not None and acc.scaler is None and not _all_finite(acc, torch.as_tensor(norm)):
                 self._nonfinite(float(norm), what="gradient norm")
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        # the step's loss: the mean of its micro-batch losses (the weights sum to N over the processes)
         return acc.reduce(torch.tensor(total_loss, device=acc.device), "mean").item(), ntok
 
     def _nonfinite(self, value: float, what: str = "loss"):
@@ -263,6 +299,55 @@ class Trainer:
                               "lower --lr (or raise --warmup, or use --precision fp32), then rerun "
                               + (f"or continue with --resume" if st.last_saved_step is not None else ""),
                               exit_code=3)
+
+
+def _gathered(params):
+    """DeepSpeed ZeRO-3 keeps each parameter partitioned; its public context gathers them (a collective)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return nullcontext()
+
+
+def _full_tensors(named) -> dict[str, torch.Tensor]:
+    """The trainable tensors whole, on the CPU (FSDP2 shards and ZeRO-3 partitions are gathered: collectives, so
+    every process calls)."""
+    from torch.distributed.tensor import DTensor
+
+    with _gathered([p for _, p in named]):
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous().clone()
+                for n, p in named}
+
+
+def _load_full(named, tensors: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with _gathered([p for _, p in named]):  # ZeRO-3: rank 0's values are partitioned again on exit
+        for n, p in named:
+            full = tensors[n]
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements).to_local())
+            else:
+                p.copy_(full.to(p.device, p.dtype))
+
+
+def _optimizer_state(acc, model, opt) -> dict | None:
+    """The optimizer state keyed by parameter name, whole tensors: loadable on any number of processes and
+    whatever wraps the model (DDP, FSDP2; torch's distributed-checkpoint API gathers FSDP2 shards). None under
+    DeepSpeed, whose ZeRO optimizer holds its own partitioned state."""
+    if acc.state.deepspeed_plugin is not None:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt.optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+
+
+def _load_optimizer_state(model, opt, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _all_finite(acc, t) -> bool:

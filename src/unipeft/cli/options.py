@@ -67,8 +67,12 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("weight_decay", float, 0.0, "AdamW weight decay"),
     Opt("optimizer", str, "adamw", "adamw (torch) or bitsandbytes' 8-bit AdamW, optionally paged (needs "
         "pip install 'unipeft[quant]')", choices=OPTIMIZERS),
-    Opt("batch_size", int, 16, "examples per device per micro-batch", commands=_GEN),
-    Opt("grad_accum", int, 1, "micro-batches per optimizer step"),
+    Opt("batch_size", int, 16, "examples per process per micro-batch (the global batch of one optimizer step is "
+        "batch-size x processes x grad-accum)", commands=_GEN),
+    Opt("grad_accum", int, 1, "micro-batches each process accumulates per optimizer step"),
+    Opt("distributed", str, None, "engine when launched on several processes (torchrun / accelerate launch): ddp "
+        "(the default there), fsdp (FSDP2), zero2 / zero3 (DeepSpeed); default: an `accelerate launch` config's "
+        "choice", choices=("ddp", "fsdp", "zero2", "zero3")),
     Opt("max_grad_norm", float, 1.0, "gradient clipping norm (0: off)"),
     Opt("max_length", int, 256, "max tokens per example; longer ones are truncated (and counted)", commands=_GEN),
     Opt("warmup", float, 0.06, "warmup: a fraction of the steps if < 1, else a number of steps"),

@@ -51,16 +51,64 @@ def _has_run(out: Path) -> bool:
     return any((out / f).exists() for f in ("run.yaml", CKPT, "adapter", "metrics.jsonl"))
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, distributed: str | None = None, batch_size: int = 1, max_grad_norm: float = 0.0):
+    """Accelerate's Accelerator for this launch. One process: plain. Launched on several (torchrun or `accelerate
+    launch`, WORLD_SIZE > 1): DDP by default, `--distributed fsdp` FSDP2, `zero2`/`zero3` DeepSpeed; an
+    `accelerate launch --config_file` choice (ACCELERATE_USE_FSDP / _DEEPSPEED, ACCELERATE_MIXED_PRECISION) is
+    kept, and contradicting it is an error."""
+    import os
+
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(precision)
-    if precision == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    flag = lambda k: os.environ.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
+    configured = "fsdp" if flag("ACCELERATE_USE_FSDP") else "deepspeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
+    wanted = {"fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed", "ddp": None}.get(distributed or "", configured)
+    if distributed and configured and wanted != configured:
+        raise CliError(f"--distributed {distributed} contradicts the Accelerate config this was launched with "
+                       f"(it enables {configured})", "drop --distributed to use the config's engine, or launch with "
+                       "a config (or torchrun) that matches it")
+    if wanted and not torch.cuda.is_available():
+        # Accelerate (1.15) sets FSDP and DeepSpeed up only for GPU-type launches: on CPU, FSDP silently becomes
+        # DDP and DeepSpeed N independent one-process runs
+        raise CliError(f"{'FSDP' if wanted == 'fsdp' else 'DeepSpeed'} through Accelerate needs GPUs (Accelerate "
+                       f"runs a CPU launch as DDP only)", "on CPU use DDP (the default: drop --distributed, or "
+                       "launch with a config without FSDP/DeepSpeed), or run on GPUs")
+    kw: dict = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
+    if precision == "auto" and os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        mp = None  # the launch config's choice
+    else:
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(precision)
+        if precision == "auto":
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if mp == "fp16" and not torch.cuda.is_available():
         raise CliError("--precision fp16 needs a GPU", "use --precision bf16 or fp32 on CPU")
-    return Accelerator(mixed_precision=mp)
+    if mp is not None:
+        kw["mixed_precision"] = mp
+    if not torch.cuda.is_available():
+        kw["cpu"] = True  # Accelerate sets up gloo for a CPU launch only when told it is one
+    if distributed == "fsdp" and not configured:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2)
+    elif distributed in ("zero2", "zero3") and not configured:
+        from accelerate import DeepSpeedPlugin
+
+        kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(distributed[-1]))
+    launched = int(os.environ.get("WORLD_SIZE") or 0)  # torchrun / accelerate launch (mpirun sets PMI_SIZE)
+    acc = Accelerator(**kw)
+    if launched and acc.num_processes != launched:  # never N independent runs racing on one output folder
+        raise CliError(f"launched on {launched} processes but Accelerate set up {acc.num_processes} "
+                       f"({acc.distributed_type})", "launch with torchrun or accelerate launch on a supported device")
+    if acc.state.deepspeed_plugin is not None:
+        # the loop accumulates and weights micro-batches itself (see loop.py); DeepSpeed steps at each boundary
+        cfg = acc.state.deepspeed_plugin.deepspeed_config
+        cfg["train_micro_batch_size_per_gpu"] = batch_size
+        cfg["gradient_accumulation_steps"] = 1
+        cfg.pop("train_batch_size", None)
+        cfg["gradient_clipping"] = max_grad_norm or 0.0
+    return acc
 
 
 def load_data(opts, tok, task_name):
@@ -96,13 +144,16 @@ def method_config(opts, model, task_name):
     return O.build_method_config(opts["method"], task_name, mopts)
 
 
-def adapter_saver(peft, task, opts, model_spec):
+def adapter_saver(peft, task, opts, model_spec, acc):
+    """Called on every process: save_pretrained gathers sharded tensors (a collective) and the main process writes."""
     def save(folder: Path):
         folder = Path(folder)
-        peft.save_pretrained(folder)
-        meta = {"task": task.name, "method": opts["method"], "model": model_spec, "max_length": opts["max_length"],
-                **task.meta}
-        (folder / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        peft.save_pretrained(folder, is_main_process=acc.is_main_process)
+        if acc.is_main_process:
+            meta = {"task": task.name, "method": opts["method"], "model": model_spec,
+                    "max_length": opts["max_length"], **task.meta}
+            (folder / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        acc.wait_for_everyone()
     return save
 
 
@@ -119,7 +170,7 @@ def train_command(opts: dict) -> int:
 
     model_path = resolve_model(opts.get("model"))
     task_name = opts.get("task") or infer_task(model_path)
-    acc = make_accelerator(opts["precision"])
+    acc = make_accelerator(opts["precision"], opts.get("distributed"), opts["batch_size"], opts["max_grad_norm"])
     out = prepare_output(opts)
     if opts.get("stream_layers") and not (opts.get("quantize") == "nf4" and opts["gradient_checkpointing"]):
         raise CliError("--stream-layers streams NF4 layers and recomputes them in backward",
@@ -162,12 +213,13 @@ def train_command(opts: dict) -> int:
         if "labels" in task.meta:
             write_json(out / "labels.json", {"id2label": dict(enumerate(task.meta["labels"]))})
     acc.wait_for_everyone()  # the folder exists for every process before any of them trains
-    save = adapter_saver(peft, task, opts, opts.get("model"))
-    resume_step = None
+    save = adapter_saver(peft, task, opts, opts.get("model"), acc)
+    resume_step = global_batch = None
     if opts["resume"]:
-        resume_step = json.loads((out / CKPT / "state.json").read_text())["step"]
+        saved = json.loads((out / CKPT / "state.json").read_text())
+        resume_step, global_batch = saved["step"], saved.get("global_batch")
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=resume_step, active=acc.is_main_process)
-    trainer = Trainer(acc, peft, task, train_feats, eval_feats, opts, out, log, save)
+    trainer = Trainer(acc, peft, task, train_feats, eval_feats, opts, out, log, save, global_batch=global_batch)
     if opts["resume"]:
         trainer.load_checkpoint()
     trainable, total = peft.get_nb_trainable_parameters()
@@ -180,10 +232,11 @@ def train_command(opts: dict) -> int:
             ("labels", f"{len(task.meta['labels'])}: {task.meta['labels'][:8]}" if "labels" in task.meta else None),
             ("train data", f"{len(train_feats):,} examples, {t_trunc:,} truncated to {opts['max_length']} tokens"),
             ("eval data", f"{len(eval_feats):,} examples, {e_trunc:,} truncated" if eval_feats else "none"),
-            ("schedule", f"{trainer.total} steps ({trainer.steps_per_epoch}/epoch) x batch {opts['batch_size']}"
-                         f"x{opts['grad_accum']}x{acc.num_processes} dev, lr {opts['lr']:g} {opts['scheduler']}, "
+            ("schedule", f"{trainer.total} steps ({trainer.steps_per_epoch}/epoch) x global batch "
+                         f"{trainer.global_batch} (batch {opts['batch_size']} x {acc.num_processes} processes x "
+                         f"accumulation {trainer.accum}), lr {opts['lr']:g} {opts['scheduler']}, "
                          f"warmup {trainer.warmup}"),
-            ("device", f"{acc.device} x{acc.num_processes}, precision {acc.mixed_precision}"
+            ("device", f"{acc.device} x{acc.num_processes} ({_engine(acc)}), precision {acc.mixed_precision}"
                        + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")
                        + (f", {opts['quantize']} base ({built})" if opts.get("quantize") else "")
                        + (", embeddings on host" if opts.get("host_embeddings") else "")
@@ -226,6 +279,14 @@ def final_eval(trainer, peft, task, tok, eval_feats, opts, out, acc) -> dict:
         m.update(g)
         m["samples"] = [{"prediction": p, "reference": r} for p, r in pairs[:5]]
     return m
+
+
+def _engine(acc) -> str:
+    if acc.num_processes == 1 and acc.state.deepspeed_plugin is None and not acc.is_fsdp2:
+        return "one process"
+    if acc.state.deepspeed_plugin is not None:
+        return f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
+    return "FSDP2" if acc.is_fsdp2 else "DDP"
 
 
 def _short_cfg(cfg: dict) -> str:

@@ -70,6 +70,13 @@ def load_config_dict(folder) -> dict:
     return d
 
 
+def weights_file(folder) -> Path:
+    """The weights file load_tensors reads in `folder` (named in every refusal of its tensors)."""
+    folder = Path(folder)
+    return folder / (WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() or not (folder / PICKLE_NAME).is_file()
+                     else PICKLE_NAME)
+
+
 def load_tensors(folder, allow_pickle: bool = False, device="cpu") -> dict[str, torch.Tensor]:
     """adapter_model.safetensors, else adapter_model.bin through torch's weights-only unpickler (it builds
     tensors and plain containers only, never runs code), so `allow_pickle` is no longer needed."""
