@@ -69,6 +69,9 @@ class MixedInputs:
         self.enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         self.gap_left = bool(getattr(model, "can_generate", lambda: False)())
         self.positions = "position_ids" in inspect.signature(model.forward).parameters
+        # position tables with a padding row (RoBERTa family) number tokens from padding_idx + 1, not 0
+        self.offset_numbering = any(isinstance(m, nn.Embedding) and n.endswith("position_embeddings")
+                                    and m.padding_idx is not None for n, m in model.named_modules())
         self.max_pos = _max_positions(model)
         self.embed = model.get_input_embeddings()
         pad = getattr(model.config, "pad_token_id", None)
@@ -167,7 +170,12 @@ class MixedInputs:
             kwargs["token_type_ids"] = torch.where(token, tt.gather(1, src), 0)
         labels = kwargs.get("labels")
         if labels is not None and labels.dim() == 2 and labels.shape[1] == T:
-            kwargs["labels"] = torch.where(token, labels.gather(1, src), -100)
+            labels = torch.where(token, labels.gather(1, src), -100)
+            if self.gap_left:  # a causal LM's loss predicts each label from the column before: for a row without
+                # prompts that is a gap, and the row alone never predicts its first token
+                first = torch.arange(self.Pmax + T, device=labels.device)[None] == offset[:, None]
+                labels = labels.masked_fill(first & (self.P == 0)[:, None], -100)
+            kwargs["labels"] = labels
         self._layout = (T, offset)
         return args, kwargs
 
@@ -179,6 +187,12 @@ class MixedInputs:
         shifted = bool(self.shift.any())
         if pos is None and not (layout and self.gap_left) and not shifted and not (left_padded and self.derive.any()):
             return  # every row keeps the model's own numbering, as alone
+        if pos is None and self.offset_numbering:
+            raise ValueError(f"{type(self.model).__name__} numbers positions from its padding index + 1, so rows of this "
+                             f"mixed-adapter batch that keep the model's numbering cannot be given explicit positions "
+                             f"beside rows whose adapter shifts or counts them (a prefix with position_shift, or "
+                             f"prompts in a left-padded batch); pass position_ids, or run these adapters in separate "
+                             f"batches")
         width = self.Pmax + T if layout else T
         P = self.P if layout else torch.zeros_like(self.P)
         if pos is not None:  # the caller's (or generate's) positions of the tokens: [0..P_b-1 ; pos + P_b]
@@ -198,9 +212,11 @@ class MixedInputs:
         q = next(t for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if t is not None).shape[1]
         past = _cache_len(kwargs)
         m = kwargs.get("attention_mask")
-        if self.Pmax and m is not None and m.dim() == 2:  # [gap | prompts] of each row are in the cache
-            seen = torch.arange(self.Pmax, device=m.device)[None] >= (self.Pmax - self.P)[:, None]
-            kwargs["attention_mask"] = torch.cat([seen.to(m.dtype), m], 1)
+        if self.Pmax and (m is None or m.dim() == 2):  # [gap | prompts] of each row are in the cache
+            ref = self.P if m is None else m
+            m_all = m if m is not None else torch.ones(self.B, past - self.Pmax + q, dtype=torch.long, device=ref.device)
+            seen = torch.arange(self.Pmax, device=ref.device)[None] >= (self.Pmax - self.P)[:, None]
+            kwargs["attention_mask"] = torch.cat([seen.to(m_all.dtype), m_all], 1)
         if not self.positions:
             return kwargs
         pos = kwargs.get("position_ids")
