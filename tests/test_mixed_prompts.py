@@ -163,3 +163,42 @@ def test_cut_virtual_logits_and_refusals():
     rob = build("roberta", ["prefix", "lora"])  # a shifted prefix beside rows numbered from padding_idx + 1
     with pytest.raises(ValueError, match="padding index"):
         rob(input_ids=ids, adapter_names=["default", "a0", "__base__"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+def test_inputs_embeds_and_template_slots(arch):
+    """Callers giving inputs_embeds get each row's prompts prepended to its embeddings; P-tuning templates (slots,
+    ids < 0, where each row wants its prompts) are filled row by row with that row's adapter's prompts."""
+    peft = build(arch, ["prompt_tuning", "prompt_tuning", "lora", "prefix"])
+    names = ["a0", "default", "a1", "__base__"]
+    b = batch_for(arch, batch=4)
+    b["attention_mask"][1, -2:] = 0
+    dec = {"decoder_input_ids": b["labels"]} if arch == "t5" else {}
+
+    def compare(mixed, run):
+        for i, n in enumerate(names):
+            with (peft.disable_adapter() if n == "__base__" else _using(peft, n)), torch.no_grad():
+                want = run(i)
+            got = mixed[i, -want.shape[0]:] if want.dim() == 2 else mixed[i]
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"row {i} ({n}): {m}")
+
+    emb = peft.get_input_embeddings()(b["input_ids"]).detach()
+    with torch.no_grad():
+        mixed = peft(inputs_embeds=emb, attention_mask=b["attention_mask"], adapter_names=names, **dec).logits
+    compare(mixed, lambda i: peft(inputs_embeds=emb, attention_mask=b["attention_mask"], **dec).logits[i])
+
+    P = {"a0": 3, "default": 4}  # each row: 2 tokens, its slots, the rest, right-padded to one length
+    ids = b["input_ids"]
+    rows = [torch.cat([ids[i, :2], torch.full((P.get(n, 0),), -1), ids[i, 2:], torch.zeros(4 - P.get(n, 0),
+                                                                                            dtype=ids.dtype)])
+            for i, n in enumerate(names)]
+    t = torch.stack(rows)
+    m = torch.ones_like(t)
+    for i, n in enumerate(names):
+        m[i, t.shape[1] - (4 - P.get(n, 0)):] = 0
+    with torch.no_grad():
+        mixed = peft(input_ids=t, attention_mask=m, adapter_names=names, **dec).logits
+    compare(mixed, lambda i: peft(input_ids=t[i:i + 1], attention_mask=m[i:i + 1],
+                                  **{k: v[i:i + 1] for k, v in dec.items()}).logits[0])
+    with pytest.raises(ValueError, match="virtual-token slots"):
+        peft(input_ids=t, attention_mask=m, adapter_names=["default", "a0", "a1", "__base__"], **dec)
