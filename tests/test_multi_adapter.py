@@ -409,9 +409,6 @@ def test_mixed_batch_refusals():
         peft(input_ids=ids, adapter_names=["b", "zzz"])
     with pytest.raises(ValueError, match="num_beams"):
         peft.generate(input_ids=ids, adapter_names=["b", "c"], num_beams=2, max_new_tokens=2)
-    peft.add_adapter("p", config("prefix", "llama"))
-    with pytest.raises(ValueError, match="prompt-family|prefixes or prompts"):
-        peft(input_ids=ids, adapter_names=["p", "b"])
     peft.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
         peft(input_ids=ids, adapter_names=["default", "b"])

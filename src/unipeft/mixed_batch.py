@@ -2,9 +2,10 @@
 
 Each adapter named in the batch is switched on for its group of rows only (`Switch.rows`): every site runs
 its delta once on that group (grouped per adapter, not row by row) and leaves the other rows unchanged; rows
-named "__base__" see no adapter. Task-head copies run per group too. Only sites that act on each row
-separately can do this (low-rank, scaling, bottleneck deltas); prefixes and prompts change the sequence
-length or attention of the whole batch and are refused, as are merged adapters.
+named "__base__" see no adapter. Task-head copies run per group too. Prefixes give each row its adapter's
+keys/values at the attention seam, padded to the batch's longest and masked (positions.attention_kv); prompts lay
+each row out with its own virtual tokens and masked gap positions, and number its positions as alone
+(positions.mixed_input). Any mix of methods works; merged adapters are refused (they act on every row).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from .positions.mixed_input import mixed_inputs
 
 BASE = "__base__"
 
@@ -46,12 +49,12 @@ def mixed_batch(handles: dict, adapter_names, n_rows: int, device):
                              f"unmerge_adapter() first")
         not_rowwise = [type(s).__name__ for s in h.sites if not getattr(s, "rowwise", False)]
         if not_rowwise:
-            raise ValueError(f"adapter {name!r} ({not_rowwise[0]}: prefixes or prompts) changes the attention or the "
-                             f"sequence of the whole batch, so it cannot serve a group of rows; mixed-adapter batches "
-                             f"support LoRA, IA3 and bottleneck adapters. Run prompt-family adapters one at a time")
+            raise ValueError(f"adapter {name!r} has a {not_rowwise[0]}, which acts on the whole batch and cannot serve "
+                             f"a group of rows; run this adapter's rows in a batch of their own")
     rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device) for n in dict.fromkeys(names)}
     saved = [(h, h.switch.on, h.switch.rows) for h in handles.values()]
     wrappers = {id(c.wrapper): c.wrapper for h in handles.values() for c in h.copies}
+    inputs = None
     try:
         for name, h in handles.items():
             h.switch.on, h.switch.rows = name in rows, rows.get(name)
@@ -59,8 +62,11 @@ def mixed_batch(handles: dict, adapter_names, n_rows: int, device):
             served = [(a, rows[a]) for a in w.modules_to_save if a in rows]
             rest = [i for i, m in enumerate(names) if m not in dict(served)]
             w.groups = served + ([(None, torch.tensor(rest, device=device))] if rest else [])
+        inputs = mixed_inputs(handles, rows, n_rows, device)  # prompts and prefix positions, per row
         yield
     finally:
+        if inputs is not None:
+            inputs.remove()
         for h, on, r in saved:
             h.switch.on, h.switch.rows = on, r
         for w in wrappers.values():

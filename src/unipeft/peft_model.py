@@ -23,6 +23,7 @@ from .io.checkpoint import resolve_folder
 from .io.hub import push_adapter
 from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
 from .io.model_card import write_model_card
+from .losses import ChunkedLoss
 from .mixed_batch import batch_size, mixed_batch
 from .positions.layout import check_adapter_name
 from .registry import config_class
@@ -197,6 +198,7 @@ class PeftModel(nn.Module):
                             autocast_adapter_dtype=autocast_adapter_dtype)
             try:
                 cfg.initialize(model, handle)
+                _check_shared_base(handle, adapter_name, others, list(self._handles))
             except Exception:
                 handle.remove()
                 raise
@@ -276,6 +278,9 @@ class PeftModel(nn.Module):
         handle = self._handles.pop(adapter_name)
         del self.peft_config[adapter_name]
         handle.remove()
+        model = self.base_model.model
+        if ChunkedLoss.applies_to(model):  # the model-wide loss hook left with the adapter that installed it
+            self._handle.extras.append(ChunkedLoss(model))
         for p in self.parameters():
             p.requires_grad_(grads.get(id(p), False))
 
@@ -547,6 +552,23 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 _TRANSFORMERS_PEFT_NAMES = frozenset({"active_adapters", "add_adapter", "delete_adapter", "disable_adapters",
                                       "enable_adapters", "enable_peft_hotswap", "get_adapter_state_dict",
                                       "load_adapter", "set_adapter"})
+
+
+def _check_shared_base(handle: Handle, name: str, others: list[Handle], other_names: list[str]) -> None:
+    """Adapters share the base weights: an init that rewrites them (PiSSA/OLoRA leave W - s·B·A in the host)
+    would change what every other adapter computes. HF PEFT rewrites the shared weight silently; we refuse."""
+    mine = [s.host_name for s in handle.sites if getattr(s.delta, "changes_host", bool)()]
+    theirs = [(n, s.host_name) for n, h in zip(other_names, others) for s in h.sites if getattr(s.delta, "changes_host", bool)()]
+    if mine and others:
+        raise ValueError(f"adapter {name!r} is initialised from the base weights (PiSSA/OLoRA) and leaves the residual "
+                         f"in them ({mine[0]}, ...), which adapter(s) {other_names} also compute with; they would "
+                         f"silently change. Make it the first adapter of a fresh model, or save it converted to plain "
+                         f"LoRA (save_pretrained(path_initial_model_for_weight_conversion=...)) and load that")
+    if theirs:
+        raise ValueError(f"adapter {theirs[0][0]!r} (PiSSA/OLoRA) left a residual in the base weights ({theirs[0][1]}, "
+                         f"...), so adapter {name!r} would compute on the residual instead of the original weights. "
+                         f"Convert {theirs[0][0]!r} to plain LoRA (save_pretrained(path_initial_model_for_weight_"
+                         f"conversion=...)) and load that, or use a separate model")
 
 
 def _n_weights(p: torch.Tensor) -> int:

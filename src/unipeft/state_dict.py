@@ -21,12 +21,9 @@ class LoadResult(NamedTuple):
     unexpected_keys: list
 
 
-def _check_adapter(names, adapter_name: str, active=None) -> None:
+def _check_adapter(names, adapter_name: str) -> None:
     if adapter_name not in names:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(names)}")
-    if active is not None and adapter_name != active:
-        raise ValueError(f"adapter {adapter_name!r} is not the active adapter ({active!r}); unipeft reads and "
-                         f"writes the active adapter's tensors only")
 
 
 def _injected(model, adapter_name):
@@ -51,14 +48,14 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
                                   "layers with an adapter")
     model = _unwrap(model) if unwrap_compiled or is_compiled(model) else model
     if isinstance(model, PeftModel):
-        _check_adapter(model.peft_config, adapter_name, model.active_adapter)
+        _check_adapter(model.peft_config, adapter_name)  # any adapter, active or not (HF PEFT)
         if state_dict is None:
-            return model.adapter_state_dict()
-        if model._exports():
-            raise ValueError(f"get_peft_model_state_dict(state_dict=...) for {model._config().peft_type}: its file "
-                             f"holds tensors derived from the weights, which a state_dict does not give; call it "
-                             f"without state_dict")
-        keys = {k: p for k, (_, p) in model._file_keys().items()}
+            return model.adapter_state_dict(adapter_name)
+        if model._exports(adapter_name):
+            raise ValueError(f"get_peft_model_state_dict(state_dict=...) for {model._config(adapter_name).peft_type}: "
+                             f"its file holds tensors derived from the weights, which a state_dict does not give; "
+                             f"call it without state_dict")
+        keys = {k: p for k, (_, p) in model._file_keys(adapter_name).items()}
     else:
         cfg, handle = _injected(model, adapter_name)
         keys = {k: p for k, (_, p) in file_keys(handle, hf_names=cfg.hf_format, prefix="").items()}
@@ -83,8 +80,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
                                   "rather than skipping them")
     model = _unwrap(model)
     if isinstance(model, PeftModel):
-        _check_adapter(model.peft_config, adapter_name, model.active_adapter)
-        model.load_adapter_weights(dict(peft_model_state_dict), source="peft_model_state_dict")
+        _check_adapter(model.peft_config, adapter_name)
+        model.load_adapter_weights(dict(peft_model_state_dict), source="peft_model_state_dict", adapter_name=adapter_name)
         return LoadResult([], [])
     cfg, handle = _injected(model, adapter_name)
     keys = file_keys(handle, hf_names=cfg.hf_format, prefix="")

@@ -71,7 +71,11 @@ def add_weighted_adapter(peft, adapters, weights, adapter_name: str, combination
     extra = {k: {} for k in ("rank_pattern", "alpha_pattern") if k in fields}
     cfg = dataclasses.replace(configs[0], r=rank, lora_alpha=rank, use_rslora=False, init_lora_weights=True,
                               target_modules=_union_targets(configs), **extra)
-    handle = peft._inject(adapter_name, cfg)
+    autocast = {getattr(peft._handles[a], "autocast_adapter_dtype", True) for a in adapters}
+    if len(autocast) != 1:
+        raise ValueError(f"adapters {adapters} were made with different autocast_adapter_dtype (fp32 trainables or "
+                         f"the base's dtype); the combination would have to pick one: combine adapters of one kind")
+    handle = peft._inject(adapter_name, cfg, autocast_adapter_dtype=autocast.pop())  # the sources' dtype
     try:
         with torch.no_grad():
             for new in handle.sites:

@@ -83,6 +83,10 @@ class DeltaModule(nn.Module):
     def restore_host(self) -> None:
         """Undo changes the delta made to its host's own parameters (an init that left a residual there)."""
 
+    def changes_host(self) -> bool:
+        """Whether the delta changed its host's own parameters (which every other adapter computes with too)."""
+        return False
+
 
 _HOST_KW = ("host", "scale", "where")
 

@@ -71,6 +71,9 @@ class LowRankDelta(DeltaModule):
     def delta_weight(self) -> torch.Tensor:
         return self.B.float() @ self.A.float()  # (out, in)
 
+    def changes_host(self) -> bool:
+        return bool(self.base_snapshots)
+
     def restore_host(self) -> None:
         for snap in self.base_snapshots:
             snap.restore()

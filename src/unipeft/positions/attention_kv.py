@@ -72,9 +72,11 @@ def _pad_bias(bias, P: int, prefix_bias=None):
     """[prefix columns | bias]: the prefix's own relative bias (HF's cached positions 0..P-1), else zeros."""
     if bias is None:
         return None
-    cols = bias.new_zeros((*bias.shape[:-1], P)) if prefix_bias is None else prefix_bias.to(bias.dtype).expand(
-        *bias.shape[:-1], P)
-    return torch.cat([cols, bias], dim=-1)
+    if prefix_bias is None:
+        return torch.cat([bias.new_zeros((*bias.shape[:-1], P)), bias], dim=-1)
+    B = max(bias.shape[0], prefix_bias.shape[0])  # a mixed batch's columns differ per row
+    bias = bias.expand(B, *bias.shape[1:])
+    return torch.cat([prefix_bias.to(bias.dtype).expand(*bias.shape[:-1], P), bias], dim=-1)
 
 
 def make_seam(base_name: str):
@@ -89,18 +91,52 @@ def make_seam(base_name: str):
         if site is None or not site.active:
             return base(module, query, key, value, attention_mask, **kwargs)
         B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
-        pk, pv = site.delta.kv(site.slot, B, key.dtype)  # (B, H_kv, P, d)
-        P = pk.shape[2]
         causal = kwargs.get("is_causal", None)
         causal = getattr(module, "is_causal", True) if causal is None else causal
-        attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query, _prefix_seen(site, P, kwargs))
+        if site.switch.rows is not None:  # a mixed-adapter batch: each row its own adapter's prefix, or none
+            pk, pv, seen, cols = _mixed_prefix(module, B, q_len, kv_len, key.dtype, kwargs)
+            P = pk.shape[2]
+        else:
+            pk, pv = site.delta.kv(site.slot, B, key.dtype)  # (B, H_kv, P, d)
+            P = pk.shape[2]
+            seen, cols = _prefix_seen(site, P, kwargs), site.prefix_bias(q_len, kv_len, P)
+        attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query, seen)
         if "position_bias" in kwargs:
-            kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P, site.prefix_bias(q_len, kv_len, P))
+            kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P, cols)
         if "is_causal" in kwargs:
             kwargs["is_causal"] = False  # the mask is explicit now
         return base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask, **kwargs)
 
     return seam
+
+
+def _mixed_prefix(module, B: int, q_len: int, kv_len: int, dtype, kwargs):
+    """A mixed-adapter batch's prefix at one attention: (pk, pv) (B, H_kv, Pmax, d) with row b's adapter's P_b
+    keys/values first, `seen` (B, 1, q, Pmax) showing row b only those, and the relative-bias columns (B, H, q, Pmax)
+    or None. Computed once per adapter group; rows of adapters without a prefix here see no prefix column."""
+    on = [s for s in getattr(module, "_unipeft_kv", ()) if s.active and s.switch.rows is not None]
+    kvs = [(s, s.delta.kv(s.slot, s.switch.rows.shape[0], dtype)) for s in on]
+    Pmax = max(k.shape[2] for _, (k, _) in kvs)
+    H, d = kvs[0][1][0].shape[1], kvs[0][1][0].shape[3]
+    ref = kvs[0][1][0]
+    pk = ref.new_zeros(B, H, Pmax, d)
+    pv = ref.new_zeros(B, H, Pmax, kvs[0][1][1].shape[3])
+    seen = torch.zeros(B, 1, q_len, Pmax, dtype=torch.bool, device=ref.device)
+    cols = None
+    for s, (k, v) in kvs:
+        rows, P = s.switch.rows, k.shape[2]
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], Pmax - P, t.shape[3])], 2) if P < Pmax else t  # noqa: E731
+        pk, pv = pk.index_put((rows,), pad(k)), pv.index_put((rows,), pad(v))
+        sees = _prefix_seen(s, P, kwargs)  # (B|1, 1, q, P) or None: all
+        sees = torch.ones(1, 1, q_len, P, dtype=torch.bool, device=ref.device) if sees is None else sees
+        sees = sees.expand(B, 1, q_len, P)[rows]
+        seen = seen.index_put((rows,), torch.cat([sees, sees.new_zeros(rows.shape[0], 1, q_len, Pmax - P)], -1))
+        bias = s.prefix_bias(q_len, kv_len, P)  # (1, H, q, P) or None
+        if bias is not None:
+            cols = bias.new_zeros(B, bias.shape[1], q_len, Pmax) if cols is None else cols
+            block = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], Pmax - P)], -1)
+            cols = cols.index_put((rows,), block.expand(rows.shape[0], -1, -1, -1))
+    return pk, pv, seen, cols
 
 
 def _site_of(module):
@@ -109,6 +145,8 @@ def _site_of(module):
     if len(sites) <= 1:
         return sites[0] if sites else None
     on = [s for s in sites if s.capture is not None] or [s for s in sites if s.active]
+    if len(on) > 1 and all(s.switch.rows is not None for s in on):
+        return on[0]  # a mixed-adapter batch: the seam serves every adapter's rows (_mixed_prefix)
     if len(on) > 1:
         raise ValueError(f"prefixes of adapters {[s.switch.adapter for s in on]} are active together at one attention "
                          f"module; activate one of them (set_adapter)")
@@ -169,6 +207,8 @@ def relative_bias_source(modules: list[nn.Module]):
 
 class AttentionKVSite:
     """A prefix at one attention module. The shared prefix table lives on the model root."""
+
+    rowwise = True  # in a mixed-adapter batch the seam gives each row its adapter's prefix (_mixed_prefix)
 
     def __init__(self, module: nn.Module, name: str, ins: Insertion, delta, slot: int, switch: Switch, root_name: str,
                  bias_source: nn.Module | None = None):

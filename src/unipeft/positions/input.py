@@ -94,6 +94,8 @@ def _normalize(args, kwargs):
 
 
 class InputSite:
+    rowwise = True  # in a mixed-adapter batch each row gets its adapter's prompts (mixed_input.MixedInputs)
+
     def __init__(self, model: nn.Module, ins: Insertion, delta, switch: Switch, root_name: str):
         self.model, self.ins, self.delta, self.switch = model, ins, delta, switch
         self.host_name, self.path, self.merged = "", root_name, False
@@ -119,7 +121,8 @@ class InputSite:
 
     @property
     def active(self) -> bool:
-        return self.switch.on
+        """Acting through its own hooks: on, and not in a mixed-adapter batch (mixed_input.MixedInputs serves it)."""
+        return self.switch.on and self.switch.rows is None
 
     @property
     def P(self) -> int:
@@ -267,13 +270,13 @@ class PrefixPositions:
     attention mask, so a left-padded row sees the positions (and prefix/query offsets) it has alone."""
 
     def __init__(self, model: nn.Module, shift: int, switch: Switch):
-        self.shift, self.switch = shift, switch
+        self.model, self.shift, self.switch = model, shift, switch
         self._hook = None
         if "position_ids" in inspect.signature(model.forward).parameters:
             self._hook = model.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def _pre(self, module, args, kwargs):
-        if not self.switch.on:
+        if not self.switch.on or self.switch.rows is not None:  # a mixed batch: mixed_input.MixedInputs numbers rows
             return None
         args, kwargs = _normalize(args, kwargs)
         x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
