@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import unipeft
-from unipeft.models import load_embedded
+from unipeft.cli.embedded import load_embedded
 
 
 def build(n_adapters: int, r: int):

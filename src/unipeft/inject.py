@@ -16,7 +16,7 @@ from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .deltas.base import delta_parameters
 from .handle import Handle
-from .losses import ChunkedLoss
+from .training.losses import ChunkedLoss
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
 from .positions import attention_kv, input as input_position
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam, relative_bias_source

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .arch import find_arch
-from .checkpointing import enable_gradient_checkpointing
+from .training.checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig, TaskType
 from .deltas.base import delta_parameters
 from .handle import Handle
@@ -122,7 +122,7 @@ class PeftModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, offload_activations: bool = False):
         """Non-reentrant checkpointing (adapter gradients flow though the frozen inputs need none); with
-        `offload_activations` the checkpointed layer inputs wait in host memory (see unipeft.checkpointing)."""
+        `offload_activations` the checkpointed layer inputs wait in host memory (see unipeft.training.checkpointing)."""
         enable_gradient_checkpointing(self.base_model.model, offload=offload_activations,
                                       checkpoint_kwargs=gradient_checkpointing_kwargs)
 

@@ -103,7 +103,7 @@ class AtAttentionKV:
 @dataclass(frozen=True, kw_only=True)
 class AtInput:
     """Virtual-token embeddings placed in the input sequence: prepended, or at the slots a template marks
-    (input ids < 0, see `unipeft.prompts.apply_template`). For encoder-decoders, in the encoder input."""
+    (input ids < 0, see `unipeft.methods.p_tuning_template.apply_template`). For encoder-decoders, in the encoder input."""
 
     # True: returned logits include the P virtual positions, as HF PEFT's (real tokens' are logits[:, P:]);
     # False: they are cut, so logits line up with input_ids

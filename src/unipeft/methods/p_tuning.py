@@ -5,7 +5,7 @@ arXiv:2103.10385.
     the encoder (bi-LSTM + MLP, or MLP) turns P embeddings into the virtual tokens that fill the slots.
 
 Without a template the virtual tokens are prepended (HF PEFT's P_TUNING), and logits include their positions
-as HF PEFT's do (`keep_virtual_logits=False` cuts them). `unipeft.prompts.apply_template`
+as HF PEFT's do (`keep_virtual_logits=False` cuts them). `unipeft.methods.p_tuning_template.apply_template`
 tokenizes text through a template.
 """
 

@@ -15,7 +15,7 @@ import types
 import torch
 from torch import nn
 
-from .bnb import device_tensors, is_quantized
+from ..quant.bnb import device_tensors, is_quantized
 
 
 def _children_only(self: nn.Module, fn, recurse=True):
