@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_sublayers
+from .arch import blocks, find_arch, resolve_linears, resolve_sublayers
 from .arch.fused import FusedSlice
 from .arch.resolve import adaptable_dims, get_submodule
 from .arch.spec import ArchSpec

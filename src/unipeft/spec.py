@@ -110,9 +110,6 @@ class AtInput:
     keep_virtual_logits: bool = True
 
 
-Position = Union[AtLinear, AtSublayer, AtAttentionKV, AtInput]
-
-
 # ---------------------------------------------------------------- deltas: WHAT Δh is
 
 
@@ -227,9 +224,6 @@ class Prompt:
             raise ValueError(f"encoder_reparameterization_type must be 'LSTM' or 'MLP', got {self.encoder!r}")
         if self.init not in ("RANDOM", "SAMPLE_VOCAB", "TEXT"):
             raise ValueError(f"prompt init must be RANDOM, SAMPLE_VOCAB or TEXT, got {self.init!r}")
-
-
-Delta = Union[LowRank, Scaling, Bottleneck, Prefix, Prompt]
 
 
 @dataclass(frozen=True, kw_only=True)
