@@ -16,6 +16,7 @@ from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .deltas.base import delta_parameters
 from .handle import Handle
+from .names import matches
 from .training.losses import ChunkedLoss
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
 from .positions import attention_kv, input as input_position
@@ -235,7 +236,7 @@ def inject(
 
 def _install_copies(model, handle: Handle, names) -> None:
     for name, mod in list(model.named_modules()):
-        if not name or not any(name == n or name.endswith("." + n) for n in names):
+        if not name or not matches(name, names):
             continue
         if ".original_module" in name or ".modules_to_save." in name:  # inside another adapter's head copies
             continue

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Union
 
+from .names import matches
+
 
 class Form(str, Enum):
     SEQUENTIAL = "sequential"  # Δ reads h = f(x), the sublayer's output:  x + h + s·Δ(h)
@@ -61,14 +63,7 @@ class AtLinear:
     input_side: Union[tuple[str, ...], str, None] = None  # targets whose delta acts on the input (IA3 FFN)
 
     def side_of(self, name: str) -> str:
-        return "in" if self.input_side is not None and name_matches(name, self.input_side) else "out"
-
-
-def name_matches(name: str, targets) -> bool:
-    """HF PEFT's rule: a regex string must fully match; a name in a list matches itself or a '.name' suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+        return "in" if self.input_side is not None and matches(name, self.input_side) else "out"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
@@ -21,6 +20,7 @@ from ..deltas.dora import WeightDecomposed
 from ..deltas.token_rows import TokenRows
 from ..positions.token_rows import AtTokenRows
 from ..config import PeftConfig
+from ..names import pattern_key
 from ..registry import register_config, register_method
 from ..spec import AtLinear, Compose, Form, Insertion, LowRank
 
@@ -46,15 +46,6 @@ NOT_IMPLEMENTED = {
     "kasa_config": (None, "KaSA"),
     "ensure_weight_tying": (False, "tying adapters of tied layers"),
 }
-
-
-def pattern_key(patterns, name: str):
-    """HF PEFT's rank_pattern/alpha_pattern rule: the first key k (a regex) with `(.*\\.)?(k)$` matching the name
-    from its start, i.e. the key names a dotted suffix of the module path (or a regex over one)."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", name):
-            return k
-    return None
 
 
 @register_config

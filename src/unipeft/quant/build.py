@@ -16,6 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..names import matches
 from ..training.hostmem import release_free_memory  # building one float linear at a time leaves free heap behind
 from .bnb import SCHEMES, quantized_linear
 from ..memory.stream import LayerStream
@@ -68,7 +69,7 @@ def _quantizable(model: nn.Module, q: Quantization):
     inside = {id(m) for m in base.modules()} if base is not model else None
     for name, mod in list(model.named_modules()):
         if (type(mod) is nn.Linear and mod is not head and (inside is None or id(mod) in inside)
-                and not any(name == s or name.endswith("." + s) for s in q.skip)):
+                and not matches(name, q.skip)):
             yield name, mod
 
 
