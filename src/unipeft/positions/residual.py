@@ -16,11 +16,11 @@ recomputation runs the hooks again in the same order, so the capture stays consi
 from __future__ import annotations
 
 from ..spec import Compose, Form, Insertion
-from .base import Site, first_input, map_output, on_rows
+from .base import ModuleSite, first_input, map_output, on_rows
 from .. import functional as Fn
 
 
-class SublayerDeltaSite(Site):
+class SublayerDeltaSite(ModuleSite):
     # every form adds s·Δ to the residual stream; multiply and gate have no meaning there
     valid_forms = frozenset((f, c) for f in (Form.SEQUENTIAL, Form.PARALLEL, Form.AFTER_ADD_NORM)
                             for c in (Compose.ADD, Compose.LEARNED))

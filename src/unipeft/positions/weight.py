@@ -23,7 +23,7 @@ from ..arch.resolve import adaptable_dims
 from ..deltas.dropout import DropoutCache
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
-from .base import Site, on_rows
+from .base import ModuleSite, on_rows
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
 
@@ -60,7 +60,7 @@ def sibling_passes(model, sites, extras) -> list:
     return out
 
 
-class LinearDeltaSite(Site):
+class LinearDeltaSite(ModuleSite):
     valid_forms = frozenset({(Form.PARALLEL, Compose.ADD), (Form.PARALLEL, Compose.LEARNED),  # W x + s·Δ(x)
                              (Form.SEQUENTIAL, Compose.ADD), (Form.SEQUENTIAL, Compose.LEARNED),  # h + s·Δ(h)
                              (Form.PARALLEL, Compose.MULTIPLY)})  # IA3: h ⊙ l, or W (x ⊙ l) on the input side
