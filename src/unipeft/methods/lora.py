@@ -90,6 +90,10 @@ class LoraConfig(PeftConfig):
     ensure_weight_tying: bool = field(default=False, metadata=HF_ONLY)
     runtime_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)  # runtime-only: never saved, as in HF
 
+    def normalized(self) -> dict:
+        layers = self.layers_to_transform
+        return {**super().normalized(), **({"layers_to_transform": (layers,)} if isinstance(layers, int) else {})}
+
     def validate(self) -> None:
         for name, (default, what) in NOT_IMPLEMENTED.items():
             v = getattr(self, name)
@@ -120,8 +124,6 @@ class LoraConfig(PeftConfig):
                              f"got {t!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if isinstance(self.layers_to_transform, int):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string; put the layer "
                              "indices in the regex, or pass target_modules as a list of names")
