@@ -105,7 +105,7 @@ def _head_names(model: nn.Module, arch: ArchSpec | None) -> set[str]:
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = arch.heads if arch else ("classifier", "score", "classification_head", "lm_head", "qa_outputs")
     for name, mod in model.named_modules():
-        if (out_emb is not None and mod is out_emb) or name.split(".")[-1] in names or name in names:
+        if (out_emb is not None and mod is out_emb) or matches(name, names):
             heads.add(name)
     return heads
 
