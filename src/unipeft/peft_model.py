@@ -221,11 +221,11 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, torch_device=None,
                      autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                      low_cpu_mem_usage: bool = False, subfolder: str | None = None, allow_pickle: bool = False,
-                     **_) -> None:
+                     revision: str | None = None, **_) -> None:
         """Load a saved adapter (a folder written by save_pretrained, ours or HF PEFT's) as `adapter_name`,
         beside the adapters already here; it is not active (set_adapter activates it). The name of an adapter
         already here reloads its weights (as Trainer does on resume and for load_best_model_at_end)."""
-        folder = resolve_folder(model_id)
+        folder = resolve_folder(model_id, revision=revision)
         if subfolder:
             folder = resolve_folder(folder / subfolder)
         if adapter_name in self.peft_config:
@@ -360,8 +360,9 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
                         config: PeftConfig | None = None, allow_pickle: bool = False,
-                        autocast_adapter_dtype: bool = True, subfolder: str | None = None, **_) -> "PeftModel":
-        folder = resolve_folder(model_id)
+                        autocast_adapter_dtype: bool = True, subfolder: str | None = None,
+                        revision: str | None = None, **_) -> "PeftModel":
+        folder = resolve_folder(model_id, revision=revision)
         if subfolder:  # e.g. a non-default adapter of a multi-adapter save
             folder = resolve_folder(folder / subfolder)
         if config is None:
