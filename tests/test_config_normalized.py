@@ -52,5 +52,8 @@ def test_only_post_init_writes_a_frozen_config():
 def test_a_linear_site_refuses_an_additive_delta_on_the_input_side():
     ins = Insertion(delta=LowRank(r=2), position=AtLinear(targets=("q_proj",), input_side=("q_proj",)),
                     form=Form.SEQUENTIAL, compose=Compose.ADD, name="lora")
+    model = BUILDERS["llama"]()
+    before = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(ValueError, match="side='in'.*only meaningful with compose=multiply"):
-        inject(BUILDERS["llama"](), [ins])
+        inject(model, [ins])
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing left behind

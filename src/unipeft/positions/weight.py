@@ -73,7 +73,10 @@ class LinearDeltaSite(ModuleSite):
     valid_forms = frozenset((form, compose) for form, compose, _ in HOOKS)
 
     def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out", attr: str | None = None):
-        super().__init__(host, host_name, ins, delta, switch, attr=attr)
+        if (ins.form, ins.compose) in self.valid_forms and (ins.form, ins.compose, side) not in self.HOOKS:
+            raise ValueError(f"{host_name}: an additive delta on a linear adds to its output; side={side!r} (the "
+                             f"linear's input) is only meaningful with compose=multiply")  # before anything is placed
+        super().__init__(host, host_name, ins, delta, switch, attr=attr)  # refuses a (form, compose) it has no hook for
         self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
         self.side = side
         dropouts, projections = adapter_caches(switch)
@@ -82,11 +85,7 @@ class LinearDeltaSite(ModuleSite):
         if hasattr(delta, "siblings") and ins.compose == Compose.ADD and ins.form == Form.PARALLEL:
             delta.siblings = projections
         self._fused = callable(getattr(delta, "add_scaled", None)) and ins.compose == Compose.ADD
-        try:
-            register, method = self.HOOKS[(ins.form, ins.compose, side)]
-        except KeyError:
-            raise ValueError(f"{host_name}: an additive delta on a linear adds to its output; side={side!r} (the "
-                             f"linear's input) is only meaningful with compose=multiply") from None
+        register, method = self.HOOKS[(ins.form, ins.compose, side)]
         self.hook(getattr(host, register)(getattr(self, method)))
 
     # hooks -----------------------------------------------------------------------------------------
