@@ -28,7 +28,7 @@ def build(name: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import unipeft
-    from unipeft.models import embedded_path
+    from unipeft.cli.embedded import embedded_path
 
     torch.manual_seed(0)
     if name == "smollm2":

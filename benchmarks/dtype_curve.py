@@ -22,7 +22,7 @@ def run(base_dtype: torch.dtype, autocast: bool, steps: int, texts: list[str], l
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     import unipeft
-    from unipeft.models import embedded_path
+    from unipeft.cli.embedded import embedded_path
 
     path = str(embedded_path())
     tok = AutoTokenizer.from_pretrained(path)

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import unipeft  # noqa: E402
-from unipeft.models import embedded_path  # noqa: E402
+from unipeft.cli.embedded import embedded_path  # noqa: E402
 
 DATA = Path(os.environ.get("UNIPEFT_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")) / "e2e_nlg"
 PROMPT = "Meaning representation: {mr}\nDescription:"

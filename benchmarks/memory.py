@@ -7,7 +7,7 @@ Step = forward + backward + AdamW step + zero_grad(set_to_none). Median over the
 warm-up; each step records process CPU time / wall time ("util", 2.0 = both cores ours on the CPU box).
 Rounds run the configurations interleaved (A B C, A B C, ...), so load from other jobs spreads evenly.
 Every row computes its loss as users do, `model(input_ids=..., attention_mask=..., labels=...).loss` in training
-mode (unipeft: the chunked loss, `unipeft.losses.ChunkedLoss`); a row needing a special call names it.
+mode (unipeft: the chunked loss, `unipeft.training.losses.ChunkedLoss`); a row needing a special call names it.
 
     .venv/bin/python benchmarks/memory.py --suite smollm2 --rounds 2
     .venv/bin/python benchmarks/memory.py --suite llama1b
@@ -66,7 +66,7 @@ SUITES = {
         ("ours_qlora_nf4_gc", dict(_8B, method="lora", quant="nf4", dtype="bfloat16")),
         ("hf_qlora_nf4_gc", dict(_8B, method="hf_lora", quant="nf4", dtype="bfloat16")),
         ("ours_qlora_nf4_gc_offload", dict(_8B, offload=True, method="lora", quant="nf4", dtype="bfloat16")),
-        # + the input embedding table in host memory (unipeft.host_embedding)
+        # + the input embedding table in host memory (unipeft.memory.host_embedding)
         ("ours_qlora_nf4_gc_hostemb", dict(_8B, host_emb=True, method="lora", quant="nf4", dtype="bfloat16")),
         ("ours_qlora_nf4_gc_offload_hostemb", dict(_8B, host_emb=True, offload=True, method="lora", quant="nf4",
                                                    dtype="bfloat16")),
@@ -116,7 +116,7 @@ def _build(cfg: dict):
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     device = cfg.get("device", "cpu")
     if cfg["model"] == "smollm2":
-        from unipeft.models import embedded_path
+        from unipeft.cli.embedded import embedded_path
         path, config = str(embedded_path()), None
     else:
         path, config = None, LlamaConfig(**SHAPES[cfg["model"]])
@@ -133,7 +133,7 @@ def _build(cfg: dict):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     if cfg.get("host_emb"):  # the untied input table to host memory (1 GiB of bf16 on an 8B Llama)
-        from unipeft.host_embedding import embeddings_on_host
+        from unipeft.memory.host_embedding import embeddings_on_host
         embeddings_on_host(model, device)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -164,7 +164,7 @@ def worker(cfg: dict) -> dict:
     import torch
 
     if cfg.get("lean_heap"):
-        from unipeft.hostmem import lean_heap
+        from unipeft.training.hostmem import lean_heap
         lean_heap()
     torch.set_num_threads(int(cfg.get("threads", 2)))
     torch.manual_seed(0)

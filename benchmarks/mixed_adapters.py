@@ -26,7 +26,7 @@ import torch
 import transformers
 
 import unipeft
-from unipeft.models import load_embedded
+from unipeft.cli.embedded import load_embedded
 
 
 SMOLLM2 = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

@@ -175,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.model_dir is None:
-        from unipeft.models import minilm_path
+        from unipeft.cli.embedded import minilm_path
 
         a.model_dir = str(minilm_path())
     model_dir = a.model_dir

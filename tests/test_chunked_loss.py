@@ -1,4 +1,4 @@
-"""model(input_ids=..., labels=...) in training mode computes its loss in chunks (unipeft.losses.ChunkedLoss):
+"""model(input_ids=..., labels=...) in training mode computes its loss in chunks (unipeft.training.losses.ChunkedLoss):
 the same loss and gradients as the model's own loss on full logits, without ever building those logits."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from conftest import BUILDERS, VOCAB, batch_for, tiny_llama
 from matrix import config
 
 from unipeft import LoraConfig, get_peft_model
-from unipeft.losses import LogitsNotComputed
+from unipeft.training.losses import LogitsNotComputed
 
 
 def _peft(arch, method="lora", **kw):

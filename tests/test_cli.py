@@ -75,7 +75,7 @@ def ws(tmp_path_factory):
     from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
                               T5Config, T5ForConditionalGeneration)
 
-    from unipeft.models import embedded_path, minilm_path
+    from unipeft.cli.embedded import embedded_path, minilm_path
 
     root = tmp_path_factory.mktemp("cli")
     try:

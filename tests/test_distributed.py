@@ -67,7 +67,7 @@ def close(a: dict, b: dict, rtol=1e-5):
 def ws(tmp_path_factory):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from unipeft.models import minilm_path
+    from unipeft.cli.embedded import minilm_path
 
     root = tmp_path_factory.mktemp("ddp")
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))

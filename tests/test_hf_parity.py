@@ -184,7 +184,7 @@ def test_options_both_ways(arch, kind, kw, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from unipeft.models import load_embedded
+    from unipeft.cli.embedded import load_embedded
 
     try:
         model, tok = load_embedded()

@@ -563,7 +563,7 @@ def test_smollm2_variants_parity(kw, tmp_path):
     import copy
 
     from test_hf_parity import REAL_ATOL
-    from unipeft.models import load_embedded
+    from unipeft.cli.embedded import load_embedded
 
     try:
         base_model, tok = load_embedded()

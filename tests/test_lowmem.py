@@ -10,7 +10,7 @@ from conftest import VOCAB, batch_for, tiny_llama
 
 from unipeft import IA3Config, LoraConfig, get_peft_model
 from unipeft.deltas.dropout import SharedDropout, set_shared_dropout
-from unipeft.losses import causal_lm_loss, chunked_lm_loss
+from unipeft.training.losses import causal_lm_loss, chunked_lm_loss
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
 
@@ -132,7 +132,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(offload, dropout):
 
 
 def test_offload_routes_checkpointed_inputs_through_save_on_cpu(monkeypatch):
-    import unipeft.checkpointing as C
+    import unipeft.training.checkpointing as C
 
     used = []
     real = torch.autograd.graph.save_on_cpu
@@ -453,7 +453,7 @@ def _cli_train(tmp_path, name: str, *flags, tied: bool = True):
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from unipeft.models import embedded_path
+    from unipeft.cli.embedded import embedded_path
 
     try:
         tok = AutoTokenizer.from_pretrained(str(embedded_path()))

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from unipeft import models
+from unipeft.cli import embedded as models
 
 pytestmark = pytest.mark.real
 

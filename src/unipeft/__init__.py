@@ -7,13 +7,13 @@ from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeat
 from .config import PeftConfig, TaskType
 from .config_dict import get_peft_config
 from .handle import Handle
-from .host_embedding import HostEmbedding, embeddings_on_host
+from .memory.host_embedding import HostEmbedding, embeddings_on_host
 from .inject import inject
 from .inject_adapter import inject_adapter_in_model
 from .kbit import prepare_model_for_kbit_training
 from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig,
                       PromptTuningConfig, PTuningV2Config)
-from .prompts import apply_template
+from .methods.p_tuning_template import apply_template
 from .peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
                          PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,
                          get_peft_model)

@@ -61,7 +61,7 @@ class AutoPeftModel:
         base = _base_class(cls, cfg, base_path).from_pretrained(base_path, revision=cfg.revision, **kwargs)
         _grow_embeddings(base, pretrained_model_name_or_path)
         return PeftModel.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
-                                         is_trainable=is_trainable, config=config)
+                                         is_trainable=is_trainable, config=config, revision=revision)
 
 
 def _grow_embeddings(base, adapter_path) -> None:

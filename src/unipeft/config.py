@@ -65,10 +65,17 @@ class PeftConfig:
             except ValueError:
                 raise ValueError(f"unknown task_type {self.task_type!r}; choose one of "
                                  f"{[t.value for t in TaskType]}") from None
+        for name, value in self.normalized().items():  # the only place a frozen config is written: at birth
+            object.__setattr__(self, name, value)
         self.validate()
 
+    def normalized(self) -> dict[str, Any]:
+        """Canonical forms of the given values (a single layer index -> a 1-tuple, "lstm" -> "LSTM"), field name ->
+        value; __post_init__ sets them before validate() (subclasses extend, merging their parent's)."""
+        return {}
+
     def validate(self) -> None:
-        """Raise ValueError for invalid values (subclasses extend)."""
+        """Raise ValueError for invalid values; reads only (subclasses extend)."""
 
     # -- what the method is -------------------------------------------------------------------------
     def resolved(self, model, arch) -> "PeftConfig":

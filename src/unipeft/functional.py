@@ -28,11 +28,6 @@ def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return F.linear(F.linear(x, A), B)
 
 
-def bottleneck(x, down_w, down_b, up_w, up_b, act) -> torch.Tensor:
-    """up(act(down(x))).  down_w: (m, d_in), up_w: (d_out, m)."""
-    return F.linear(act(F.linear(x, down_w, down_b)), up_w, up_b)
-
-
 def compose(h: torch.Tensor, dh: torch.Tensor, s) -> torch.Tensor:
     """h + s·Δh (add / scaled add; s may be a learned 0-d tensor)."""
     return h + dh * s if not (isinstance(s, float) and s == 1.0) else h + dh

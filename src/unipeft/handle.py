@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .deltas.base import delta_parameters
-from .positions import LinearDeltaSite, Switch
+from .positions import LinearDeltaSite, Site, Switch
 from .spec import Compose
 
 
@@ -18,7 +18,7 @@ class Handle:
     """What inject() did to a model, and how to undo it."""
 
     model: nn.Module
-    sites: list = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
     copies: list = field(default_factory=list)  # TrainableCopy
     trainable_base: list = field(default_factory=list)  # (name, param, snapshot) base params made trainable
     extras: list = field(default_factory=list)  # other undoable changes (root deltas, attention seam, hooks)

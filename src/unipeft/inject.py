@@ -9,35 +9,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import blocks, find_arch, linear_dims, resolve_linears, resolve_sublayers
+from .arch import blocks, find_arch, resolve_linears, resolve_sublayers
 from .arch.fused import FusedSlice
 from .arch.resolve import adaptable_dims, get_submodule
 from .arch.spec import ArchSpec
 from .deltas import build_delta
 from .deltas.base import delta_parameters
 from .handle import Handle
-from .losses import ChunkedLoss
+from .names import matches
+from .training.losses import ChunkedLoss
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
 from .positions import attention_kv, input as input_position
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam, relative_bias_source
 from .positions.fused import SlicedLinearDeltaSite
 from .positions.input import InputSite, PrefixPositions
+from .positions.installers import installer_for, position_installer
 from .positions.layout import place_delta, unplace_delta
 from .positions.weight import sibling_passes
 from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Form, Insertion, Sublayer
-
-_INSTALLERS = {}  # position type -> installer(model, ins, arch, handle) -> list[Site]
-
-
-def position_installer(pos_type):
-    """Register how a position type is resolved and installed (new positions plug in here)."""
-
-    def deco(fn):
-        _INSTALLERS[pos_type] = fn
-        return fn
-
-    return deco
-
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -216,12 +205,7 @@ def inject(
     handle.autocast_adapter_dtype = autocast_adapter_dtype
     try:
         for ins in insertions:
-            try:
-                installer = _INSTALLERS[type(ins.position)]
-            except KeyError:
-                raise TypeError(f"no installer for position {type(ins.position).__name__}; known: "
-                                f"{[t.__name__ for t in _INSTALLERS]}") from None
-            handle.sites += installer(model, ins, arch, handle)
+            handle.sites += installer_for(ins.position)(model, ins, arch, handle)
         _install_copies(model, handle, modules_to_save)
         _train_biases(model, handle, trainable_biases)
         if ChunkedLoss.applies_to(model):  # model(..., labels=...) computes its loss without full logits
@@ -235,7 +219,7 @@ def inject(
 
 def _install_copies(model, handle: Handle, names) -> None:
     for name, mod in list(model.named_modules()):
-        if not name or not any(name == n or name.endswith("." + n) for n in names):
+        if not name or not matches(name, names):
             continue
         if ".original_module" in name or ".modules_to_save." in name:  # inside another adapter's head copies
             continue

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpointing import enable_gradient_checkpointing
+from .training.checkpointing import enable_gradient_checkpointing
 from .quant import is_quantized as is_quantized_linear
 
 # storage classes of bitsandbytes' 8-bit and 4-bit weights (a 4-bit one may be stored as bf16: skip by class)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .arch import find_arch
-from .checkpointing import enable_gradient_checkpointing
+from .training.checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig, TaskType
 from .deltas.base import delta_parameters
 from .handle import Handle
@@ -23,7 +23,7 @@ from .io.checkpoint import resolve_folder
 from .io.hub import push_adapter
 from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
 from .io.model_card import write_model_card
-from .losses import ChunkedLoss
+from .training.losses import ChunkedLoss
 from .mixed_batch import batch_size, mixed_batch
 from .positions.layout import check_adapter_name
 from .registry import config_class
@@ -123,7 +123,7 @@ class PeftModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, offload_activations: bool = False):
         """Non-reentrant checkpointing (adapter gradients flow though the frozen inputs need none); with
-        `offload_activations` the checkpointed layer inputs wait in host memory (see unipeft.checkpointing)."""
+        `offload_activations` the checkpointed layer inputs wait in host memory (see unipeft.training.checkpointing)."""
         enable_gradient_checkpointing(self.base_model.model, offload=offload_activations,
                                       checkpoint_kwargs=gradient_checkpointing_kwargs)
 
@@ -223,11 +223,11 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, torch_device=None,
                      autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                      low_cpu_mem_usage: bool = False, subfolder: str | None = None, allow_pickle: bool = False,
-                     **_) -> None:
+                     revision: str | None = None, **_) -> None:
         """Load a saved adapter (a folder written by save_pretrained, ours or HF PEFT's) as `adapter_name`,
         beside the adapters already here; it is not active (set_adapter activates it). The name of an adapter
         already here reloads its weights (as Trainer does on resume and for load_best_model_at_end)."""
-        folder = resolve_folder(model_id)
+        folder = resolve_folder(model_id, revision=revision)
         if subfolder:
             folder = resolve_folder(folder / subfolder)
         if adapter_name in self.peft_config:
@@ -377,8 +377,9 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
                         config: PeftConfig | None = None, allow_pickle: bool = False,
-                        autocast_adapter_dtype: bool = True, subfolder: str | None = None, **_) -> "PeftModel":
-        folder = resolve_folder(model_id)
+                        autocast_adapter_dtype: bool = True, subfolder: str | None = None,
+                        revision: str | None = None, **_) -> "PeftModel":
+        folder = resolve_folder(model_id, revision=revision)
         if subfolder:  # e.g. a non-default adapter of a multi-adapter save
             folder = resolve_folder(folder / subfolder)
         if config is None:

@@ -39,9 +39,8 @@ def config_class(peft_type: str):
 
 
 def methods() -> dict[str, MethodInfo]:
-    """Every registered method, by name."""
-    from . import methods as _  # noqa: F401  (registers the presets)
-
+    """Every registered method, by name. The presets register themselves when `unipeft` is imported (its
+    `__init__` imports `unipeft.methods` first), so the registry never imports the methods: no import circle."""
     return dict(METHODS)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Union
 
+from .names import matches
+
 
 class Form(str, Enum):
     SEQUENTIAL = "sequential"  # Δ reads h = f(x), the sublayer's output:  x + h + s·Δ(h)
@@ -61,14 +63,7 @@ class AtLinear:
     input_side: Union[tuple[str, ...], str, None] = None  # targets whose delta acts on the input (IA3 FFN)
 
     def side_of(self, name: str) -> str:
-        return "in" if self.input_side is not None and name_matches(name, self.input_side) else "out"
-
-
-def name_matches(name: str, targets) -> bool:
-    """HF PEFT's rule: a regex string must fully match; a name in a list matches itself or a '.name' suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+        return "in" if self.input_side is not None and matches(name, self.input_side) else "out"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,14 +98,11 @@ class AtAttentionKV:
 @dataclass(frozen=True, kw_only=True)
 class AtInput:
     """Virtual-token embeddings placed in the input sequence: prepended, or at the slots a template marks
-    (input ids < 0, see `unipeft.prompts.apply_template`). For encoder-decoders, in the encoder input."""
+    (input ids < 0, see `unipeft.methods.p_tuning_template.apply_template`). For encoder-decoders, in the encoder input."""
 
     # True: returned logits include the P virtual positions, as HF PEFT's (real tokens' are logits[:, P:]);
     # False: they are cut, so logits line up with input_ids
     keep_virtual_logits: bool = True
-
-
-Position = Union[AtLinear, AtSublayer, AtAttentionKV, AtInput]
 
 
 # ---------------------------------------------------------------- deltas: WHAT Δh is
@@ -227,9 +219,6 @@ class Prompt:
             raise ValueError(f"encoder_reparameterization_type must be 'LSTM' or 'MLP', got {self.encoder!r}")
         if self.init not in ("RANDOM", "SAMPLE_VOCAB", "TEXT"):
             raise ValueError(f"prompt init must be RANDOM, SAMPLE_VOCAB or TEXT, got {self.init!r}")
-
-
-Delta = Union[LowRank, Scaling, Bottleneck, Prefix, Prompt]
 
 
 @dataclass(frozen=True, kw_only=True)

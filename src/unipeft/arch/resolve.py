@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..spec import AtLinear, AtSublayer, Sublayer, name_matches
+from ..names import matches, pattern_layer_index
+from ..spec import AtLinear, AtSublayer, Sublayer
 from .fused import FusedSlice, fused_slices
 from .spec import ARCHS, ArchSpec
 
@@ -70,7 +70,7 @@ def _first(block: nn.Module, alternatives) -> str | None:
 def _block_lists(model, arch: ArchSpec):
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and any(name == s or name.endswith("." + s) for s in arch.layers):
+        if isinstance(mod, nn.ModuleList) and matches(name, arch.layers):
             out.append((name, mod))
     return out
 
@@ -100,15 +100,12 @@ def layer_index(name: str, blks: list[Block]) -> int | None:
     return None
 
 
-_matches = name_matches
-
-
 def _head_names(model: nn.Module, arch: ArchSpec | None) -> set[str]:
     heads = set()
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = arch.heads if arch else ("classifier", "score", "classification_head", "lm_head", "qa_outputs")
     for name, mod in model.named_modules():
-        if (out_emb is not None and mod is out_emb) or name.split(".")[-1] in names or name in names:
+        if (out_emb is not None and mod is out_emb) or matches(name, names):
             heads.add(name)
     return heads
 
@@ -140,13 +137,13 @@ def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> l
         # Parts of fused projections (Phi-3's q_proj inside qkv_proj) are targets too; "all-linear" takes the
         # fused linears whole instead.
         linears = linears + fused_slices(model, arch)
-        chosen = [(n, m) for n, m in linears if _matches(n, targets)]
+        chosen = [(n, m) for n, m in linears if matches(n, targets)]
         # Every listed name must match something: a typo must not silently train fewer modules.
-        unmatched = isinstance(targets, tuple) and any(not any(_matches(n, (t,)) for n, _ in linears) for t in targets)
+        unmatched = isinstance(targets, tuple) and any(not any(matches(n, (t,)) for n, _ in linears) for t in targets)
         if not chosen or unmatched:
             raise ValueError(_unknown_target_message(targets, linears, model))
     if pos.exclude:
-        chosen = [(n, m) for n, m in chosen if not _matches(n, pos.exclude)]
+        chosen = [(n, m) for n, m in chosen if not matches(n, pos.exclude)]
     if pos.layers is not None and pos.layers_pattern:
         chosen = [(n, m) for n, m in chosen if pattern_layer_index(n, pos.layers_pattern) in pos.layers]
         if not chosen:
@@ -163,15 +160,6 @@ def resolve_linears(model: nn.Module, pos: AtLinear, arch: ArchSpec | None) -> l
             raise ValueError(f"layers_to_transform={list(pos.layers)} selects no module (the model has "
                              f"{max(b.index for b in blks) + 1} layers)")
     return chosen
-
-
-def pattern_layer_index(name: str, patterns) -> int | None:
-    """HF PEFT's rule: the index right after the first `<pattern>.` segment of the path (first match wins)."""
-    for p in patterns:
-        m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
-        if m:
-            return int(m.group("idx"))
-    return None
 
 
 def default_targets(model, arch: ArchSpec | None, roles: tuple[str, ...]) -> tuple[str, ...]:
@@ -205,11 +193,11 @@ def _unknown_target_message(targets, linears, model) -> str:
     if isinstance(targets, str):
         return (f"target_modules regex {targets!r} matches no linear module of {type(model).__name__}; "
                 f"linear modules found: {short}")
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in linears)]
+    missing = [t for t in targets if not any(matches(n, (t,)) for n, _ in linears)]
     params = [n for n, _ in model.named_parameters()]
     hints = []
     for t in missing:
-        as_param = next((n for n in params if n == t or n.endswith("." + t)), None)
+        as_param = next((n for n in params if matches(n, (t,))), None)
         if as_param is not None:  # e.g. Mixtral's experts.down_proj: a 3-D parameter, no module to hook
             hints.append(f"{t!r} (a parameter, {as_param}, not a linear module: weight-level deltas need linear "
                          f"modules)")

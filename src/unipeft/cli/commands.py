@@ -14,7 +14,7 @@ from .errors import CliError
 from .evaluate import generate_texts, generation_eval, run_eval
 from .modeling import infer_task, load_model, load_tokenizer, resolve_model
 from .report import box, fmt_metrics, human, size_of, write_json
-from .tasks import task_class
+from .task_table import task_class
 from .train import TASK_FILE, make_accelerator
 
 PEFT_TASKS = {"SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls", "CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq"}

@@ -63,7 +63,7 @@ def demo_command(ns) -> int:
     from .commands import load_base_and_adapter
     from .evaluate import generation_eval
     from .modeling import load_tokenizer, resolve_model
-    from .tasks import task_class
+    from .task_table import task_class
     from .train import train_command
 
     t0 = time.time()

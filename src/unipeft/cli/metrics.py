@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 
 def classification(preds: list[int], golds: list[int], num_labels: int) -> dict:
@@ -97,7 +96,3 @@ def _lcs_f(pred: str, ref: str) -> float:
         return 0.0
     p, r = lcs / len(a), lcs / len(b)
     return 2 * p * r / (p + r)
-
-
-def label_counts(labels) -> Counter:
-    return Counter(labels)

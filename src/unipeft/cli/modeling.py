@@ -25,7 +25,7 @@ def resolve_model(spec: str | None) -> str:
             raise CliError(f"--model: folder not found: {spec}", "check the path, or give a hub id like org/name")
         return str(p) if p.exists() else spec
     try:
-        from ..models import embedded_path
+        from .embedded import embedded_path
 
         return str(embedded_path())
     except (ImportError, FileNotFoundError, ModuleNotFoundError) as e:
@@ -94,7 +94,7 @@ def load_quantized_model(path: str, task, tokenizer, scheme: str, compute_dtype,
                          stream: bool = False) -> tuple[object, str]:
     """The base with its frozen linears in NF4/int8, and how it was built. From safetensors it is built layer by
     layer, so host memory stays near the quantized size; other weights are loaded first, then quantized.
-    `stream`: the quantized layers stay in host memory and visit `device` one at a time (unipeft.quant.stream)."""
+    `stream`: the quantized layers stay in host memory and visit `device` one at a time (unipeft.memory.stream)."""
     try:
         import bitsandbytes  # noqa: F401
         import transformers

@@ -1,6 +1,6 @@
 """Tasks: which columns they read, how rows become token ids and labels, how a batch is padded, which model
 class they load, and how an evaluation batch turns into per-example records. Classification tasks live here,
-generative ones (causal-lm, seq2seq) in lm.py."""
+generative ones (causal-lm, seq2seq) in lm.py; task_table.py maps `--task` names to classes."""
 
 from __future__ import annotations
 
@@ -319,9 +319,3 @@ class TokenCls(Task):
         out = {"eval_loss": sum(r[2] for r in records) / max(total, 1)}
         out.update(metrics.entity_f1(preds, golds))
         return out
-
-
-def task_class(name: str):
-    from .lm import CausalLM, Seq2Seq
-
-    return {"seq-cls": SeqCls, "token-cls": TokenCls, "causal-lm": CausalLM, "seq2seq": Seq2Seq}[name]

@@ -17,7 +17,7 @@ from .evaluate import generation_eval, run_eval
 from .loop import CKPT, Trainer
 from .modeling import infer_task, load_model, load_quantized_model, load_tokenizer, resolve_model
 from .report import MetricsLog, box, fmt_metrics, human, plot_losses, size_of, write_json
-from .tasks import task_class
+from .task_table import task_class
 
 logger = logging.getLogger("unipeft.cli")
 RUN_FILES = ("run.yaml", "metrics.jsonl", "eval_results.json", "loss.png", "adapter", CKPT, f".{CKPT}.tmp", "labels.json")

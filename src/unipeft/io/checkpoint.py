@@ -34,8 +34,9 @@ def save_adapter(folder, config: dict, tensors: dict[str, torch.Tensor], safe_se
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def resolve_folder(path) -> Path:
-    """A local adapter folder, or a hub repo id downloaded to the local cache (when online)."""
+def resolve_folder(path, revision: str | None = None) -> Path:
+    """A local adapter folder, or a hub repo id downloaded to the local cache (when online) at `revision` (a branch,
+    tag or commit; None: the default branch). A local folder is one revision already: `revision` does not apply."""
     p = Path(path)
     if p.is_dir():
         return p
@@ -46,7 +47,8 @@ def resolve_folder(path) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME]))
+            return Path(snapshot_download(str(path), revision=revision,
+                                         allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME]))
         except Exception as e:  # offline, unknown repo, ...
             raise FileNotFoundError(f"adapter {path!r} is not a local folder and could not be fetched from the hub: {e}") from e
     raise FileNotFoundError(f"adapter folder {path} does not exist")

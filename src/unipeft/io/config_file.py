@@ -16,10 +16,7 @@ _HUB_KWARGS = {"cache_dir", "token", "use_auth_token", "force_download", "local_
 
 
 def load_config(cls, path_or_id, subfolder=None, **kwargs):
-    if kwargs.get("revision") and not Path(path_or_id).is_dir():
-        raise ValueError(f"revision={kwargs['revision']!r} for the hub repo {path_or_id!r}: unipeft downloads only "
-                         f"the default revision; download that revision first and pass its local folder")
-    folder = resolve_folder(path_or_id)
+    folder = resolve_folder(path_or_id, revision=kwargs.get("revision"))
     if subfolder:
         folder = folder / subfolder
         if not folder.is_dir():

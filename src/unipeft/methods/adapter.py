@@ -58,8 +58,10 @@ class AdapterConfig(PeftConfig):
         from ..functional import activation
 
         activation(self.non_linearity)
-        if isinstance(self.layers_to_transform, int):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+
+    def normalized(self) -> dict:
+        layers = self.layers_to_transform
+        return {**super().normalized(), **({"layers_to_transform": (layers,)} if isinstance(layers, int) else {})}
 
     # presets -------------------------------------------------------------------------------------------
     @classmethod

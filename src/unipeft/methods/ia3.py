@@ -12,7 +12,8 @@ from typing import ClassVar, Union
 from ..arch.resolve import default_targets, stores_transposed
 from ..config import PeftConfig
 from ..registry import register_config, register_method
-from ..spec import AtLinear, Compose, Form, Insertion, Scaling, name_matches
+from ..names import matches
+from ..spec import AtLinear, Compose, Form, Insertion, Scaling
 
 
 @register_config
@@ -29,7 +30,7 @@ class IA3Config(PeftConfig):
 
     def validate(self) -> None:
         t, f = self.target_modules, self.feedforward_modules
-        if isinstance(t, tuple) and isinstance(f, tuple) and not all(name_matches(x, t) for x in f):
+        if isinstance(t, tuple) and isinstance(f, tuple) and not all(matches(x, t) for x in f):
             raise ValueError(f"feedforward_modules {list(f)} must be a subset of target_modules {list(t)}")
 
     def resolved(self, model, arch):

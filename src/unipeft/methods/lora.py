@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
@@ -21,6 +20,7 @@ from ..deltas.dora import WeightDecomposed
 from ..deltas.token_rows import TokenRows
 from ..positions.token_rows import AtTokenRows
 from ..config import PeftConfig
+from ..names import pattern_key
 from ..registry import register_config, register_method
 from ..spec import AtLinear, Compose, Form, Insertion, LowRank
 
@@ -46,15 +46,6 @@ NOT_IMPLEMENTED = {
     "kasa_config": (None, "KaSA"),
     "ensure_weight_tying": (False, "tying adapters of tied layers"),
 }
-
-
-def pattern_key(patterns, name: str):
-    """HF PEFT's rank_pattern/alpha_pattern rule: the first key k (a regex) with `(.*\\.)?(k)$` matching the name
-    from its start, i.e. the key names a dotted suffix of the module path (or a regex over one)."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", name):
-            return k
-    return None
 
 
 @register_config
@@ -99,6 +90,10 @@ class LoraConfig(PeftConfig):
     ensure_weight_tying: bool = field(default=False, metadata=HF_ONLY)
     runtime_config: Union[dict, None] = field(default=None, metadata=HF_ONLY)  # runtime-only: never saved, as in HF
 
+    def normalized(self) -> dict:
+        layers = self.layers_to_transform
+        return {**super().normalized(), **({"layers_to_transform": (layers,)} if isinstance(layers, int) else {})}
+
     def validate(self) -> None:
         for name, (default, what) in NOT_IMPLEMENTED.items():
             v = getattr(self, name)
@@ -129,8 +124,6 @@ class LoraConfig(PeftConfig):
                              f"got {t!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if isinstance(self.layers_to_transform, int):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string; put the layer "
                              "indices in the regex, or pass target_modules as a list of names")

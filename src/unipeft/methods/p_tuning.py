@@ -5,7 +5,7 @@ arXiv:2103.10385.
     the encoder (bi-LSTM + MLP, or MLP) turns P embeddings into the virtual tokens that fill the slots.
 
 Without a template the virtual tokens are prepended (HF PEFT's P_TUNING), and logits include their positions
-as HF PEFT's do (`keep_virtual_logits=False` cuts them). `unipeft.prompts.apply_template`
+as HF PEFT's do (`keep_virtual_logits=False` cuts them). `unipeft.methods.p_tuning_template.apply_template`
 tokenizes text through a template.
 """
 
@@ -31,10 +31,13 @@ class PromptEncoderConfig(PromptLearningConfig):
     template: Union[str, None] = None  # e.g. "[P][P][P] {text} [P][P] It was [MASK]."
     keep_virtual_logits: bool = True  # False: logits line up with input_ids (prepended virtual positions cut)
 
+    def normalized(self) -> dict:  # PromptEncoderReparameterizationType.LSTM, "lstm" -> "LSTM"
+        kind = str(self.encoder_reparameterization_type).upper().split(".")[-1]
+        return {**super().normalized(), "encoder_reparameterization_type": kind}
+
     def validate(self) -> None:
         super().validate()
-        kind = str(self.encoder_reparameterization_type).upper().split(".")[-1]
-        object.__setattr__(self, "encoder_reparameterization_type", kind)
+        kind = self.encoder_reparameterization_type
         Prompt(length=self.num_virtual_tokens, encoder=kind)
         if self.template is not None:
             if "{text}" not in self.template:

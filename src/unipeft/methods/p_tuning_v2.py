@@ -24,10 +24,9 @@ class PTuningV2Config(PromptLearningConfig):
     reparameterization: bool = False
     encoder_hidden_size: Union[int, None] = None
 
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.prompt_layers, int):
-            object.__setattr__(self, "prompt_layers", (self.prompt_layers,))
+    def normalized(self) -> dict:
+        layers = self.prompt_layers
+        return {**super().normalized(), **({"prompt_layers": (layers,)} if isinstance(layers, int) else {})}
 
     def insertions(self, model, arch):
         prefix = PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, token_dim=self.token_dim,

@@ -27,10 +27,12 @@ class PromptTuningConfig(PromptLearningConfig):
     tokenizer_kwargs: Union[dict, None] = None
     keep_virtual_logits: bool = True  # False: logits line up with input_ids (virtual positions cut)
 
+    def normalized(self) -> dict:  # PromptTuningInit.TEXT, "text" -> "TEXT"
+        return {**super().normalized(), "prompt_tuning_init": str(self.prompt_tuning_init).upper().split(".")[-1]}
+
     def validate(self) -> None:
         super().validate()
-        init = str(self.prompt_tuning_init).upper().split(".")[-1]
-        object.__setattr__(self, "prompt_tuning_init", init)
+        init = self.prompt_tuning_init
         Prompt(length=self.num_virtual_tokens, init=init)
         if init == "TEXT" and not self.prompt_tuning_init_text:
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")

@@ -1,11 +1,19 @@
-"""A Site is one installed delta: the module it lives on, its hooks, and how to undo it.
+"""A Site is one installed insertion: its delta, where it acts, and how to undo it. `Site` is the protocol that
+generic code (Handle, PeftModel, state dicts, mixed batches) relies on; three kinds implement it:
 
-Deltas are registered as children of the module they modify (so `state_dict`, `.to()` and `parameters()`
+    ModuleSite      (here) a delta on one module, acting through that module's hooks: LinearDeltaSite
+                    (weight.py, fused.py) and SublayerDeltaSite (residual.py)
+    AttentionKVSite (attention_kv.py) a prefix read by one attention through the attention seam
+    InputSite       (input.py) virtual tokens placed in the model's input
+
+Module sites' deltas are registered as children of the module they modify (so `state_dict`, `.to()` and `parameters()`
 see them) and act through forward hooks; the model's own modules are never replaced, so base keys keep
 their names and `remove()` restores the model object-for-object.
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -32,7 +40,32 @@ def on_rows(switch: Switch, h: torch.Tensor, fn, *inputs: torch.Tensor) -> torch
     return h.index_put((rows,), fn(h[rows], *(x[rows] for x in inputs)))
 
 
-class Site:
+@runtime_checkable
+class Site(Protocol):
+    """What every installed insertion offers; the path is the stem of its keys in adapter files."""
+
+    ins: Insertion
+    delta: nn.Module
+    switch: Switch
+    host_name: str  # the module it acts on ("" for the model's input)
+    merged: bool
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def active(self) -> bool: ...  # switched on and not merged into a weight
+
+    def merge(self) -> None: ...  # folds the delta into weights, or raises naming why it cannot
+
+    def unmerge(self) -> None: ...
+
+    def remove(self) -> None: ...  # undoes everything the site did to the model
+
+
+class ModuleSite:
+    """A Site whose delta is a child of one module and acts through that module's hooks."""
+
     rowwise = True  # acts on each batch row separately, so it can serve a group of rows (mixed-adapter batches)
     valid_forms: frozenset = frozenset()  # (Form, Compose) pairs the site computes; others would be labels only
 

@@ -30,7 +30,7 @@ from .base import Switch
 
 # Prompts are concatenated to the input: the only (form, compose) they compute; other values would be labels only.
 VALID_FORMS = {(Form.SEQUENTIAL, Compose.ADD)}
-SLOT = -1  # an input id < 0 is a virtual-token slot (unipeft.prompts.SLOT)
+SLOT = -1  # an input id < 0 is a virtual-token slot (templates: unipeft.methods.p_tuning_template)
 
 
 def _cache_len(kwargs) -> int:

@@ -16,31 +16,37 @@ recomputation runs the hooks again in the same order, so the capture stays consi
 from __future__ import annotations
 
 from ..spec import Compose, Form, Insertion
-from .base import Site, first_input, map_output, on_rows
+from .base import ModuleSite, first_input, map_output, on_rows
 from .. import functional as Fn
 
 
-class SublayerDeltaSite(Site):
-    # every form adds s·Δ to the residual stream; multiply and gate have no meaning there
-    valid_forms = frozenset((f, c) for f in (Form.SEQUENTIAL, Form.PARALLEL, Form.AFTER_ADD_NORM)
-                            for c in (Compose.ADD, Compose.LEARNED))
-
+class SublayerDeltaSite(ModuleSite):
     def __init__(self, in_module, out_module, out_name: str, ins: Insertion, delta, switch, *, residual=None):
         super().__init__(out_module, out_name, ins, delta, switch)
         self._x = None
-        if ins.form == Form.AFTER_ADD_NORM:
-            module, post_norm = residual
-            if post_norm:
-                self.hook(module.register_forward_pre_hook(self._before_norm, with_kwargs=True))
-            else:
-                self.hook(module.register_forward_hook(self._sequential))
-        elif ins.form == Form.SEQUENTIAL:
-            self.hook(out_module.register_forward_hook(self._sequential))
-        elif in_module is out_module:
+        self.HOOKS[ins.form](self, in_module, out_module, residual)
+
+    # hooks by form -------------------------------------------------------------------------------------
+    def _hook_sequential(self, in_module, out_module, residual):  # x + h + s·Δ(h), h = f(x)
+        self.hook(out_module.register_forward_hook(self._sequential))
+
+    def _hook_parallel(self, in_module, out_module, residual):  # x + f(x) + s·Δ(x)
+        if in_module is out_module:
             self.hook(out_module.register_forward_hook(self._parallel_same, with_kwargs=True))
         else:
             self.hook(in_module.register_forward_pre_hook(self._capture, with_kwargs=True))
             self.hook(out_module.register_forward_hook(self._parallel_split))
+
+    def _hook_after_add_norm(self, in_module, out_module, residual):  # N(x + f(x) + s·Δ(y)), y = N(x + f(x))
+        module, post_norm = residual
+        if post_norm:
+            self.hook(module.register_forward_pre_hook(self._before_norm, with_kwargs=True))
+        else:  # pre-norm: N is the identity, y is the residual sum
+            self.hook(module.register_forward_hook(self._sequential))
+
+    HOOKS = {Form.SEQUENTIAL: _hook_sequential, Form.PARALLEL: _hook_parallel, Form.AFTER_ADD_NORM: _hook_after_add_norm}
+    # every form adds s·Δ to the residual stream; multiply and gate have no meaning there
+    valid_forms = frozenset((f, c) for f in HOOKS for c in (Compose.ADD, Compose.LEARNED))
 
     def _sequential(self, module, args, out):
         if not self.active:

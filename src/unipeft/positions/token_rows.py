@@ -9,7 +9,8 @@ from typing import Union
 from torch import nn
 
 from ..deltas import build_delta
-from ..inject import position_installer
+from ..names import matches
+from .installers import position_installer
 from .weight import LinearDeltaSite
 
 
@@ -22,7 +23,7 @@ def _find_embedding(model, name):
     if name is None:
         emb = model.get_input_embeddings()
         return next(n for n, m in model.named_modules() if m is emb), emb
-    found = [(n, m) for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+    found = [(n, m) for n, m in model.named_modules() if matches(n, (name,))]
     if len(found) != 1 or not isinstance(found[0][1], nn.Embedding):
         embs = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
         raise ValueError(f"trainable_token_indices names {name!r}, which is not exactly one nn.Embedding of "

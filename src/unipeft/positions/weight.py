@@ -23,7 +23,7 @@ from ..arch.resolve import adaptable_dims
 from ..deltas.dropout import DropoutCache
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
-from .base import Site, on_rows
+from .base import ModuleSite, on_rows
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
 
@@ -60,13 +60,23 @@ def sibling_passes(model, sites, extras) -> list:
     return out
 
 
-class LinearDeltaSite(Site):
-    valid_forms = frozenset({(Form.PARALLEL, Compose.ADD), (Form.PARALLEL, Compose.LEARNED),  # W x + s·Δ(x)
-                             (Form.SEQUENTIAL, Compose.ADD), (Form.SEQUENTIAL, Compose.LEARNED),  # h + s·Δ(h)
-                             (Form.PARALLEL, Compose.MULTIPLY)})  # IA3: h ⊙ l, or W (x ⊙ l) on the input side
+class LinearDeltaSite(ModuleSite):
+    # (form, compose, side) -> (the host's hook registration, the method computing it): every point a linear computes
+    HOOKS = {
+        (Form.PARALLEL, Compose.ADD, "out"): ("register_forward_hook", "_parallel"),  # W x + s·Δ(x)
+        (Form.PARALLEL, Compose.LEARNED, "out"): ("register_forward_hook", "_parallel"),
+        (Form.SEQUENTIAL, Compose.ADD, "out"): ("register_forward_hook", "_sequential"),  # h + s·Δ(h)
+        (Form.SEQUENTIAL, Compose.LEARNED, "out"): ("register_forward_hook", "_sequential"),
+        (Form.PARALLEL, Compose.MULTIPLY, "out"): ("register_forward_hook", "_scale_output"),  # IA3: h ⊙ l
+        (Form.PARALLEL, Compose.MULTIPLY, "in"): ("register_forward_pre_hook", "_scale_input"),  # W (x ⊙ l)
+    }
+    valid_forms = frozenset((form, compose) for form, compose, _ in HOOKS)
 
     def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out", attr: str | None = None):
-        super().__init__(host, host_name, ins, delta, switch, attr=attr)
+        if (ins.form, ins.compose) in self.valid_forms and (ins.form, ins.compose, side) not in self.HOOKS:
+            raise ValueError(f"{host_name}: an additive delta on a linear adds to its output; side={side!r} (the "
+                             f"linear's input) is only meaningful with compose=multiply")  # before anything is placed
+        super().__init__(host, host_name, ins, delta, switch, attr=attr)  # refuses a (form, compose) it has no hook for
         self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
         self.side = side
         dropouts, projections = adapter_caches(switch)
@@ -75,17 +85,8 @@ class LinearDeltaSite(Site):
         if hasattr(delta, "siblings") and ins.compose == Compose.ADD and ins.form == Form.PARALLEL:
             delta.siblings = projections
         self._fused = callable(getattr(delta, "add_scaled", None)) and ins.compose == Compose.ADD
-        if ins.compose == Compose.MULTIPLY and side == "in":
-            self.hook(host.register_forward_pre_hook(self._scale_input))
-        elif ins.compose == Compose.MULTIPLY:
-            self.hook(host.register_forward_hook(self._scale_output))
-        elif ins.form == Form.SEQUENTIAL:
-            self.hook(host.register_forward_hook(self._sequential))
-        else:
-            if side == "in":
-                raise ValueError("an additive delta on a linear reads its input and adds to its output; side='in' "
-                                 "is only meaningful with compose=multiply")
-            self.hook(host.register_forward_hook(self._parallel))
+        register, method = self.HOOKS[(ins.form, ins.compose, side)]
+        self.hook(getattr(host, register)(getattr(self, method)))
 
     # hooks -----------------------------------------------------------------------------------------
     def _parallel(self, module, args, out):

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..compat import model_from_config, move_hooks
-from ..hostmem import release_free_memory  # building one float linear at a time leaves free heap behind
+from ..names import matches
+from ..training.hostmem import release_free_memory  # building one float linear at a time leaves free heap behind
 from .bnb import SCHEMES, quantized_linear
-from .stream import LayerStream
+from ..memory.stream import LayerStream
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _quantizable(model: nn.Module, q: Quantization):
     inside = {id(m) for m in base.modules()} if base is not model else None
     for name, mod in list(model.named_modules()):
         if (type(mod) is nn.Linear and mod is not head and (inside is None or id(mod) in inside)
-                and not any(name == s or name.endswith("." + s) for s in q.skip)):
+                and not matches(name, q.skip)):
             yield name, mod
 
 
@@ -214,7 +215,7 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
     (default AutoModelForCausalLM); checkpoint names may lack or carry its base-model prefix.
     `device`: where the quantized model lives (each float linear is quantized there, then dropped).
     `stream`: the quantized layers wait in pinned host memory and visit `device` one layer at a time
-    (unipeft.quant.stream; training then needs gradient checkpointing).
+    (unipeft.memory.stream; training then needs gradient checkpointing).
     `fill`: makes the full-precision tensors the checkpoint lacks or holds at another shape (a new task head:
     `random_source(config.initializer_range)`); logged. Quantized linears always come from the checkpoint.
     """
@@ -258,7 +259,7 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
         logger.warning("not in the checkpoint, newly initialized (train them): %s", ", ".join(filled))
     if tied and head is not None:
         head.weight = model.get_input_embeddings().weight
-    model.to(device)  # buffers (rotary tables); parked linears skip device moves (quant.stream)
+    model.to(device)  # buffers (rotary tables); parked linears skip device moves (memory.stream)
     if streamer is not None:
         streamer.attach(model)
     model.requires_grad_(False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-SLOT = -1  # an input id < 0 marks a virtual-token slot; the input position fills slots in order
+from ..positions.input import SLOT  # an input id < 0 marks a virtual-token slot; the input position fills them in order
 
 
 def apply_template(template: str, text: str, tokenizer, add_special_tokens: bool = True) -> list[int]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .compat import set_checkpoint_function
+from ..compat import set_checkpoint_function
 
 
 def checkpoint_function(offload: bool = False, **kwargs):
@@ -34,7 +34,7 @@ def enable_gradient_checkpointing(model: nn.Module, *, offload: bool = False, ch
     """Turn on gradient checkpointing in a transformers model (non-reentrant unless told otherwise)."""
     kw = {"use_reentrant": False, **(checkpoint_kwargs or {})}
     if getattr(model, "_unipeft_stream", None) is not None:
-        # streamed layers (unipeft.quant.stream): a reentrant first forward keeps no graph, so no layer's
+        # streamed layers (unipeft.memory.stream): a reentrant first forward keeps no graph, so no layer's
         # device weights outlive its forward; the recompute in backward loads each layer again
         kw["use_reentrant"] = True
     enable = getattr(model, "activation_checkpointing_enable", None)

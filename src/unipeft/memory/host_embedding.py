@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .compat import ConvertsItself
+from ..compat import ConvertsItself
 
 
 class HostEmbedding(ConvertsItself, nn.Embedding):

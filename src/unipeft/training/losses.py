@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compat import has_forward_hooks
+from ..compat import has_forward_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _without_logits(out, loss: torch.Tensor):
             if name == "logits" and object.__getattribute__(self, "__dict__").get("_unipeft_no_logits"):
                 raise LogitsNotComputed(
                     "logits were not computed: a training-mode forward with labels computes the loss in chunks "
-                    "without the (batch, seq, vocab) logits (unipeft.losses.ChunkedLoss). Pass skip_logits=False to "
+                    "without the (batch, seq, vocab) logits (unipeft.training.losses.ChunkedLoss). Pass skip_logits=False to "
                     "this call to get them (and HF's loss on them), or call the model in eval mode.")
             return cls.__getattribute__(self, name)
 
@@ -218,7 +218,7 @@ class ChunkedLoss:
         if not wanted or (labels is None and shift_labels is None) or not self._fusable(module, kwargs):
             if skip:
                 logger.warning("skip_logits=True ignored: %s computes its loss from full logits here (see "
-                               "unipeft.losses.ChunkedLoss for when chunking applies)", type(module).__name__)
+                               "unipeft.training.losses.ChunkedLoss for when chunking applies)", type(module).__name__)
             return args, kwargs
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
         n = kwargs.get("num_items_in_batch")

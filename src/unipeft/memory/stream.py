@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..compat import keep_own_tensors_on_conversion
-from .bnb import device_tensors, is_quantized
+from ..quant.bnb import device_tensors, is_quantized
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
