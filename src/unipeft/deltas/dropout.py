@@ -13,6 +13,8 @@ On CPU the mask comes from 16 random bits per element (`random_` on int64 words,
 instead of torch's `bernoulli_`, which is serial and ~10 ns per element off Intel's MKL path: the drop
 rate is p rounded to a multiple of 2⁻¹⁶ (0.05 → 0.0500031) and the kept values are scaled by 1/(1−p)
 for that rate. The same default generator is used, so `torch.manual_seed` and checkpoint replay hold.
+The kernel leaves the 1/(1−p') scale out (`masked`): low-rank deltas fold it into the scalar of their addmm
+(s·c·(y·Aᵀ)·Bᵀ = s·(c·y)·Aᵀ·Bᵀ), which saves a pass over x forward and one over its gradient backward.
 
 Under `torch.compile` the cache is bypassed and torch's dropout is used (the compiler fuses it and draws from its
 own generator): each delta draws its own mask there, as in HF PEFT.
@@ -28,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _Dropout16(torch.autograd.Function):
-    """y = x · keep / (1 − p'), keep = 16 random bits ≥ p'·2¹⁶ (saves the bool mask, 1 byte per element)."""
+class _Mask16(torch.autograd.Function):
+    """y = x · keep, keep = 16 random bits ≥ p'·2¹⁶ (saves the bool mask, 1 byte per element). The 1/(1 − p')
+    scale is left to the caller: a low-rank delta folds it into its addmm's alpha, so neither forward nor
+    backward spends a pass over x multiplying by it."""
 
     @staticmethod
     def forward(ctx, x, p):
@@ -37,24 +41,29 @@ class _Dropout16(torch.autograd.Function):
         cut = round(p * 65536)
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2 ** 63), None)
         keep = words.view(torch.int16)[:n].view(x.shape) >= cut - 32768  # P(keep) = 1 − cut/65536
-        scale = 65536.0 / (65536 - cut)
         ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.where(keep, x, 0).mul_(scale)  # where: float × bool multiplies take a slow casting path
+        return torch.where(keep, x, 0)  # where: float × bool multiplies take a slow casting path
 
     @staticmethod
     def backward(ctx, g):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, g, 0).mul_(ctx.scale), None
+        return torch.where(keep, g, 0), None
+
+
+def masked(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(y, c) with dropout(x) = c·y: training-mode dropout with its scale c = 1/(1 − p') not yet applied (CPU's
+    16-bit-mask kernel); elsewhere torch's dropout (fused, fast on GPUs), already scaled (c = 1)."""
+    if p <= 0:
+        return x, 1.0
+    if x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling():
+        return _Mask16.apply(x, p), 65536.0 / (65536 - round(p * 65536))
+    return F.dropout(x, p, True), 1.0
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout: the 16-bit-mask kernel on CPU, torch's elsewhere (fused, fast on GPUs)."""
-    if p <= 0:
-        return x
-    if x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling():
-        return _Dropout16.apply(x, p)
-    return F.dropout(x, p, True)
+    """Training-mode dropout: the 16-bit-mask kernel on CPU, torch's elsewhere."""
+    y, c = masked(x, p)
+    return y if c == 1.0 else y.mul_(c)
 
 
 class DropoutCache:
@@ -72,14 +81,28 @@ class DropoutCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def masked(self, x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+        """`masked(x, p)`, drawn once per input tensor."""
+        if not self.enabled or torch.compiler.is_compiling():
+            return masked(x, p)
+        return self._get(x, p, False, lambda: masked(x, p))
+
     def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """dropout(x), with the same mask as `masked(x, p)` of the same input."""
         if not self.enabled or torch.compiler.is_compiling():
             return dropout(x, p)
-        key = (id(x), p, torch.is_grad_enabled())
+
+        def scaled():
+            y, c = self.masked(x, p)
+            return y if c == 1.0 else y * c
+        return self._get(x, p, True, scaled)
+
+    def _get(self, x, p, scaled, make):
+        key = (id(x), p, torch.is_grad_enabled(), scaled)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is x:
             return hit[1]
-        y = dropout(x, p)
+        y = make()
         entries = self._entries
         entries[key] = (weakref.ref(x, lambda _, k=key: entries.pop(k, None)), y)
         while len(entries) > self.max_entries:
@@ -101,6 +124,14 @@ class SharedDropout(nn.Module):
         if self.cache is None:
             return dropout(x, self.p)
         return self.cache.dropout(x, self.p)
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(y, c) with forward(x) = c·y (see `masked`), from the cache when one is attached."""
+        if not self.training or self.p == 0:
+            return x, 1.0
+        if self.cache is None:
+            return masked(x, self.p)
+        return self.cache.masked(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared={self.cache is not None and self.cache.enabled}"

@@ -5,7 +5,8 @@
 
 Lean by construction: dropout 0 keeps no copy of x; otherwise the dropped copy is shared with the sibling
 deltas that read the same x (`dropout.py`), whose A-projections run as one matmul (`siblings.py`); and
-`add_scaled` adds s·B·(A·x) to h with one addmm, so no (…, out) temporaries besides the result are made.
+`add_scaled` adds s·B·(A·x) to h with one addmm, so no (…, out) temporaries besides the result are made; the
+dropout's 1/(1−p) rides in that addmm's alpha instead of a pass over x (and its gradient).
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ class LowRankDelta(DeltaModule):
     def add_scaled(self, h: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
         """h + s·Δ(x) as one addmm: h (..., out), x (..., in)."""
         if self.siblings is not None:
-            z = self.siblings.project(self, x)  # (..., r)
+            z, c = self.siblings.project_masked(self, x)  # (..., r): dropout(x)·Aᵀ = c·z
         else:
-            z = nn.functional.linear(self.dropout(x), self.A.to(x.dtype))  # (..., r)
+            y, c = self.dropout.masked(x) if isinstance(self.dropout, SharedDropout) else (x, 1.0)
+            z = nn.functional.linear(y, self.A.to(x.dtype))  # (..., r)
         B = self.B.to(h.dtype)
-        out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r).to(h.dtype), B.t(), alpha=s)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r).to(h.dtype), B.t(), alpha=s * c)
         return out.view(h.shape)
 
     def delta_weight(self) -> torch.Tensor:

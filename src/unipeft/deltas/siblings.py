@@ -48,8 +48,14 @@ class SiblingProjections:
 
     def project(self, delta, x: torch.Tensor) -> torch.Tensor:
         """dropout(x)·Aᵀ of `delta` (…, r), computed with its group's when it has one."""
+        z, c = self.project_masked(delta, x)
+        return z if c == 1.0 else z * c
+
+    def project_masked(self, delta, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(z, c) with dropout(x)·Aᵀ = c·z: the dropout's scale c left to the caller (see dropout.masked)."""
         if not self.enabled or torch.compiler.is_compiling():
-            return F.linear(delta.dropout(x), delta.A.to(x.dtype))
+            y, c = _masked(delta, x)
+            return F.linear(y, delta.A.to(x.dtype)), c
         key = (id(x), torch.is_grad_enabled(), delta.training)
         entry = self._entries.get(key)
         if entry is None or entry[0]() is not x:
@@ -59,22 +65,23 @@ class SiblingProjections:
                 entries.popitem(last=False)
         readers, ready = entry[1], entry[2]
         readers.append(weakref.ref(delta))
-        z = ready.pop(id(delta), None)
-        if z is None:
+        zc = ready.pop(id(delta), None)
+        if zc is None:
             group = self._group_of(delta)
+            y, c = _masked(delta, x)
             if len(group) > 1:
                 A = torch.cat([d.A.to(x.dtype) for d in group])  # (Σr, in)
-                parts = F.linear(delta.dropout(x), A).split([d.r for d in group], -1)
+                parts = F.linear(y, A).split([d.r for d in group], -1)
                 for d, zd in zip(group, parts):
                     if d is delta:
-                        z = zd
+                        zc = (zd, c)
                     else:
-                        ready[id(d)] = zd
+                        ready[id(d)] = (zd, c)
             else:
-                z = F.linear(delta.dropout(x), delta.A.to(x.dtype))
+                zc = (F.linear(y, delta.A.to(x.dtype)), c)
         if len(readers) > 1 and delta not in self._groups:
-            self._learn(readers, z)
-        return z
+            self._learn(readers, zc[0])
+        return zc
 
     def _group_of(self, delta) -> tuple:
         refs = self._groups.get(delta, ())
@@ -107,6 +114,12 @@ class SiblingProjections:
                 if d is not None:
                     self._groups[d] = refs
         self._pending = waiting[-64:]  # a group whose backward never comes is dropped eventually
+
+
+def _masked(delta, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The delta's dropout of x as (y, c), dropout(x) = c·y; a dropout without `masked` (Identity) gives c = 1."""
+    masked = getattr(delta.dropout, "masked", None)
+    return masked(x) if masked is not None else (delta.dropout(x), 1.0)
 
 
 def _compatible(group) -> bool:

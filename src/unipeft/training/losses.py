@@ -46,13 +46,18 @@ class _FusedLinearCE(torch.autograd.Function):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
             z = F.linear(hc, W, b)  # (c, V)
             z = z if z.dtype in (torch.float32, torch.float64) else z.float()
-            lse = torch.logsumexp(z, -1)  # (c,)
-            loss += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+            target = z.gather(1, yc[:, None]).squeeze(1)  # (c,), read before z is overwritten
+            m = z.amax(-1, keepdim=True)
+            e = z.sub_(m).exp_()  # exp(z − max), in place of the logits: one exp pass and no temporary
+            s = e.sum(-1, keepdim=True)
+            loss += (m + s.log()).squeeze(1).sub_(target).sum()  # logsumexp − target logit
             if not grads:
                 continue
-            p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            p = e.div_(s)  # softmax
             p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0  # ∂/∂z of the summed loss
-            if need_h:
+            if need_h and gh.dtype == W.dtype == p.dtype:
+                torch.mm(p, W, out=gh[i:i + chunk])  # straight into its rows
+            elif need_h:
                 gh[i:i + chunk] = (p.to(W.dtype) @ W).to(h.dtype)
             if need_W:
                 gW.addmm_(p.t(), hc.to(wide))

@@ -1,0 +1,121 @@
+"""The fast LoRA training path equals the plain one: values and gradients (issue 14 item 8).
+
+The fast path (`LowRankDelta.add_scaled`) draws one dropout mask per input tensor, projects sibling deltas' A's in
+one matmul and folds the dropout's 1/(1−p) into its addmm's alpha. The plain path is h + s·B·A·dropout(x) as the
+formula reads. Expected values come from the formula with the mask drawn independently (the kernel's documented
+bits: 16 per element from the default generator), or from the model with the fast path switched off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_for, tiny_llama
+
+from unipeft import LoraConfig, get_peft_model
+from unipeft.deltas.dropout import DropoutCache
+from unipeft.deltas.low_rank import LowRankDelta
+from unipeft.deltas.siblings import SiblingProjections
+from unipeft.spec import LowRank
+
+
+def _keep(shape, p, seed):
+    """The mask the CPU kernel draws after torch.manual_seed(seed), written out from its definition."""
+    n = torch.Size(shape).numel()
+    torch.manual_seed(seed)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2 ** 63), None)
+    cut = round(p * 65536)
+    return words.view(torch.int16)[:n].view(shape) >= cut - 32768, 65536.0 / (65536 - cut)
+
+
+def _deltas(p, n=3, d_in=12, outs=(12, 6, 6)):
+    torch.manual_seed(0)
+    ds = [LowRankDelta(LowRank(r=4, dropout=p, init=False), d_in, o).train() for o in outs[:n]]
+    cache, sib = DropoutCache(), SiblingProjections()
+    for d in ds:
+        if p > 0:
+            d.dropout.cache = cache
+        d.siblings = sib
+    return ds, sib
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_add_scaled_equals_the_formula_with_the_same_mask(p):
+    (d,), _ = _deltas(p, n=1)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    h = torch.randn(2, 5, 12, requires_grad=True)
+    s = 2.5
+    torch.manual_seed(7)
+    out = d.add_scaled(h, x, s)
+    g_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (h, x, d.A, d.B), g_out)
+
+    keep, c = _keep(x.shape, p, 7) if p > 0 else (torch.ones(x.shape, dtype=torch.bool), 1.0)
+    A, B = d.A.detach().clone().requires_grad_(), d.B.detach().clone().requires_grad_()
+    x2, h2 = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
+    ref = h2 + s * ((x2 * keep * c) @ A.t() @ B.t())
+    want = torch.autograd.grad(ref, (h2, x2, A, B), g_out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-5)
+
+
+def test_siblings_share_one_mask_and_one_projection_and_equal_the_formula():
+    ds, sib = _deltas(0.3)
+    x0 = torch.randn(2, 5, 12)
+    hs = [torch.randn(2, 5, d.B.shape[0]) for d in ds]
+    s = 0.5
+    for step in range(2):  # step 0 learns the group, step 1 projects it in one matmul
+        sib.new_pass()
+        x = x0.clone().requires_grad_()  # a new input tensor each pass, as in a model's forward
+        torch.manual_seed(3)
+        outs = [d.add_scaled(h, x, s) for d, h in zip(ds, hs)]
+        loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
+        got = torch.autograd.grad(loss, [x] + [d.A for d in ds] + [d.B for d in ds])
+        if step == 1:
+            assert len(sib._groups) == 3
+
+        keep, c = _keep(x.shape, 0.3, 3)  # one draw for all three
+        x2 = x.detach().clone().requires_grad_()
+        As = [d.A.detach().clone().requires_grad_() for d in ds]
+        Bs = [d.B.detach().clone().requires_grad_() for d in ds]
+        refs = [h + s * ((x2 * keep * c) @ A.t() @ B.t()) for h, A, B in zip(hs, As, Bs)]
+        ref_loss = sum((o * (i + 1)).sum() for i, o in enumerate(refs))
+        want = torch.autograd.grad(ref_loss, [x2] + As + Bs)
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, rtol=0, atol=1e-5)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_model_training_on_the_fast_path_equals_the_plain_path(monkeypatch, dropout):
+    """Whole model, standard call: loss and every LoRA gradient equal to the plain formula's path (1e-5)."""
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    b = batch_for("llama")
+    torch.manual_seed(0)
+    fast = get_peft_model(tiny_llama(), LoraConfig(**cfg)).train()
+    with monkeypatch.context() as m:
+        m.setattr(LowRankDelta, "add_scaled", None)  # the site then computes h + s·delta(x), delta(x) = B·A·dropout(x)
+        torch.manual_seed(0)
+        plain = get_peft_model(tiny_llama(), LoraConfig(**cfg)).train()
+    assert _sites(fast) and all(s._fused for s in _sites(fast)) and not any(s._fused for s in _sites(plain))
+    for step in range(2):  # step 1 runs with the learned sibling groups
+        res = []
+        for peft in (fast, plain):
+            torch.manual_seed(10 + step)
+            loss = peft(**b).loss
+            loss.backward()
+            res.append((loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}))
+            peft.zero_grad(set_to_none=True)
+        (lf, gf), (lp, gp) = res
+        torch.testing.assert_close(lf, lp, rtol=0, atol=1e-5)
+        assert gf.keys() == gp.keys() and len(gf) == 2 * 7 * 2
+        for k in gf:
+            torch.testing.assert_close(gf[k], gp[k], rtol=0, atol=1e-5, msg=k)
+
+
+def _sites(peft):
+    from unipeft.positions.weight import LinearDeltaSite
+
+    return [s for h in peft._handles.values() for s in h.sites if isinstance(s, LinearDeltaSite)]
