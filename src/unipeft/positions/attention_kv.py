@@ -11,6 +11,15 @@ columns from the bias of those positions; without it real tokens keep 0..T-1 and
 bias. Without position ids from the caller they are derived from the attention mask, so a left-padded row sees
 the same positions as the row alone. The mask is always explicit: SDPA's own is_causal would align top-left once
 keys outnumber queries. Prefix K/V have the model's KV-head count (GQA).
+
+Composition (the unified view's two prefix points, He et al. 2022 §3):
+    gate (softmax)   the concat above: head = (1-λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v)        prefix tuning
+    add (relu)       head_i + s·ReLU(q_i P_kᵀ·scale) P_v, the attention itself untouched      multi-head PA
+    add (softmax)    head_i + s·softmax(q_i P_kᵀ·scale) P_v (the prefix normalized on its own)
+An added term is computed from each query alone, with the attention's own scale, soft-cap and dropout, and is
+added to the head outputs the attention function returns, i.e. before the output projection. Its prefix rows
+are never masked: like the prefix columns of the concat they have no position, so a causal or padding mask has
+nothing to hide there, and a row's term does not depend on any other position (padding cannot change it).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import sys
 import torch
 from torch import nn
 
+from .. import functional as Fn
 from ..spec import Compose, Form, Insertion
 from .base import Switch
 
@@ -90,6 +100,8 @@ def make_seam(base_name: str):
             return base(module, query, key, value, attention_mask, **kwargs)
         B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
         pk, pv = site.delta.kv(site.slot, B, key.dtype)  # (B, H_kv, P, d)
+        if site.ins.compose == Compose.ADD:
+            return _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs)
         P = pk.shape[2]
         causal = kwargs.get("is_causal", None)
         causal = getattr(module, "is_causal", True) if causal is None else causal
@@ -101,6 +113,17 @@ def make_seam(base_name: str):
         return base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask, **kwargs)
 
     return seam
+
+
+def _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs):
+    """The attention as it is, plus s·w(q P_kᵀ·scale) P_v on each head's output (B, T, H, d)."""
+    out, *rest = base(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling")
+    delta = Fn.prefix_attention_added(query, pk, pv, site.ins.delta.normalization,
+                                      query.shape[-1] ** -0.5 if scaling is None else scaling, kwargs.get("softcap"),
+                                      kwargs.get("dropout") or 0.0, module.training)
+    out = Fn.compose(out, delta.transpose(1, 2).to(out.dtype), site.ins.scale)
+    return (out, *rest)
 
 
 def _site_of(module):
@@ -150,19 +173,25 @@ def check_seam(module: nn.Module, name: str) -> None:
         )
 
 
-# The (form, compose) pairs a prefix at attention K/V can mean: the prefix is attended to together with the real
-# keys, so the output is the softmax-mass gate of He et al. (eq. 7). Other values would be labels only.
-VALID_FORMS = {(Form.PARALLEL, Compose.GATE)}
+# The (form, compose, normalization) points a prefix at attention K/V computes: attended to together with the real
+# keys (the softmax-mass gate of He et al. eq. 7), or added to each head's output with its own weights (a ReLU:
+# the multi-head parallel adapter; a softmax over the prefix alone). Other values would be labels only.
+VALID_FORMS = {(Form.PARALLEL, Compose.GATE, "softmax"), (Form.PARALLEL, Compose.ADD, "softmax"),
+               (Form.PARALLEL, Compose.ADD, "relu")}
 
 
 def check_insertion(ins: Insertion, module: nn.Module, name: str, adapter: str = "default") -> None:
     """Refuse what a prefix cannot compute, and a second prefix of one adapter on one attention (one would
     silently win; prefixes of different adapters take turns, see _site_of)."""
-    if (ins.form, ins.compose) not in VALID_FORMS:
-        raise ValueError(f"a prefix at attention keys/values computes form={Form.PARALLEL.value!r}, "
-                         f"compose={Compose.GATE.value!r} (the softmax-mass gate); got form={ins.form.value!r}, "
-                         f"compose={ins.compose.value!r}, which would be a label only. Valid: "
-                         f"{sorted((f.value, c.value) for f, c in VALID_FORMS)}")
+    point = (ins.form, ins.compose, getattr(ins.delta, "normalization", "softmax"))
+    if point not in VALID_FORMS:
+        raise ValueError(f"a prefix at attention keys/values computes (form, compose, normalization) in "
+                         f"{sorted((f.value, c.value, n) for f, c, n in VALID_FORMS)} (gate: the joint softmax of "
+                         f"prefix tuning; add: a term added to each head, relu = the multi-head parallel adapter); "
+                         f"got {(point[0].value, point[1].value, point[2])}, which would be a label only")
+    if ins.compose == Compose.ADD and ins.position.position_shift:
+        raise ValueError("an added prefix (compose='add') has no positions; position_shift=True (HF PEFT's prefix as "
+                         "cached tokens at 0..P-1) applies to the joint softmax (compose='gate') only")
     other = next((s for s in getattr(module, "_unipeft_kv", ()) if s.switch.adapter == adapter), None)
     if other is not None:
         raise ValueError(f"{name} already holds the prefix {other.ins.name!r}; two prefixes on one attention are not "
