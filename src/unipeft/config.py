@@ -91,10 +91,6 @@ class PeftConfig:
     def bias_mode(self) -> str:
         return self.trainable_biases
 
-    def trains_norms(self) -> bool:
-        """Whether the blocks' layer norms train with the adapter (Houlsby)."""
-        return False
-
     # -- files (HF PEFT's API; unipeft.io.config_file does the work) ----------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "PeftConfig":

@@ -198,7 +198,6 @@ def inject(
     arch: ArchSpec | None = None,
     modules_to_save: tuple[str, ...] = (),
     trainable_biases: str = "none",
-    trainable_norms: bool = False,
     autocast_adapter_dtype: bool = True,
     adapter_name: str = "default",
 ) -> Handle:
@@ -207,8 +206,6 @@ def inject(
     Args:
         modules_to_save: module names (or name suffixes) trained in full as copies, e.g. task heads.
         trainable_biases: "none" | "all" (every bias of the model) | "sites" (biases of modules holding a delta).
-        trainable_norms: also train the weights and biases of the layer norms inside the transformer blocks
-            (Houlsby et al. train them with their adapters); restored by remove(), saved with the adapter.
         autocast_adapter_dtype: trainable parameters (deltas, prefixes, prompts, head copies) over a bf16/fp16 or
             quantized base are fp32 (True, HF PEFT's default) or in the base's dtype (False).
         adapter_name: the adapter's name in the module layout (`q_proj.lora_A.<adapter_name>.weight`); several
@@ -227,8 +224,6 @@ def inject(
             handle.sites += installer(model, ins, arch, handle)
         _install_copies(model, handle, modules_to_save)
         _train_biases(model, handle, trainable_biases)
-        if trainable_norms:
-            _train_norms(model, arch, handle)
         if ChunkedLoss.applies_to(model):  # model(..., labels=...) computes its loss without full logits
             handle.extras.append(ChunkedLoss(model))
     except Exception:
@@ -250,31 +245,6 @@ def _install_copies(model, handle: Handle, names) -> None:
         dtype = trainable_dtype(mod, _autocast(handle))
         handle.copies.append(TrainableCopy(model.get_submodule(parent_name), attr, name, handle.switch.adapter,
                                            dtype=dtype))
-
-
-def is_norm(module: nn.Module) -> bool:
-    """A layer norm by type or by transformers' naming (LlamaRMSNorm, T5LayerNorm)."""
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
-def _train_norms(model, arch, handle: Handle) -> None:
-    """The norms of every transformer block (their weight and bias), made trainable base parameters."""
-    if arch is None:
-        resolve_sublayers(model, AtSublayer(sublayer=Sublayer.ATTN), arch)  # raises, listing the modules
-    owned = {id(p) for s in handle.sites for _, p in delta_parameters(s.delta)}
-    seen = {id(p) for _, p, _ in handle.trainable_base}
-    for b in blocks(model, arch):
-        for n, m in b.module.named_modules():
-            if not is_norm(m):
-                continue
-            for pname, p in m.named_parameters(recurse=False):
-                if id(p) in owned or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                handle.trainable_base.append((f"{b.path}.{n}.{pname}" if n else f"{b.path}.{pname}", p,
-                                              p.detach().clone()))
-    if not handle.trainable_base:
-        raise ValueError(f"trainable_norms: no layer norm found in the blocks of {type(model).__name__}")
 
 
 def _train_biases(model, handle: Handle, mode: str) -> None:

@@ -31,7 +31,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         raise ValueError(f"inject_adapter_in_model does not support {cfg.peft_type}: its prompt/prefix is shared by "
                          f"the whole model; use get_peft_model(model, config) instead (as in HF PEFT)")
     handle = inject(model, insertions, arch=arch, modules_to_save=cfg.modules_to_save or (),
-                    trainable_biases=cfg.bias_mode(), trainable_norms=cfg.trains_norms(), adapter_name=adapter_name)
+                    trainable_biases=cfg.bias_mode(), adapter_name=adapter_name)
     try:
         cfg.initialize(model, handle)
     except Exception:

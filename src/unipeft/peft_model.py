@@ -184,18 +184,16 @@ class PeftModel(nn.Module):
         others = list(self._handles.values())
         # trained biases are base parameters every adapter computes with: stricter than HF PEFT, a model with
         # several adapters has none that trains them
-        if others and (cfg.bias_mode() != "none" or cfg.trains_norms() or any(h.trainable_base for h in others)):
+        if others and (cfg.bias_mode() != "none" or any(h.trainable_base for h in others)):
             raise ValueError("only one adapter of a model may train the base model's biases (bias='all' or "
-                             "'lora_only') or layer norms (Houlsby's train_layer_norms=True), since every adapter "
-                             "shares them; use bias='none' / train_layer_norms=False for the others")
+                             "'lora_only'), since every adapter shares them; use bias='none' for the others")
         grads = {id(p): p.requires_grad for p in model.parameters()}
         enabled = [(h, h.switch.on) for h in others]
         for h in others:  # a new adapter is built (and data-initialised) on the base model alone
             h.set_enabled(False)
         try:
             handle = inject(model, cfg.insertions(model, arch), arch=arch, modules_to_save=cfg.modules_to_save or (),
-                            trainable_biases=cfg.bias_mode(), trainable_norms=cfg.trains_norms(),
-                            adapter_name=adapter_name,
+                            trainable_biases=cfg.bias_mode(), adapter_name=adapter_name,
                             autocast_adapter_dtype=autocast_adapter_dtype)
             try:
                 cfg.initialize(model, handle)

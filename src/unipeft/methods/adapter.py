@@ -8,8 +8,9 @@ Presets (He et al. 2022, Table 1):
 (The multi-head parallel adapter is a prefix point, not a bottleneck: methods/mh_parallel.py.)
 
 Houlsby trains the blocks' layer norms too, as the paper does ("we also train the layer normalization
-parameters", §2.1; `train_layer_norms=True`, saved with the adapter, restored by unload()). Its non-linearity is
-swish, AdapterHub's choice (the paper does not fix one).
+parameters", §2.1; `train_layer_norms=True`): each block norm gets a trainable copy per adapter, as a task head
+does (`modules_to_save`: fp32 over a half base, saved with the adapter, the original back after unload()). Its
+non-linearity is swish, AdapterHub's choice (the paper does not fix one).
 
 Pfeiffer reads the FFN's Add & Norm output, as AdapterHub's seq_bn does (its `original_ln_before`); reading
 the FFN output instead costs ~0.6 pt on SST-2 (benchmarks/results/sst2_pfeiffer_ablation.jsonl).
@@ -23,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from ..arch.resolve import resolve_sublayers
+from ..arch.resolve import block_norms, resolve_sublayers
 from ..config import PeftConfig
 from ..registry import register_config, register_method
 from ..spec import AtSublayer, Bottleneck, Compose, Form, Insertion, Sublayer
@@ -89,16 +90,18 @@ class AdapterConfig(PeftConfig):
         return cls(**{"position": "ffn", "form": "parallel", "non_linearity": "relu", "scaling": scaling, **_rf(kw)})
 
     # the design-space point ----------------------------------------------------------------------------
-    def trains_norms(self) -> bool:
-        return bool(self.train_layer_norms)
-
     def resolved(self, model, arch):
         cfg = super().resolved(model, arch)
         if arch is None:  # raises the unknown-architecture error, listing the model's modules
             resolve_sublayers(model, AtSublayer(sublayer=Sublayer.FFN), arch)
         d = getattr(model.config, "hidden_size", None) or model.config.d_model
         size = cfg.bottleneck_size or max(1, int(d // (cfg.reduction_factor or 16)))
-        return dataclasses.replace(cfg, bottleneck_size=size)
+        cfg = dataclasses.replace(cfg, bottleneck_size=size)
+        if cfg.train_layer_norms:  # each adapter trains its own copy of every block norm (HF's modules_to_save)
+            have = tuple(cfg.modules_to_save or ())
+            cfg = dataclasses.replace(cfg, modules_to_save=have + tuple(n for n in block_norms(model, arch)
+                                                                         if n not in have))
+        return cfg
 
     def insertions(self, model, arch):
         delta = Bottleneck(size=self.bottleneck_size, non_linearity=self.non_linearity, layer_norm=self.layer_norm,
