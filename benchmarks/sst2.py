@@ -346,7 +346,8 @@ def markdown(result: dict) -> str:
     L.append("")
     L.append("Configs: LoRA r=8, α=16, dropout 0.1 on query,value (both libs). Adapters: reduction factor 16 "
              "(bottleneck 24). unipeft presets `AdapterConfig.houlsby/pfeiffer/scaled_parallel` (scaled_parallel: "
-             "fixed s=4; houlsby also trains a copy of every block's layer norms, as Houlsby et al. do). "
+             "fixed s=4). The houlsby rows predate the preset's layer-norm training (issue 14: a trained copy of every "
+             "block norm, as Houlsby et al. do) and were not rerun. "
              "multi_head_parallel: `MultiHeadParallelConfig(bottleneck_size=24)` (He et al.'s MH PA: ReLU prefix "
              "attention per head added before the output projection, 24 prefix vectors from the MLP "
              "reparameterization of width 512, P_v = 0 at init). AdapterHub configs `double_seq_bn`, `seq_bn`, `scaled_parallel` "
