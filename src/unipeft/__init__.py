@@ -11,8 +11,8 @@ from .memory.host_embedding import HostEmbedding, embeddings_on_host
 from .inject import inject
 from .inject_adapter import inject_adapter_in_model
 from .kbit import prepare_model_for_kbit_training
-from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, PrefixTuningConfig, PromptEncoderConfig,
-                      PromptTuningConfig, PTuningV2Config)
+from .methods import (AdapterConfig, IA3Config, LoraConfig, MAMConfig, MultiHeadParallelConfig, PrefixTuningConfig,
+                      PromptEncoderConfig, PromptTuningConfig, PTuningV2Config)
 from .methods.p_tuning_template import apply_template
 from .peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
                          PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,
@@ -29,7 +29,8 @@ __all__ = [
     "get_peft_model", "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForSeq2SeqLM", "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction", "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "AdapterConfig",
-    "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PTuningV2Config", "MAMConfig", "apply_template",
+    "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PTuningV2Config", "MAMConfig", "MultiHeadParallelConfig",
+    "apply_template",
     "Prefix", "Prompt",
     "methods", "inject", "Handle", "Insertion", "Form", "Compose", "AtLinear", "AtSublayer", "AtAttentionKV",
     "AtInput", "Sublayer", "LowRank", "Scaling", "Bottleneck", "embeddings_on_host", "HostEmbedding",

@@ -68,3 +68,26 @@ def prefix_attention_gated(q, k, v, pk, pv) -> torch.Tensor:
     hp, lse_p = attention(q, pk, pv)
     lam = torch.sigmoid(lse_p - lse)  # Σexp(q·P_k) / (Σexp(q·P_k) + Σexp(q·K))
     return (1 - lam) * h + lam * hp
+
+
+def prefix_weights(a: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Prefix attention weights from the logits a (.., T, P), each query on its own: softmax over the prefix,
+    or ReLU (no normalization: the multi-head parallel adapter's f)."""
+    return F.relu(a) if normalization == "relu" else torch.softmax(a, -1)
+
+
+def prefix_attention_added(q, pk, pv, normalization: str, scaling: float, softcap=None, dropout: float = 0.0,
+                           training: bool = False) -> torch.Tensor:
+    """Δhead = w(q P_kᵀ·scaling) P_v per head (He et al. 2022: ReLU gives the multi-head parallel adapter,
+    ReLU(q_i W_1^(i)) W_2^(i) with W_1 = P_kᵀ, W_2 = P_v). q: (B, H, T, d); P_k, P_v: (B, H_kv, P, d) with
+    H_kv dividing H (GQA: head i reads key/value head i // (H / H_kv), as the attention does). The logits are
+    the attention's own (its scaling, its soft-cap), the dropout its attention dropout."""
+    rep = q.shape[1] // pk.shape[1]
+    if rep > 1:
+        pk, pv = pk.repeat_interleave(rep, 1), pv.repeat_interleave(rep, 1)
+    a = (q @ pk.transpose(-1, -2)) * scaling  # (B, H, T, P)
+    if softcap:
+        a = softcap * torch.tanh(a / softcap)
+    w = F.dropout(prefix_weights(a, normalization), p=dropout, training=training) if dropout else \
+        prefix_weights(a, normalization)
+    return w.to(pv.dtype) @ pv  # (B, H, T, d)

@@ -18,6 +18,7 @@ class PeftType(str, Enum):
     BOTTLENECK_ADAPTER = "BOTTLENECK_ADAPTER"
     P_TUNING_V2 = "P_TUNING_V2"
     MAM = "MAM"
+    MH_PARALLEL_ADAPTER = "MH_PARALLEL_ADAPTER"
 
     def __str__(self) -> str:
         return self.value

@@ -9,6 +9,10 @@ Every PEFT method computes a modification Δh and adds it to a hidden state h. A
                                  after_add_norm (the sublayer's output after its residual add and norm)
     compose  how it is combined  add · scale (s·Δh) · multiply (h ⊙ l, IA3) · gate (prefix softmax mass)
 
+A prefix's attention weights are part of its delta (`Prefix.normalization`): a joint softmax with the real keys
+composed by `gate` is prefix tuning; a ReLU of each prefix logit composed by `add` is the multi-head parallel
+adapter (He et al. §3: the two differ exactly in normalization and composition).
+
 Named methods (LoRA, Houlsby, MAM, ...) are presets that return such tuples; users may build their own.
 """
 
@@ -35,6 +39,7 @@ class Compose(str, Enum):
     LEARNED = "learned"  # h + s·Δ, s a trained scalar (initialised to `scale`)
     MULTIPLY = "multiply"  # h ⊙ l (IA3); with side="in" the linear's input is scaled instead
     GATE = "gate"  # (1-λ)·h + λ·Δ, λ from softmax mass (prefix attention: implicit in the concat)
+    # (at attention K/V, ADD adds s·Δhead_i to each head's output before the output projection)
 
 
 class Sublayer(str, Enum):
@@ -167,7 +172,6 @@ class Bottleneck:
     dropout: float = 0.0
     bias: bool = True
     init: str = "identity"  # "identity": up = 0 (adapted model == base) · "random": both random (tests)
-    heads: int = 1  # > 1: one bottleneck per attention head, block-diagonal (multi-head parallel adapter)
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size <= 0:
@@ -176,8 +180,6 @@ class Bottleneck:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in ("identity", "random"):
             raise ValueError(f"init must be 'identity' or 'random', got {self.init!r}")
-        if self.heads < 1 or self.size % self.heads:
-            raise ValueError(f"bottleneck size {self.size} must be divisible by heads={self.heads}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,17 +188,30 @@ class Prefix:
 
     Li & Liang 2021 (arXiv:2101.00190); flat (projection=None) is P-tuning v2 (arXiv:2110.07602).
     With `projection` = m, P = MLP(E) with E (P × d) and a tanh MLP d → m → layers·2·d_kv (reparameterization).
+
+    `normalization` turns head i's prefix logits a = q_i P_kᵀ·scale into weights: "softmax" (jointly with the real
+    keys under compose=gate: prefix tuning; over the prefix alone under compose=add) or "relu" (ReLU(a), each row
+    on its own; with compose=add the multi-head parallel adapter of He et al. 2022, bottleneck size = length).
     """
 
     length: int
     projection: Union[int, None] = None
-    init: str = "random"  # "random" | "zeros"
+    # "random" | "zeros" (flat table only) | "zero_values": keys random, values 0, so an added prefix (compose=add)
+    # starts as the identity, as the bottleneck adapters do
+    init: str = "random"
+    normalization: str = "softmax"  # "softmax" | "relu"
 
     def __post_init__(self):
         if not isinstance(self.length, int) or self.length <= 0:
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.length!r}")
         if self.projection is not None and self.projection <= 0:
             raise ValueError(f"encoder_hidden_size must be positive, got {self.projection!r}")
+        if self.init not in ("random", "zeros", "zero_values"):
+            raise ValueError(f"prefix init must be 'random', 'zeros' or 'zero_values', got {self.init!r}")
+        if self.init == "zeros" and self.projection is not None:
+            raise ValueError("init='zeros' sets the flat prefix table; with a projection use 'random' or 'zero_values'")
+        if self.normalization not in ("softmax", "relu"):
+            raise ValueError(f"prefix normalization must be 'softmax' or 'relu', got {self.normalization!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,6 +249,8 @@ class Insertion:
 
     def describe(self) -> str:
         d = type(self.delta).__name__
+        if getattr(self.delta, "normalization", "softmax") != "softmax":
+            d += f"({self.delta.normalization})"
         p = type(self.position).__name__
         return f"{d} @ {p} · {self.form.value} · {self.compose.value}" + (
             f"(s={self.scale:g})" if self.compose in (Compose.ADD, Compose.LEARNED) and self.scale != 1 else ""

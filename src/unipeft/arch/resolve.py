@@ -262,3 +262,33 @@ def _first_block_names(model) -> list[str]:
     if not lists:
         return [n for n, _ in model.named_modules() if n][:40]
     return [n for n, _ in lists[0][0].named_modules() if n][:40]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A layer norm, by type or by transformers' naming (LlamaRMSNorm, T5LayerNorm)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def block_norms(model: nn.Module, arch: ArchSpec | None) -> list[str]:
+    """Names of the layer norms with parameters inside the transformer blocks (Houlsby trains them). Adapter
+    modules are not looked into; a norm another adapter already copies counts under its own name."""
+    if arch is None:
+        resolve_sublayers(model, AtSublayer(sublayer=Sublayer.ATTN), arch)  # raises, listing the modules
+    found, names = False, []
+
+    def walk(module: nn.Module, path: str) -> None:
+        nonlocal found
+        for n, m in module.named_children():
+            inner = getattr(m, "original_module", None) if getattr(m, "unipeft_internal", False) else m
+            if inner is not None and is_norm(inner):
+                found = True
+                if any(True for _ in inner.parameters(recurse=False)):  # OLMo's norm has none: nothing to train
+                    names.append(f"{path}.{n}")
+            elif not getattr(m, "unipeft_internal", False):
+                walk(m, f"{path}.{n}")
+
+    for b in blocks(model, arch):
+        walk(b.module, b.path)
+    if not found:
+        raise ValueError(f"no layer norm found in the blocks of {type(model).__name__}; use train_layer_norms=False")
+    return names

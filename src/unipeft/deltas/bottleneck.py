@@ -2,9 +2,9 @@
 
     x ─ [LN] ─ down (d_in→m) ─ f ─ dropout ─ up (m→d_out) ─> Δ      up = 0 at init: the identity
 
-With `heads` > 1 the projections are block-diagonal: one bottleneck of size m/H per attention head
-(the multi-head parallel adapter of He et al. 2022). With f = identity, no bias and no LN it is linear,
-ΔW = up·down, and it merges exactly like LoRA — the unified view's identity.
+With f = identity, no bias and no LN it is linear, ΔW = up·down, and it merges exactly like LoRA — the unified
+view's identity. (The multi-head parallel adapter is not a bottleneck here: it is a prefix with ReLU weights,
+see positions/attention_kv.py.) Parameters keep a leading axis of 1, (1, m, d), the layout of saved files.
 """
 
 from __future__ import annotations
@@ -24,23 +24,20 @@ class BottleneckDelta(DeltaModule):
 
     def __init__(self, spec: Bottleneck, d_in: int, d_out: int, *, side: str = "out", dtype=None, device=None):
         super().__init__()
-        H, m = spec.heads, spec.size
-        if d_in % H or d_out % H:
-            raise ValueError(f"hidden sizes {d_in}/{d_out} are not divisible by heads={H}")
-        self.heads, self.act_name = H, spec.non_linearity.lower()
+        H, m = 1, spec.size
+        self.act_name = spec.non_linearity.lower()
         self.act = Fn.activation(spec.non_linearity)
         self.ln = nn.LayerNorm(d_in, dtype=dtype, device=device) if spec.layer_norm else None
         kw = dict(dtype=dtype, device=device)
-        self.down = nn.Parameter(torch.empty(H, m // H, d_in // H, **kw))  # (H, m/H, d_in/H)
-        self.up = nn.Parameter(torch.empty(H, d_out // H, m // H, **kw))  # (H, d_out/H, m/H)
-        self.down_bias = nn.Parameter(torch.zeros(H, m // H, **kw)) if spec.bias else None
+        self.down = nn.Parameter(torch.empty(H, m, d_in, **kw))  # (1, m, d_in)
+        self.up = nn.Parameter(torch.empty(H, d_out, m, **kw))  # (1, d_out, m)
+        self.down_bias = nn.Parameter(torch.zeros(H, m, **kw)) if spec.bias else None
         self.up_bias = nn.Parameter(torch.zeros(d_out, **kw)) if spec.bias else None
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         with torch.no_grad():
-            for h in range(H):
-                nn.init.kaiming_uniform_(self.down[h], a=math.sqrt(5))
-                if spec.init == "random":
-                    nn.init.kaiming_uniform_(self.up[h], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.down[0], a=math.sqrt(5))
+            if spec.init == "random":
+                nn.init.kaiming_uniform_(self.up[0], a=math.sqrt(5))
             if spec.init != "random":
                 self.up.zero_()
 
@@ -49,15 +46,8 @@ class BottleneckDelta(DeltaModule):
         if self.ln is not None:  # parameters may be fp32 over a half-precision base: compute in x's dtype
             ln = self.ln
             x = nn.functional.layer_norm(x, ln.normalized_shape, ln.weight.to(dt), ln.bias.to(dt), ln.eps)
-        if self.heads == 1:
-            z = nn.functional.linear(x, self.down[0].to(dt), None if self.down_bias is None else self.down_bias[0].to(dt))
-            return nn.functional.linear(self.dropout(self.act(z)), self.up[0].to(dt), self._ub(dt))
-        xh = x.unflatten(-1, (self.heads, -1))  # (..., H, d_in/H)
-        z = torch.einsum("...hd,hmd->...hm", xh, self.down.to(dt))  # (..., H, m/H)
-        if self.down_bias is not None:
-            z = z + self.down_bias.to(dt)
-        y = torch.einsum("...hm,hdm->...hd", self.dropout(self.act(z)), self.up.to(dt)).flatten(-2)
-        return y if self.up_bias is None else y + self.up_bias.to(dt)
+        z = nn.functional.linear(x, self.down[0].to(dt), None if self.down_bias is None else self.down_bias[0].to(dt))
+        return nn.functional.linear(self.dropout(self.act(z)), self.up[0].to(dt), self._ub(dt))
 
     def _ub(self, dt):
         return None if self.up_bias is None else self.up_bias.to(dt)
@@ -71,4 +61,4 @@ class BottleneckDelta(DeltaModule):
                 "this bottleneck adapter is non-linear (or has a layer norm / bias) and cannot be merged into a "
                 "weight; only linear bottlenecks (non_linearity='identity', bias=False) are mergeable"
             )
-        return torch.block_diag(*[self.up[h].float() @ self.down[h].float() for h in range(self.heads)])
+        return self.up[0].float() @ self.down[0].float()

@@ -36,6 +36,20 @@ class PrefixDelta(DeltaModule):
         else:
             init = torch.zeros if spec.init == "zeros" else torch.randn
             self.table = nn.Parameter(init(spec.length, width, **kw))  # (P, L·2·H·d)
+        if spec.init == "zero_values":
+            self._zero_values()
+
+    @torch.no_grad()
+    def _zero_values(self) -> None:
+        """P_v = 0 at every site (the value half of each layer's block): an added prefix starts as the identity."""
+        w = self.H * self.hd
+        values = torch.arange(self.L * 2 * w, device=self.table.device if not self.reparameterized else
+                              self.transform[2].weight.device).view(self.L, 2, w)[:, 1].flatten()
+        if self.reparameterized:
+            self.transform[2].weight[values] = 0
+            self.transform[2].bias[values] = 0
+        else:
+            self.table[:, values] = 0
 
     @property
     def reparameterized(self) -> bool:

@@ -5,7 +5,12 @@ Presets (He et al. 2022, Table 1):
     pfeiffer         @ FFN        · after add & norm · add          Pfeiffer et al. 2021, arXiv:2005.00247
     parallel         @ FFN        · parallel         · add          He et al. 2022, arXiv:2110.04366
     scaled_parallel  @ FFN        · parallel         · scale s=4    He et al. 2022
-    multi_head_parallel @ attn    · parallel         · add, one bottleneck per head
+(The multi-head parallel adapter is a prefix point, not a bottleneck: methods/mh_parallel.py.)
+
+Houlsby trains the blocks' layer norms too, as the paper does ("we also train the layer normalization
+parameters", §2.1; `train_layer_norms=True`): each block norm gets a trainable copy per adapter, as a task head
+does (`modules_to_save`: fp32 over a half base, saved with the adapter, the original back after unload()). Its
+non-linearity is swish, AdapterHub's choice (the paper does not fix one).
 
 Pfeiffer reads the FFN's Add & Norm output, as AdapterHub's seq_bn does (its `original_ln_before`); reading
 the FFN output instead costs ~0.6 pt on SST-2 (benchmarks/results/sst2_pfeiffer_ablation.jsonl).
@@ -19,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from ..arch.resolve import resolve_sublayers
+from ..arch.resolve import block_norms, resolve_sublayers
 from ..config import PeftConfig
 from ..registry import register_config, register_method
 from ..spec import AtSublayer, Bottleneck, Compose, Form, Insertion, Sublayer
@@ -42,13 +47,18 @@ class AdapterConfig(PeftConfig):
     dropout: float = 0.0
     bias: bool = True
     init: str = "identity"  # "identity" (up = 0) | "random" (tests)
-    heads: int = 1  # > 1: block-diagonal, one bottleneck per attention head
+    train_layer_norms: bool = False  # also train the blocks' layer norms (Houlsby et al. 2019 do; the preset sets it)
+    heads: int = 1  # older files: always 1 (the block-diagonal multi-head bottleneck is gone, see validate)
     layers_to_transform: Union[tuple[int, ...], int, None] = None
 
     def validate(self) -> None:
         if self.position not in _POSITIONS:
             raise ValueError(f"position must be one of {list(_POSITIONS)}, got {self.position!r}")
         Form(self.form)
+        if self.heads != 1:
+            raise ValueError(f"heads={self.heads}: the block-diagonal multi-head bottleneck was not He et al.'s "
+                             f"multi-head parallel adapter and is gone; use MultiHeadParallelConfig (the paper's: "
+                             f"ReLU prefix attention per head, added before the output projection)")
         if self.bottleneck_size is not None:
             Bottleneck(size=self.bottleneck_size, dropout=self.dropout, init=self.init)
         if self.reduction_factor is not None and not self.reduction_factor > 0:
@@ -66,7 +76,8 @@ class AdapterConfig(PeftConfig):
     # presets -------------------------------------------------------------------------------------------
     @classmethod
     def houlsby(cls, **kw) -> "AdapterConfig":
-        return cls(**{"position": "both", "form": "sequential", "non_linearity": "swish", **_rf(kw)})
+        return cls(**{"position": "both", "form": "sequential", "non_linearity": "swish", "train_layer_norms": True,
+                      **_rf(kw)})
 
     @classmethod
     def pfeiffer(cls, **kw) -> "AdapterConfig":
@@ -80,25 +91,23 @@ class AdapterConfig(PeftConfig):
     def scaled_parallel(cls, scaling: Union[float, str] = 4.0, **kw) -> "AdapterConfig":
         return cls(**{"position": "ffn", "form": "parallel", "non_linearity": "relu", "scaling": scaling, **_rf(kw)})
 
-    @classmethod
-    def multi_head_parallel(cls, **kw) -> "AdapterConfig":
-        kw = _rf(kw)
-        return cls(**{"position": "attn", "form": "parallel", "non_linearity": "relu", "heads": -1, **kw})
-
     # the design-space point ----------------------------------------------------------------------------
     def resolved(self, model, arch):
         cfg = super().resolved(model, arch)
         if arch is None:  # raises the unknown-architecture error, listing the model's modules
             resolve_sublayers(model, AtSublayer(sublayer=Sublayer.FFN), arch)
         d = getattr(model.config, "hidden_size", None) or model.config.d_model
-        heads = cfg.heads if cfg.heads > 0 else model.config.num_attention_heads
-        size = cfg.bottleneck_size or max(heads, int(d // (cfg.reduction_factor or 16)))
-        size = -(-size // heads) * heads  # a multiple of the head count
-        return dataclasses.replace(cfg, bottleneck_size=size, heads=heads)
+        size = cfg.bottleneck_size or max(1, int(d // (cfg.reduction_factor or 16)))
+        cfg = dataclasses.replace(cfg, bottleneck_size=size)
+        if cfg.train_layer_norms:  # each adapter trains its own copy of every block norm (HF's modules_to_save)
+            have = tuple(cfg.modules_to_save or ())
+            cfg = dataclasses.replace(cfg, modules_to_save=have + tuple(n for n in block_norms(model, arch)
+                                                                         if n not in have))
+        return cfg
 
     def insertions(self, model, arch):
         delta = Bottleneck(size=self.bottleneck_size, non_linearity=self.non_linearity, layer_norm=self.layer_norm,
-                           dropout=self.dropout, bias=self.bias, init=self.init, heads=self.heads)
+                           dropout=self.dropout, bias=self.bias, init=self.init)
         learned = self.scaling == "learned"
         return tuple(
             Insertion(delta=delta, position=AtSublayer(sublayer=s, layers=self.layers_to_transform),
@@ -119,5 +128,3 @@ register_method("houlsby", AdapterConfig.houlsby, "bottleneck @ attn + FFN · se
 register_method("pfeiffer", AdapterConfig.pfeiffer, "bottleneck @ FFN · after add & norm · add", "arXiv:2005.00247")
 register_method("parallel", AdapterConfig.parallel, "bottleneck @ FFN · parallel · add", _PAPER)
 register_method("scaled_parallel", AdapterConfig.scaled_parallel, "bottleneck @ FFN · parallel · scale s=4", _PAPER)
-register_method("multi_head_parallel", AdapterConfig.multi_head_parallel,
-                "per-head bottleneck @ attn · parallel · add", _PAPER)

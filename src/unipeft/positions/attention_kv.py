@@ -11,6 +11,15 @@ columns from the bias of those positions; without it real tokens keep 0..T-1 and
 bias. Without position ids from the caller they are derived from the attention mask, so a left-padded row sees
 the same positions as the row alone. The mask is always explicit: SDPA's own is_causal would align top-left once
 keys outnumber queries. Prefix K/V have the model's KV-head count (GQA).
+
+Composition (the unified view's two prefix points, He et al. 2022 §3):
+    gate (softmax)   the concat above: head = (1-λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v)        prefix tuning
+    add (relu)       head_i + s·ReLU(q_i P_kᵀ·scale) P_v, the attention itself untouched      multi-head PA
+    add (softmax)    head_i + s·softmax(q_i P_kᵀ·scale) P_v (the prefix normalized on its own)
+An added term is computed from each query alone, with the attention's own scale, soft-cap and dropout, and is
+added to the head outputs the attention function returns, i.e. before the output projection. Its prefix rows
+are never masked: like the prefix columns of the concat they have no position, so a causal or padding mask has
+nothing to hide there, and a row's term does not depend on any other position (padding cannot change it).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import weakref
 import torch
 from torch import nn
 
+from .. import functional as Fn
 from ..compat import (attn_implementation, calls_attention_interface, eager_attention_of,
                       set_config_attn_implementation)
 from ..spec import Compose, Form, Insertion
@@ -98,6 +108,8 @@ def make_seam(base_name: str):
             P = pk.shape[2]
         else:
             pk, pv = site.delta.kv(site.slot, B, key.dtype)  # (B, H_kv, P, d)
+            if site.ins.compose == Compose.ADD:
+                return _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs)
             P = pk.shape[2]
             seen, cols = _prefix_seen(site, P, kwargs), site.prefix_bias(q_len, kv_len, P)
         attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query, seen)
@@ -115,6 +127,10 @@ def _mixed_prefix(module, B: int, q_len: int, kv_len: int, dtype, kwargs):
     keys/values first, `seen` (B, 1, q, Pmax) showing row b only those, and the relative-bias columns (B, H, q, Pmax)
     or None. Computed once per adapter group; rows of adapters without a prefix here see no prefix column."""
     on = [s for s in getattr(module, "_unipeft_kv", ()) if s.active and s.switch.rows is not None]
+    added = [s for s in on if s.ins.compose == Compose.ADD]
+    if added:  # its term is added to each head's output, not joined to the softmax: not laid out per row here
+        raise ValueError("a multi-head parallel adapter (a prefix composed by add) cannot serve a group of rows in a "
+                         "mixed-adapter batch yet; run it one adapter at a time")
     kvs = [(s, s.delta.kv(s.slot, s.switch.rows.shape[0], dtype)) for s in on]
     Pmax = max(k.shape[2] for _, (k, _) in kvs)
     H, d = kvs[0][1][0].shape[1], kvs[0][1][0].shape[3]
@@ -137,6 +153,17 @@ def _mixed_prefix(module, B: int, q_len: int, kv_len: int, dtype, kwargs):
             block = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], Pmax - P)], -1)
             cols = cols.index_put((rows,), block.expand(rows.shape[0], -1, -1, -1))
     return pk, pv, seen, cols
+
+
+def _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs):
+    """The attention as it is, plus s·w(q P_kᵀ·scale) P_v on each head's output (B, T, H, d)."""
+    out, *rest = base(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling")
+    delta = Fn.prefix_attention_added(query, pk, pv, site.ins.delta.normalization,
+                                      query.shape[-1] ** -0.5 if scaling is None else scaling, kwargs.get("softcap"),
+                                      kwargs.get("dropout") or 0.0, module.training)
+    out = Fn.compose(out, delta.transpose(1, 2).to(out.dtype), site.ins.scale)
+    return (out, *rest)
 
 
 def _site_of(module):
@@ -177,19 +204,25 @@ def check_seam(module: nn.Module, name: str) -> None:
         )
 
 
-# The (form, compose) pairs a prefix at attention K/V can mean: the prefix is attended to together with the real
-# keys, so the output is the softmax-mass gate of He et al. (eq. 7). Other values would be labels only.
-VALID_FORMS = {(Form.PARALLEL, Compose.GATE)}
+# The (form, compose, normalization) points a prefix at attention K/V computes: attended to together with the real
+# keys (the softmax-mass gate of He et al. eq. 7), or added to each head's output with its own weights (a ReLU:
+# the multi-head parallel adapter; a softmax over the prefix alone). Other values would be labels only.
+VALID_FORMS = {(Form.PARALLEL, Compose.GATE, "softmax"), (Form.PARALLEL, Compose.ADD, "softmax"),
+               (Form.PARALLEL, Compose.ADD, "relu")}
 
 
 def check_insertion(ins: Insertion, module: nn.Module, name: str, adapter: str = "default") -> None:
     """Refuse what a prefix cannot compute, and a second prefix of one adapter on one attention (one would
     silently win; prefixes of different adapters take turns, see _site_of)."""
-    if (ins.form, ins.compose) not in VALID_FORMS:
-        raise ValueError(f"a prefix at attention keys/values computes form={Form.PARALLEL.value!r}, "
-                         f"compose={Compose.GATE.value!r} (the softmax-mass gate); got form={ins.form.value!r}, "
-                         f"compose={ins.compose.value!r}, which would be a label only. Valid: "
-                         f"{sorted((f.value, c.value) for f, c in VALID_FORMS)}")
+    point = (ins.form, ins.compose, getattr(ins.delta, "normalization", "softmax"))
+    if point not in VALID_FORMS:
+        raise ValueError(f"a prefix at attention keys/values computes (form, compose, normalization) in "
+                         f"{sorted((f.value, c.value, n) for f, c, n in VALID_FORMS)} (gate: the joint softmax of "
+                         f"prefix tuning; add: a term added to each head, relu = the multi-head parallel adapter); "
+                         f"got {(point[0].value, point[1].value, point[2])}, which would be a label only")
+    if ins.compose == Compose.ADD and ins.position.position_shift:
+        raise ValueError("an added prefix (compose='add') has no positions; position_shift=True (HF PEFT's prefix as "
+                         "cached tokens at 0..P-1) applies to the joint softmax (compose='gate') only")
     other = next((s for s in getattr(module, "_unipeft_kv", ()) if s.switch.adapter == adapter), None)
     if other is not None:
         raise ValueError(f"{name} already holds the prefix {other.ins.name!r}; two prefixes on one attention are not "
