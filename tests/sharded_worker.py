@@ -1,0 +1,89 @@
+"""One training run of a tiny Llama with an adapter, on one process or under a sharded engine; used by
+tests/test_sharded.py (`torchrun --nproc_per_node 2 tests/sharded_worker.py ENGINE OUT METHOD...`).
+
+Every run sees the same global batches (4 rows per step, seed-fixed); under an engine each rank takes its 2
+rows, so the mean loss over ranks is the one-process loss and the final adapter must be the same (SGD, dropout 0).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import tiny_llama  # noqa: E402
+
+STEPS, ROWS, T, LR = 3, 4, 8, 0.5
+EVAL_IDS = torch.arange(2 * T).reshape(2, T) % 90 + 3
+
+
+def config(method: str):
+    from unipeft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    return {
+        "lora": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "houlsby": lambda: AdapterConfig.houlsby(task_type="CAUSAL_LM", bottleneck_size=8),
+        "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    }[method]()
+
+
+def model(method: str):
+    from unipeft import get_peft_model
+
+    return get_peft_model(tiny_llama(seed=0), config(method))
+
+
+def batches(rank: int = 0, world: int = 1):
+    g = torch.Generator().manual_seed(1234)
+    per = ROWS // world
+    for _ in range(STEPS):
+        ids = torch.randint(3, 90, (ROWS, T), generator=g)
+        yield ids[rank * per:(rank + 1) * per]
+
+
+def train(peft, rank: int = 0, world: int = 1, step=None):
+    """SGD on the trainable parameters; `step(loss)` does the backward and update when an engine owns them."""
+    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=LR)
+    for ids in batches(rank, world):
+        loss = peft(input_ids=ids, labels=ids).loss
+        if step is None:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        else:
+            step(loss)
+    return opt
+
+
+def shard_fsdp2(peft):
+    """fully_shard each decoder block, then the root (the usual FSDP2 wrapping)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    for layer in peft.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(peft, mesh=mesh)
+    return peft
+
+
+def run_fsdp2(out: str, methods: list[str]) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for method in methods:
+        peft = shard_fsdp2(model(method))
+        train(peft, rank, world)
+        peft.save_pretrained(os.path.join(out, method))  # every rank: gathers; rank 0 writes
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    engine, out, *methods = sys.argv[1:]
+    {"fsdp2": run_fsdp2}[engine](out, methods)

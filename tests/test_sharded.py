@@ -1,0 +1,85 @@
+"""Sharded engines on CPU (gloo): FSDP2 (`fully_shard` per decoder block + root) and DeepSpeed ZeRO-3 through
+Accelerate give the adapter one process gives, and save it whole (gathered on every rank, written by rank 0).
+
+Each engine runs once for all methods in `torchrun --nproc_per_node 2` (tests/sharded_worker.py); the oracle is
+the same training on one process with the same global batches (sharded_worker.train)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sharded_worker as W
+from unipeft import PeftModel
+
+HERE = Path(__file__).resolve().parent
+METHODS = ["lora", "houlsby", "prefix", "prompt"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(engine: str, out: Path, methods: list[str], nproc: int = 2, env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           str(HERE / "sharded_worker.py"), engine, str(out), *methods]
+    src = str(HERE.parent / "src")
+    e = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+         **(env or {})}
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{engine} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+
+
+def reference(method: str, out: Path) -> Path:
+    """The one-process run of the same training, saved."""
+    peft = W.model(method)
+    W.train(peft)
+    peft.save_pretrained(out / method)
+    return out / method
+
+
+def assert_same_adapter(got: Path, want: Path, rtol: float = 1e-5) -> None:
+    a, b = load_file(got / "adapter_model.safetensors"), load_file(want / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in b:
+        assert a[k].shape == b[k].shape and a[k].numel() > 0, (k, a[k].shape, b[k].shape)
+        err = (a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)
+        assert err <= rtol, f"{k}: relative error {err:.2e}"
+
+
+
+def assert_trained(folder: Path, method: str) -> None:
+    """Training moved every tensor (so equal adapters mean equal training, not two untouched inits)."""
+    init, b = W.model(method).adapter_state_dict(), load_file(folder / "adapter_model.safetensors")
+    still = [k for k in b if torch.equal(b[k], init[k])]
+    assert not still, f"untrained tensors: {still[:3]}"
+
+
+def logits_of(folder: Path) -> torch.Tensor:
+    peft = PeftModel.from_pretrained(W.tiny_llama(seed=0), folder)
+    with torch.no_grad():
+        return peft(input_ids=W.EVAL_IDS).logits
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    launch("fsdp2", out, METHODS)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp2_trains_and_saves_the_one_process_adapter(fsdp2_run, tmp_path, method):
+    want = reference(method, tmp_path)
+    assert_trained(want, method)
+    assert_same_adapter(fsdp2_run / method, want)
+    torch.testing.assert_close(logits_of(fsdp2_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
