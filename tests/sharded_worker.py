@@ -32,9 +32,12 @@ def config(method: str):
 
 
 def model(method: str):
+    """`method`, or `method@bf16`: the base in bfloat16 (the adapter stays fp32, as get_peft_model makes it)."""
     from unipeft import get_peft_model
 
-    return get_peft_model(tiny_llama(seed=0), config(method))
+    method, _, dtype = method.partition("@")
+    base = tiny_llama(seed=0)
+    return get_peft_model(base.to({"bf16": torch.bfloat16}[dtype]) if dtype else base, config(method))
 
 
 def batches(rank: int = 0, world: int = 1):

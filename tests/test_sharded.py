@@ -75,7 +75,7 @@ def logits_of(folder: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    launch("fsdp2", out, METHODS)
+    launch("fsdp2", out, METHODS + ["lora@bf16"])
     return out
 
 
@@ -85,6 +85,19 @@ def test_fsdp2_trains_and_saves_the_one_process_adapter(fsdp2_run, tmp_path, met
     assert_trained(want, method)
     assert_same_adapter(fsdp2_run / method, want)
     torch.testing.assert_close(logits_of(fsdp2_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp2_fp32_adapter_on_a_bf16_base(fsdp2_run, tmp_path):
+    """fully_shard takes one unit holding frozen bf16 base weights and trainable fp32 adapter weights, with no
+    MixedPrecisionPolicy (FSDP2 wants one dtype among the *trainable* parameters only). The adapter stays fp32 and
+    matches one process to bf16 precision (the two runs split the bf16 matmuls differently)."""
+    want = reference("lora@bf16", tmp_path)
+    got = load_file(fsdp2_run / "lora@bf16" / "adapter_model.safetensors")
+    ref, init = load_file(want / "adapter_model.safetensors"), W.model("lora@bf16").adapter_state_dict()
+    assert all(got[k].dtype == torch.float32 and got[k].shape == ref[k].shape for k in ref)
+    d_got = torch.cat([(got[k] - init[k]).flatten() for k in ref])  # the training updates
+    d_ref = torch.cat([(ref[k] - init[k]).flatten() for k in ref])
+    assert d_ref.norm() > 0 and (d_got - d_ref).norm() <= 2e-2 * d_ref.norm()
 
 
 @pytest.fixture(scope="module")
