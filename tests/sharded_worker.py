@@ -32,12 +32,18 @@ def config(method: str):
 
 
 def model(method: str):
-    """`method`, or `method@bf16`: the base in bfloat16 (the adapter stays fp32, as get_peft_model makes it)."""
+    """`method`, or `method@bf16` (a bfloat16 base; the adapter stays fp32), or `method@nf4` (QLoRA)."""
     from unipeft import get_peft_model
 
-    method, _, dtype = method.partition("@")
+    from unipeft.quant import quantize_model
+
+    method, _, base_kind = method.partition("@")
     base = tiny_llama(seed=0)
-    return get_peft_model(base.to({"bf16": torch.bfloat16}[dtype]) if dtype else base, config(method))
+    if base_kind == "nf4":  # QLoRA: NF4 linears in the blocks, fp32 compute
+        base = quantize_model(base, "nf4")
+    elif base_kind:
+        base = base.to({"bf16": torch.bfloat16}[base_kind])
+    return get_peft_model(base, config(method))
 
 
 def batches(rank: int = 0, world: int = 1):
@@ -63,15 +69,12 @@ def train(peft, rank: int = 0, world: int = 1, step=None):
 
 
 def shard_fsdp2(peft):
-    """fully_shard each decoder block, then the root (the usual FSDP2 wrapping)."""
+    """fully_shard each decoder block, then the root (unipeft.distributed.shard_fsdp2)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
-    for layer in peft.get_base_model().model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(peft, mesh=mesh)
-    return peft
+    from unipeft.distributed import shard_fsdp2
+
+    return shard_fsdp2(peft, mesh=init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),)))
 
 
 def run_fsdp2(out: str, methods: list[str]) -> None:
@@ -85,6 +88,19 @@ def run_fsdp2(out: str, methods: list[str]) -> None:
         peft.save_pretrained(os.path.join(out, method))  # every rank: gathers; rank 0 writes
     dist.barrier()
     dist.destroy_process_group()
+
+
+def count_delta_calls(model) -> dict:
+    """delta module name -> [calls so far, forward pre-hooks on it besides ours (the engine's)]."""
+    from unipeft.deltas.base import DeltaModule
+
+    calls = {}
+    for name, m in model.named_modules():
+        if isinstance(m, DeltaModule):
+            calls[name] = [0, len(m._forward_pre_hooks)]
+            m.register_forward_pre_hook(lambda mod, args, kwargs, n=name: calls[n].__setitem__(0, calls[n][0] + 1),
+                                        with_kwargs=True)
+    return calls
 
 
 def zero3_accelerator(stage: int = 3):
@@ -112,6 +128,8 @@ def run_zero(out: str, methods: list[str], stage: int = 3) -> None:
             with open(os.path.join(out, method, "partitioned.json"), "w") as f:
                 json.dump(sizes, f)
 
+        calls = count_delta_calls(engine.module)
+
         def step(loss):
             acc.backward(loss)
             opt.step()
@@ -119,6 +137,9 @@ def run_zero(out: str, methods: list[str], stage: int = 3) -> None:
 
         for ids in batches(rank, world):
             step(engine(input_ids=ids, labels=ids).loss)
+        if rank == 0:
+            with open(os.path.join(out, method, "calls.json"), "w") as f:
+                json.dump(calls, f)
         acc.unwrap_model(engine).save_pretrained(os.path.join(out, method))  # every rank: gathers; rank 0 writes
         acc.wait_for_everyone()
 

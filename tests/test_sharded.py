@@ -75,7 +75,7 @@ def logits_of(folder: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    launch("fsdp2", out, METHODS + ["lora@bf16"])
+    launch("fsdp2", out, METHODS + ["lora@bf16", "lora@nf4"])
     return out
 
 
@@ -91,13 +91,38 @@ def test_fsdp2_fp32_adapter_on_a_bf16_base(fsdp2_run, tmp_path):
     """fully_shard takes one unit holding frozen bf16 base weights and trainable fp32 adapter weights, with no
     MixedPrecisionPolicy (FSDP2 wants one dtype among the *trainable* parameters only). The adapter stays fp32 and
     matches one process to bf16 precision (the two runs split the bf16 matmuls differently)."""
-    want = reference("lora@bf16", tmp_path)
-    got = load_file(fsdp2_run / "lora@bf16" / "adapter_model.safetensors")
-    ref, init = load_file(want / "adapter_model.safetensors"), W.model("lora@bf16").adapter_state_dict()
+    assert_same_updates(fsdp2_run, tmp_path, "lora@bf16")
+
+
+def assert_same_updates(run: Path, tmp_path: Path, method: str) -> None:
+    """fp32 adapter, training updates equal to one process's at bf16 precision (2% in norm)."""
+    want = reference(method, tmp_path)
+    got = load_file(run / method / "adapter_model.safetensors")
+    ref, init = load_file(want / "adapter_model.safetensors"), W.model(method).adapter_state_dict()
+    assert sorted(got) == sorted(ref)
     assert all(got[k].dtype == torch.float32 and got[k].shape == ref[k].shape for k in ref)
     d_got = torch.cat([(got[k] - init[k]).flatten() for k in ref])  # the training updates
     d_ref = torch.cat([(ref[k] - init[k]).flatten() for k in ref])
     assert d_ref.norm() > 0 and (d_got - d_ref).norm() <= 2e-2 * d_ref.norm()
+
+
+def test_fsdp2_qlora_nf4_base(fsdp2_run, tmp_path):
+    """QLoRA under FSDP2 (NF4 linears sharded with their uint8 storage; bitsandbytes re-attaches the quant state
+    after each all-gather): the one-process adapter."""
+    assert_same_updates(fsdp2_run, tmp_path, "lora@nf4")  # NF4 computes in bf16
+
+
+def test_fsdp2_refuses_int8_and_cpu_repacking_nf4_bases():
+    from unipeft.distributed import check_quantized_for_fsdp2
+    from unipeft.quant import quantize_model
+
+    with pytest.raises(ValueError, match=r"int8 \(LLM.int8\).*SCB"):
+        check_quantized_for_fsdp2(quantize_model(W.tiny_llama(seed=0), "int8"))
+    nf4 = quantize_model(W.tiny_llama(seed=0), "nf4")
+    check_quantized_for_fsdp2(nf4)  # unipeft's NF4 layers keep one layout: accepted
+    nf4.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu = True
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is an NF4 linear .*in place"):
+        check_quantized_for_fsdp2(nf4)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +138,9 @@ def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3
     tensors of the right shapes, equal to one process's training, and loads with the same logits."""
     sizes = json.loads((zero3_run / method / "partitioned.json").read_text())
     assert sizes and all(n == 0 and math.prod(shape) > 0 for n, shape in sizes.values()), sizes
+    # every delta is reached through a module call, so ZeRO-3's module hooks (registered on it) gather what it uses
+    calls = json.loads((zero3_run / method / "calls.json").read_text())
+    assert calls and all(n >= W.STEPS and hooks >= 1 for n, hooks in calls.values()), calls
     want = reference(method, tmp_path)
     assert_same_adapter(zero3_run / method, want)
     torch.testing.assert_close(logits_of(zero3_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
