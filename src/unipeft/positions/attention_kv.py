@@ -89,7 +89,7 @@ def make_seam(base_name: str):
         if site is None or not site.active:
             return base(module, query, key, value, attention_mask, **kwargs)
         B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
-        pk, pv = site.delta.kv(site.slot, B, key.dtype)  # (B, H_kv, P, d)
+        pk, pv = site.delta(site.slot, B, key.dtype)  # (B, H_kv, P, d)
         P = pk.shape[2]
         causal = kwargs.get("is_causal", None)
         causal = getattr(module, "is_causal", True) if causal is None else causal
