@@ -144,3 +144,34 @@ def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3
     want = reference(method, tmp_path)
     assert_same_adapter(zero3_run / method, want)
     torch.testing.assert_close(logits_of(zero3_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_writes_on_the_main_process_only(tmp_path):
+    peft = W.model("lora")
+    peft.save_pretrained(tmp_path / "not_main", is_main_process=False)
+    assert not (tmp_path / "not_main").exists()
+    peft.save_pretrained(tmp_path / "main", is_main_process=True)
+    assert (tmp_path / "main" / "adapter_model.safetensors").is_file()
+
+
+def test_save_pretrained_takes_values_from_a_gathered_state_dict(tmp_path):
+    """What transformers.Trainer passes under ZeRO-3 (rank 0 only, so no collective may run): the file holds the
+    state dict's values, derived tensors (an MLP-made prefix table) computed from them."""
+    from unipeft import PrefixTuningConfig, get_peft_model
+
+    peft = get_peft_model(W.tiny_llama(seed=0), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                   prefix_projection=True, encoder_hidden_size=8))
+    sd = {k: v.clone() for k, v in peft.state_dict().items()}
+    emb = next(k for k in sd if k.endswith("prefix.default.embedding"))
+    sd[emb] += 1.0
+    peft.save_pretrained(tmp_path, state_dict=sd)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    own = next(k for k in saved if k.endswith(".embedding"))
+    torch.testing.assert_close(saved[own], sd[emb])
+    delta = next(m for n, m in peft.named_modules() if n.endswith("prefix.default"))
+    with torch.no_grad():
+        want = delta.transform(sd[emb])
+    torch.testing.assert_close(saved["prompt_embeddings"], want)
+    assert not torch.equal(saved["prompt_embeddings"], peft.adapter_state_dict()["prompt_embeddings"])
+    with pytest.raises(KeyError, match="state_dict lacks"):
+        peft.save_pretrained(tmp_path / "partial", state_dict={})
