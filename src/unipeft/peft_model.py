@@ -14,6 +14,8 @@ from .arch import find_arch
 from .training.checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig, TaskType
 from .deltas.base import delta_parameters
+from .distributed import full_parameters, parameters_from
+from .distributed import is_main_process as dist_main
 from .handle import Handle
 from .inject import inject
 from .integrations import compat
@@ -308,46 +310,50 @@ class PeftModel(nn.Module):
     def _exports(self, adapter: str | None = None):
         return exported(self._handles[adapter or self.active_adapter]) if self._config(adapter).hf_format else {}
 
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
         """What save_pretrained writes for one adapter (the active one by default): our weights under HF PEFT's
-        names, plus HF's derived tensors."""
-        sd = {k: p.detach() for k, (_, p) in self._file_keys(adapter_name).items()}
-        for name, delta in self._exports(adapter_name).items():
-            sd[name] = delta.hf_tensors()[name]
+        names, plus HF's derived tensors, always full tensors. Under FSDP2 / ZeRO-3 it gathers them, a collective
+        (call it on every rank); with `state_dict` (the model's full state dict) the values come from there."""
+        owned = [p for _, p in self._file_keys(adapter_name).values()]
+        owned += [p for d in self._exports(adapter_name).values() for _, p in delta_parameters(d)]
+        gathered = full_parameters(self, owned) if state_dict is None else parameters_from(self, owned, state_dict)
+        with gathered:  # unsharded and no state_dict: a no-op
+            sd = {k: p.detach().clone() for k, (_, p) in self._file_keys(adapter_name).items()}
+            for name, delta in self._exports(adapter_name).items():
+                with torch.no_grad():
+                    sd[name] = delta.hf_tensors()[name].detach().clone()
         return sd
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
                         path_initial_model_for_weight_conversion=None, is_main_process: bool | None = None,
-                        **_) -> None:
+                        state_dict: dict | None = None, **_) -> None:
         """Every adapter (or `selected_adapters`) in HF PEFT's layout: "default" in `save_directory`, any other
         in `save_directory/<adapter name>/`; each folder holds adapter_config.json + adapter_model.safetensors
         (adapter_model.bin with safe_serialization=False). `save_directory` also gets a README.md model card
         (HF PEFT's loads the folder only in its format, and when no derived table is claimed twice), unless it
         has one of the user's.
 
-        Under several processes call it on every one: only the main process (`is_main_process`; default: rank 0
-        of torch.distributed when it is initialized) writes."""
-        if is_main_process is None:
-            is_main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-                or torch.distributed.get_rank() == 0
+        Under a sharded engine (FSDP2, DeepSpeed ZeRO-3) call it on every rank: the adapter's tensors are gathered
+        (a collective) and only the main process (`is_main_process`; default: rank 0 of torch.distributed when
+        it is initialized) writes. Unsharded models run no collective, so saving from rank 0 alone works too.
+        `state_dict` (the model's full state dict, as transformers.Trainer passes under DeepSpeed) supplies the
+        values instead, with no collective."""
+        main = dist_main() if is_main_process is None else bool(is_main_process)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters names unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            self._save_one(folder, name, safe_serialization, path_initial_model_for_weight_conversion,
-                           is_main_process)
-        if not is_main_process:
-            return
+            self._save_one(folder, name, safe_serialization, path_initial_model_for_weight_conversion, main, state_dict)
         # one model card, at the top (as HF PEFT), describing the first adapter saved
         first = names[0] if names else None
-        if first is not None:
+        if first is not None and main:
             write_model_card(save_directory, self._card_config(first), hf_format=self._config(first).hf_format
                              and not clashing_exports(self._handles[first]))
 
     def _save_one(self, folder, adapter_name: str, safe_serialization: bool = True,
-                  path_initial_model_for_weight_conversion=None, is_main_process: bool = True) -> None:
+                  path_initial_model_for_weight_conversion=None, main: bool = True, state_dict=None) -> None:
         cfg = self._config(adapter_name).to_dict()
         cfg["inference_mode"] = True
         if cfg.get("base_model_name_or_path") is None:
@@ -355,8 +361,8 @@ class PeftModel(nn.Module):
         if cfg.get("task_type") is None and cfg.get("auto_mapping") is None:  # how AutoPeftModel finds the class
             base = type(self.get_base_model())
             cfg["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
-        tensors = self.adapter_state_dict(adapter_name)  # every process: gathering sharded tensors is collective
-        if not is_main_process:
+        tensors = self.adapter_state_dict(adapter_name, state_dict)  # on every rank: may gather sharded tensors
+        if not main:
             return
         if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA -> LoRA on the original base
             from .methods.lora_convert import to_plain_lora

@@ -56,7 +56,11 @@ class LowRankDelta(DeltaModule):
         else:
             nn.init.zeros_(self.B)  # identity at init
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None, s: float = 1.0) -> torch.Tensor:
+        """Δ(x); with h, h + s·Δ(x) in one op (`add_scaled`). Sites call the module, not the method, so engines
+        acting through module hooks (ZeRO-3 gathers the parameters a module reaches) see every use."""
+        if h is not None:
+            return self.add_scaled(h, x, s)
         return Fn.low_rank(self.dropout(x), self.A.to(x.dtype), self.B.to(x.dtype))
 
     def add_scaled(self, h: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:

@@ -55,6 +55,9 @@ class PrefixDelta(DeltaModule):
     def reparameterized(self) -> bool:
         return hasattr(self, "transform")
 
+    def forward(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv(slot, batch, dtype)  # the seam calls the module: ZeRO-3's hooks see the table used
+
     def kv(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Site `slot`'s prefix keys and values, each (B, H_kv, P, d)."""
         w = 2 * self.H * self.hd

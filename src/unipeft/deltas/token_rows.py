@@ -59,6 +59,9 @@ class TokenRowsDelta(DeltaModule):
         self.register_buffer("lookup", lookup, persistent=False)  # token id -> its row, or -1
         self.__dict__["_embedding"] = host  # not a submodule: the delta is the host's child
 
+    def forward(self, x: torch.Tensor, h: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+        return self.add_scaled(h, x, s)  # called as a module by the sites (see LowRankDelta.forward)
+
     def add_scaled(self, h: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
         if not x.is_floating_point():  # the embedding: chosen ids read their trained row
             pos = self.lookup[x]

@@ -107,7 +107,7 @@ def make_seam(base_name: str):
             pk, pv, seen, cols = _mixed_prefix(module, B, q_len, kv_len, key.dtype, kwargs)
             P = pk.shape[2]
         else:
-            pk, pv = site.delta.kv(site.slot, B, key.dtype)  # (B, H_kv, P, d)
+            pk, pv = site.delta(site.slot, B, key.dtype)  # (B, H_kv, P, d)
             if site.ins.compose == Compose.ADD:
                 return _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs)
             P = pk.shape[2]
@@ -131,7 +131,7 @@ def _mixed_prefix(module, B: int, q_len: int, kv_len: int, dtype, kwargs):
     if added:  # its term is added to each head's output, not joined to the softmax: not laid out per row here
         raise ValueError("a multi-head parallel adapter (a prefix composed by add) cannot serve a group of rows in a "
                          "mixed-adapter batch yet; run it one adapter at a time")
-    kvs = [(s, s.delta.kv(s.slot, s.switch.rows.shape[0], dtype)) for s in on]
+    kvs = [(s, s.delta(s.slot, s.switch.rows.shape[0], dtype)) for s in on]
     Pmax = max(k.shape[2] for _, (k, _) in kvs)
     H, d = kvs[0][1][0].shape[1], kvs[0][1][0].shape[3]
     ref = kvs[0][1][0]

@@ -43,7 +43,7 @@ class SlicedLinearDeltaSite(LinearDeltaSite):
         if not self.active:
             return out
         if self._fused:
-            return self._on_rows(out, lambda h, x: self.delta.add_scaled(h, x, float(self.s)), args[0])
+            return self._on_rows(out, lambda h, x: self.delta(x, h, float(self.s)), args[0])
         return self._on_rows(out, lambda h, x: Fn.compose(h, self.delta(x), self.s), args[0])
 
     def _sequential(self, module, args, out):

@@ -9,7 +9,8 @@ host (integer weight storage) must be dequantized first (`unipeft.quant.dequanti
 
 Deltas whose dropout can be shared (`delta.dropout.cache`) get the adapter's DropoutCache, so siblings
 reading the same x draw one mask; deltas with a `siblings` slot get the adapter's SiblingProjections
-(one matmul for the siblings' input projections); deltas offering `add_scaled(h, x, s)` add s·Δ(x) in one op.
+(one matmul for the siblings' input projections); deltas offering `add_scaled(h, x, s)` add s·Δ(x) in one op, called as the module (`delta(x, h, s)`) so that
+engines hooking module calls (DeepSpeed ZeRO-3) see it.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class LinearDeltaSite(ModuleSite):
         if not self.active:
             return out
         if self._fused:
-            return on_rows(self.switch, out, lambda h, x: self.delta.add_scaled(h, x, float(self.s)), args[0])
+            return on_rows(self.switch, out, lambda h, x: self.delta(x, h, float(self.s)), args[0])
         return on_rows(self.switch, out, lambda h, x: Fn.compose(h, self.delta(x), self.s), args[0])
 
     def _sequential(self, module, args, out):

@@ -1,0 +1,8 @@
+"""Sharded engines (FSDP2, DeepSpeed ZeRO-3) meet the adapter: gathering its parameters to full tensors for
+saving and for computing derived tensors, on every rank; which process writes files."""
+
+from .fsdp2 import check_quantized_for_fsdp2, shard_fsdp2
+from .gather import full_parameters, is_main_process, parameters_from, sharding_of
+
+__all__ = ["check_quantized_for_fsdp2", "full_parameters", "is_main_process", "parameters_from", "shard_fsdp2",
+           "sharding_of"]

@@ -1,0 +1,177 @@
+"""Sharded engines on CPU (gloo): FSDP2 (`fully_shard` per decoder block + root) and DeepSpeed ZeRO-3 through
+Accelerate give the adapter one process gives, and save it whole (gathered on every rank, written by rank 0).
+
+Each engine runs once for all methods in `torchrun --nproc_per_node 2` (tests/sharded_worker.py); the oracle is
+the same training on one process with the same global batches (sharded_worker.train)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sharded_worker as W
+from unipeft import PeftModel
+
+HERE = Path(__file__).resolve().parent
+METHODS = ["lora", "houlsby", "prefix", "prompt"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(engine: str, out: Path, methods: list[str], nproc: int = 2, env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           str(HERE / "sharded_worker.py"), engine, str(out), *methods]
+    src = str(HERE.parent / "src")
+    e = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+         **(env or {})}
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{engine} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+
+
+def reference(method: str, out: Path) -> Path:
+    """The one-process run of the same training, saved."""
+    peft = W.model(method)
+    W.train(peft)
+    peft.save_pretrained(out / method)
+    return out / method
+
+
+def assert_same_adapter(got: Path, want: Path, rtol: float = 1e-5) -> None:
+    a, b = load_file(got / "adapter_model.safetensors"), load_file(want / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in b:
+        assert a[k].shape == b[k].shape and a[k].numel() > 0, (k, a[k].shape, b[k].shape)
+        err = (a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)
+        assert err <= rtol, f"{k}: relative error {err:.2e}"
+
+
+
+def assert_trained(folder: Path, method: str) -> None:
+    """Training moved every tensor (so equal adapters mean equal training, not two untouched inits)."""
+    init, b = W.model(method).adapter_state_dict(), load_file(folder / "adapter_model.safetensors")
+    still = [k for k in b if torch.equal(b[k], init[k])]
+    assert not still, f"untrained tensors: {still[:3]}"
+
+
+def logits_of(folder: Path) -> torch.Tensor:
+    peft = PeftModel.from_pretrained(W.tiny_llama(seed=0), folder)
+    with torch.no_grad():
+        return peft(input_ids=W.EVAL_IDS).logits
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    launch("fsdp2", out, METHODS + ["lora@bf16", "lora@nf4"])
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp2_trains_and_saves_the_one_process_adapter(fsdp2_run, tmp_path, method):
+    want = reference(method, tmp_path)
+    assert_trained(want, method)
+    assert_same_adapter(fsdp2_run / method, want)
+    torch.testing.assert_close(logits_of(fsdp2_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp2_fp32_adapter_on_a_bf16_base(fsdp2_run, tmp_path):
+    """fully_shard takes one unit holding frozen bf16 base weights and trainable fp32 adapter weights, with no
+    MixedPrecisionPolicy (FSDP2 wants one dtype among the *trainable* parameters only). The adapter stays fp32 and
+    matches one process to bf16 precision (the two runs split the bf16 matmuls differently)."""
+    assert_same_updates(fsdp2_run, tmp_path, "lora@bf16")
+
+
+def assert_same_updates(run: Path, tmp_path: Path, method: str) -> None:
+    """fp32 adapter, training updates equal to one process's at bf16 precision (2% in norm)."""
+    want = reference(method, tmp_path)
+    got = load_file(run / method / "adapter_model.safetensors")
+    ref, init = load_file(want / "adapter_model.safetensors"), W.model(method).adapter_state_dict()
+    assert sorted(got) == sorted(ref)
+    assert all(got[k].dtype == torch.float32 and got[k].shape == ref[k].shape for k in ref)
+    d_got = torch.cat([(got[k] - init[k]).flatten() for k in ref])  # the training updates
+    d_ref = torch.cat([(ref[k] - init[k]).flatten() for k in ref])
+    assert d_ref.norm() > 0 and (d_got - d_ref).norm() <= 2e-2 * d_ref.norm()
+
+
+def test_fsdp2_qlora_nf4_base(fsdp2_run, tmp_path):
+    """QLoRA under FSDP2 (NF4 linears sharded with their uint8 storage; bitsandbytes re-attaches the quant state
+    after each all-gather): the one-process adapter."""
+    assert_same_updates(fsdp2_run, tmp_path, "lora@nf4")  # NF4 computes in bf16
+
+
+def test_fsdp2_refuses_int8_and_cpu_repacking_nf4_bases():
+    from unipeft.distributed import check_quantized_for_fsdp2
+    from unipeft.quant import quantize_model
+
+    with pytest.raises(ValueError, match=r"int8 \(LLM.int8\).*SCB"):
+        check_quantized_for_fsdp2(quantize_model(W.tiny_llama(seed=0), "int8"))
+    nf4 = quantize_model(W.tiny_llama(seed=0), "nf4")
+    check_quantized_for_fsdp2(nf4)  # unipeft's NF4 layers keep one layout: accepted
+    nf4.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu = True
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is an NF4 linear .*in place"):
+        check_quantized_for_fsdp2(nf4)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    launch("zero3", out, METHODS, env={"DS_ACCELERATOR": "cpu"})
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3_run, tmp_path, method):
+    """ZeRO-3 partitions every parameter (an adapter tensor reads as empty outside a forward); the file holds full
+    tensors of the right shapes, equal to one process's training, and loads with the same logits."""
+    sizes = json.loads((zero3_run / method / "partitioned.json").read_text())
+    assert sizes and all(n == 0 and math.prod(shape) > 0 for n, shape in sizes.values()), sizes
+    # every delta is reached through a module call, so ZeRO-3's module hooks (registered on it) gather what it uses
+    calls = json.loads((zero3_run / method / "calls.json").read_text())
+    assert calls and all(n >= W.STEPS and hooks >= 1 for n, hooks in calls.values()), calls
+    want = reference(method, tmp_path)
+    assert_same_adapter(zero3_run / method, want)
+    torch.testing.assert_close(logits_of(zero3_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_writes_on_the_main_process_only(tmp_path):
+    peft = W.model("lora")
+    peft.save_pretrained(tmp_path / "not_main", is_main_process=False)
+    assert not (tmp_path / "not_main").exists()
+    peft.save_pretrained(tmp_path / "main", is_main_process=True)
+    assert (tmp_path / "main" / "adapter_model.safetensors").is_file()
+
+
+def test_save_pretrained_takes_values_from_a_gathered_state_dict(tmp_path):
+    """What transformers.Trainer passes under ZeRO-3 (rank 0 only, so no collective may run): the file holds the
+    state dict's values, derived tensors (an MLP-made prefix table) computed from them."""
+    from unipeft import PrefixTuningConfig, get_peft_model
+
+    peft = get_peft_model(W.tiny_llama(seed=0), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                   prefix_projection=True, encoder_hidden_size=8))
+    sd = {k: v.clone() for k, v in peft.state_dict().items()}
+    emb = next(k for k in sd if k.endswith("prefix.default.embedding"))
+    sd[emb] += 1.0
+    peft.save_pretrained(tmp_path, state_dict=sd)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    own = next(k for k in saved if k.endswith(".embedding"))
+    torch.testing.assert_close(saved[own], sd[emb])
+    delta = next(m for n, m in peft.named_modules() if n.endswith("prefix.default"))
+    with torch.no_grad():
+        want = delta.transform(sd[emb])
+    torch.testing.assert_close(saved["prompt_embeddings"], want)
+    assert not torch.equal(saved["prompt_embeddings"], peft.adapter_state_dict()["prompt_embeddings"])
+    with pytest.raises(KeyError, match="state_dict lacks"):
+        peft.save_pretrained(tmp_path / "partial", state_dict={})
