@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+from .mixed_stack import stacked_low_rank
+
 BASE = "__base__"
 
 
@@ -59,7 +61,8 @@ def mixed_batch(handles: dict, adapter_names, n_rows: int, device):
             served = [(a, rows[a]) for a in w.modules_to_save._modules if a in rows]
             rest = [i for i, m in enumerate(names) if m not in dict(served)]
             w.groups = served + ([(None, torch.tensor(rest, device=device))] if rest else [])
-        yield
+        with stacked_low_rank(handles, names, device):  # plain LoRA: one gathered computation per host
+            yield
     finally:
         for h, on, r in saved:
             h.switch.on, h.switch.rows = on, r
