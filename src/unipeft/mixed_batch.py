@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from .mixed_stack import stacked_low_rank
 from .positions.mixed_input import mixed_inputs
 
 BASE = "__base__"
@@ -63,7 +64,8 @@ def mixed_batch(handles: dict, adapter_names, n_rows: int, device):
             rest = [i for i, m in enumerate(names) if m not in dict(served)]
             w.groups = served + ([(None, torch.tensor(rest, device=device))] if rest else [])
         inputs = mixed_inputs(handles, rows, n_rows, device)  # prompts and prefix positions, per row
-        yield
+        with stacked_low_rank(handles, names, device):  # plain LoRA: one gathered computation per host
+            yield
     finally:
         if inputs is not None:
             inputs.remove()

@@ -67,6 +67,7 @@ class ModuleSite:
     """A Site whose delta is a child of one module and acts through that module's hooks."""
 
     rowwise = True  # acts on each batch row separately, so it can serve a group of rows (mixed-adapter batches)
+    served_elsewhere = False  # set while a mixed batch computes this delta elsewhere (unipeft.mixed_stack)
     valid_forms: frozenset = frozenset()  # (Form, Compose) pairs the site computes; others would be labels only
 
     def __init__(self, host: nn.Module, host_name: str, ins: Insertion, delta: nn.Module, switch: Switch,
@@ -92,7 +93,7 @@ class ModuleSite:
 
     @property
     def active(self) -> bool:
-        return self.switch.on and not self.merged
+        return self.switch.on and not self.merged and not self.served_elsewhere
 
     @property
     def path(self) -> str:  # the file-key stem (HF PEFT's files have no adapter segment)
