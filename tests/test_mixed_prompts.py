@@ -202,3 +202,32 @@ def test_inputs_embeds_and_template_slots(arch):
                                   **{k: v[i:i + 1] for k, v in dec.items()}).logits[0])
     with pytest.raises(ValueError, match="virtual-token slots"):
         peft(input_ids=t, attention_mask=m, adapter_names=["default", "a0", "a1", "__base__"], **dec)
+
+
+def test_prompt_layout_with_return_dict_false_is_refused():
+    """Encoder rows with shorter prompts have their columns reordered by name; a tuple output cannot be, so refuse."""
+    from conftest import tiny_bert
+
+    torch.manual_seed(0)
+    peft = unipeft.get_peft_model(tiny_bert(task="token-cls"), unipeft.PromptTuningConfig(task_type="TOKEN_CLS",
+                                                                                         num_virtual_tokens=3),
+                                  adapter_name="p")
+    peft.add_adapter("q", unipeft.PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=5))
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        peft.eval()(input_ids=ids, adapter_names=["p", "q"])  # the named output works
+        with pytest.raises(ValueError, match="return_dict=True"):
+            peft(input_ids=ids, adapter_names=["p", "q"], return_dict=False)
+
+
+def test_multi_head_parallel_adapter_in_a_mixed_batch_is_refused_up_front():
+    """Its added prefix term is not laid out per row: refused by name before anything runs, not computed as a
+    softmax prefix."""
+    from conftest import tiny_llama
+
+    peft = unipeft.get_peft_model(tiny_llama(), unipeft.MultiHeadParallelConfig(task_type="CAUSAL_LM",
+                                                                               bottleneck_size=4), adapter_name="m")
+    peft.add_adapter("l", unipeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="adapter 'm' has a AttentionKVSite"):
+        peft(input_ids=ids, adapter_names=["m", "l"])

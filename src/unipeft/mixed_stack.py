@@ -11,23 +11,23 @@ host whatever the number of adapters. Those sites are told `served_elsewhere` fo
 themselves. Anything else (DoRA, dropout in training, fused parts, learned scales, IA3, bottlenecks, conv or
 embedding LoRA) keeps the grouped path; a host where any active site is such stays grouped as a whole.
 
-The stacks are cached per host while the factors are unchanged (`_version`, data_ptr), so generate() does not
-restack each token; with grad enabled on trainable factors they are rebuilt each call so gradients reach every A, B.
+The stacks are cached per host for one mixed-batch call (a forward, or a whole generate(), during which the factors
+cannot change), so generate() does not restack each token; with grad enabled on trainable factors they are rebuilt
+each forward so gradients reach every A, B. Factors sharded by FSDP2 or DeepSpeed ZeRO-3 keep the grouped path (it
+calls the delta modules, whose engine hooks gather them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 from torch import nn
 
 from .deltas.low_rank import LowRankDelta
+from .distributed import sharding_of
 from .positions.weight import LinearDeltaSite
 from .spec import Compose, Form
-
-_STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # host -> (key, factor refs, (A, B))
 
 
 def stackable(site) -> bool:
@@ -35,18 +35,16 @@ def stackable(site) -> bool:
     d = site.delta
     return (type(site) is LinearDeltaSite and type(d) is LowRankDelta and site.side == "out"
             and site.ins.form == Form.PARALLEL and site.ins.compose == Compose.ADD
-            and (isinstance(d.dropout, nn.Identity) or not d.training))
+            and (isinstance(d.dropout, nn.Identity) or not d.training)
+            and sharding_of(d.A) is None and sharding_of(d.B) is None)
 
 
-def _stacks(host, sites: list, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacks(cache: dict, sites: list, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A (n+1, in, r_max) and B (n+1, r_max, out) for `sites` (slot i+1 = sites[i]), B scaled; slot 0 zero."""
     params = [p for s in sites for p in (s.delta.A, s.delta.B)]
-    key = (dtype, tuple(id(s) for s in sites), tuple((p._version, p.data_ptr(), float(s.s))
-                                                    for s in sites for p in (s.delta.A, s.delta.B)))
     cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-    hit = _STACKS.get(host)
-    if cacheable and hit is not None and hit[0] == key and all(w() is p for w, p in zip(hit[1], params)):
-        return hit[2]
+    if cacheable and dtype in cache:
+        return cache[dtype]
     r = max(s.delta.r for s in sites)
     A0, B0 = sites[0].delta.A, sites[0].delta.B
     zA = A0.new_zeros(A0.shape[1], r, dtype=dtype)
@@ -56,9 +54,7 @@ def _stacks(host, sites: list, dtype) -> tuple[torch.Tensor, torch.Tensor]:
                  for s in sites]
     out = torch.stack(As), torch.stack(Bs)
     if cacheable:
-        _STACKS[host] = (key, [weakref.ref(p) for p in params], out)
-    else:
-        _STACKS.pop(host, None)
+        cache[dtype] = out
     return out
 
 
@@ -67,13 +63,14 @@ class StackedHost:
 
     def __init__(self, host, sites: list, idx: torch.Tensor):
         self.host, self.sites, self.idx = host, sites, idx
+        self.cache: dict = {}  # dtype -> stacks, for this mixed-batch call only
         for s in sites:
             s.served_elsewhere = True
         self._hook = host.register_forward_hook(self._add)
 
     def _add(self, module, args, out):
         x = args[0]
-        A, B = _stacks(self.host, self.sites, x.dtype)
+        A, B = _stacks(self.cache, self.sites, x.dtype)
         n = x.shape[0]
         z = torch.bmm(x.reshape(n, -1, x.shape[-1]), A[self.idx])  # (N, T, r_max)
         dh = torch.bmm(z, B[self.idx].to(out.dtype))  # (N, T, out)

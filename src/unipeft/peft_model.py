@@ -49,6 +49,8 @@ class PeftModel(nn.Module):
     """A model with one or more named adapters injected, one of them active. Forward, generate and everything
     else pass to the model."""
 
+    _disabled = False  # inside disable_adapter()
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", *,
                  autocast_adapter_dtype: bool = True):
         super().__init__()
@@ -92,7 +94,14 @@ class PeftModel(nn.Module):
         return self.base_model.model.generate(*args, **kwargs)
 
     def _mixed(self, adapter_names, args, kwargs):
-        """A mixed-adapter batch: one adapter name (or "__base__") per row (see unipeft.mixed_batch)."""
+        """A mixed-adapter batch: one adapter name (or "__base__") per row (see unipeft.mixed_batch). Inside
+        disable_adapter() every row sees the base model, as in HF PEFT."""
+        if self._disabled:
+            return contextlib.nullcontext()
+        if torch.is_grad_enabled() and getattr(self.get_base_model(), "is_gradient_checkpointing", False):
+            raise ValueError("adapter_names with gradient checkpointing: the recomputation in backward would run "
+                             "without the batch's per-row adapters; train a mixed batch without checkpointing, or "
+                             "one adapter at a time")
         return mixed_batch(self._handles, adapter_names, batch_size(args, kwargs), next(self.parameters()).device)
 
     def get_base_model(self) -> nn.Module:
@@ -146,9 +155,11 @@ class PeftModel(nn.Module):
         if was_merged:
             self._handle.unmerge()
         self._handle.set_enabled(False)
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             self._handle.set_enabled(True)
             if was_merged:
                 self._handle.merge()

@@ -241,7 +241,11 @@ def relative_bias_source(modules: list[nn.Module]):
 class AttentionKVSite:
     """A prefix at one attention module. The shared prefix table lives on the model root."""
 
-    rowwise = True  # in a mixed-adapter batch the seam gives each row its adapter's prefix (_mixed_prefix)
+    @property
+    def rowwise(self) -> bool:
+        """In a mixed-adapter batch the seam gives each row its adapter's prefix (_mixed_prefix) when it joins the
+        softmax; an added prefix (the multi-head parallel adapter) is not laid out per row yet."""
+        return self.ins.compose != Compose.ADD
 
     def __init__(self, module: nn.Module, name: str, ins: Insertion, delta, slot: int, switch: Switch, root_name: str,
                  bias_source: nn.Module | None = None):

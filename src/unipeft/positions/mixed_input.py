@@ -241,6 +241,9 @@ class MixedInputs:
 
     def _post(self, module, args, out):
         layout, self._layout = self._layout, None
+        if layout is not None and isinstance(out, tuple):  # positions cannot be put in place without names
+            raise ValueError("a mixed-adapter batch with prompt adapters needs return_dict=True: its logits are "
+                             "reordered into one layout (real tokens at [:, Pmax:]) by name")
         logits = getattr(out, "logits", None)
         if layout is None or logits is None or logits.dim() < 3:
             return out
