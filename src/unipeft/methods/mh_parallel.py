@@ -40,10 +40,12 @@ class MultiHeadParallelConfig(PeftConfig):
     init: str = "zero_values"  # "zero_values": P_v = 0, the base at init · "random": their code's start
     layers_to_transform: Union[tuple[int, ...], int, None] = None
 
+    def normalized(self) -> dict:
+        layers = self.layers_to_transform
+        return {**super().normalized(), **({"layers_to_transform": (layers,)} if isinstance(layers, int) else {})}
+
     def validate(self) -> None:
         self._delta()
-        if isinstance(self.layers_to_transform, int):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool):
             raise ValueError(f"scaling must be a number, got {self.scaling!r}")
 
