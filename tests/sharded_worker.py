@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_llama  # noqa: E402
@@ -115,7 +116,10 @@ def zero3_accelerator(stage: int = 3):
 def run_zero(out: str, methods: list[str], stage: int = 3) -> None:
     """DeepSpeed ZeRO through Accelerate, fp32 (DS_ACCELERATOR=cpu on a machine without GPU)."""
     acc = zero3_accelerator(stage)
-    rank, world = acc.process_index, acc.num_processes
+    # torch.distributed's view: Accelerate reports num_processes=1 for a DeepSpeed launch on CPU, yet ZeRO's
+    # collectives span every rank, so each rank must take its own rows for the data-parallel comparison to mean anything
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == int(os.environ["WORLD_SIZE"]) > 1, world
     for method in methods:
         acc.deepspeed_engine_wrapped = None  # accelerator.backward() drives the engine prepared first: this one
         peft = model(method)

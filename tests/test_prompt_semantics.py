@@ -298,13 +298,18 @@ def test_two_prefixes_on_one_attention_are_refused():
     assert not any(hasattr(m, "_unipeft_kv") for m in model.modules()) and "pa" not in model._modules
 
 
-@pytest.mark.parametrize("form,compose", [(Form.PARALLEL, Compose.ADD), (Form.SEQUENTIAL, Compose.GATE),
-                                          (Form.PARALLEL, Compose.MULTIPLY)])
-def test_prefix_form_and_compose_that_mean_nothing_are_refused(form, compose):
+@pytest.mark.parametrize("form,compose,norm", [(Form.SEQUENTIAL, Compose.GATE, "softmax"),
+                                               (Form.PARALLEL, Compose.MULTIPLY, "softmax"),
+                                               (Form.PARALLEL, Compose.GATE, "relu")])
+def test_prefix_form_and_compose_that_mean_nothing_are_refused(form, compose, norm):
+    """(parallel, gate, softmax) is prefix tuning, (parallel, add, relu|softmax) an added prefix term (MH PA);
+    nothing else means anything."""
     from unipeft.inject import inject
 
-    ins = Insertion(delta=Prefix(length=2), position=AtAttentionKV(), form=form, compose=compose, name="prefix")
-    with pytest.raises(ValueError, match=r"Valid: \[\('parallel', 'gate'\)\]"):
+    ins = Insertion(delta=Prefix(length=2, normalization=norm), position=AtAttentionKV(), form=form, compose=compose,
+                    name="prefix")
+    with pytest.raises(ValueError, match=r"in \[\('parallel', 'add', 'relu'\), \('parallel', 'add', 'softmax'\), "
+                                         r"\('parallel', 'gate', 'softmax'\)\].*which would be a label only"):
         inject(BUILDERS["llama"](), (ins,))
 
 

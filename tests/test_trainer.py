@@ -268,7 +268,7 @@ def test_other_methods_checkpoint_best_and_resume(tmp_path, method):
 def test_smollm2_tied_embeddings_checkpoint_and_resume(tmp_path):
     """The real SmolLM2-135M (tied embeddings, the model of the issue's crash): adapter-only checkpoints under
     600 KB against the 540 MB model, exact resume."""
-    from unipeft import models
+    from unipeft.cli import embedded as models
 
     try:
         models.embedded_path()
