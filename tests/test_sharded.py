@@ -175,3 +175,15 @@ def test_save_pretrained_takes_values_from_a_gathered_state_dict(tmp_path):
     assert not torch.equal(saved["prompt_embeddings"], peft.adapter_state_dict()["prompt_embeddings"])
     with pytest.raises(KeyError, match="state_dict lacks"):
         peft.save_pretrained(tmp_path / "partial", state_dict={})
+
+
+def test_default_main_process_is_the_first_of_each_node(monkeypatch):
+    """Not global rank 0 only: Trainer(save_on_each_node=True) saves from local rank 0 of every node."""
+    from unipeft.distributed import is_main_process
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert is_main_process()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_main_process()
+    monkeypatch.delenv("LOCAL_RANK")
+    assert is_main_process()  # one process, no torch.distributed

@@ -345,8 +345,8 @@ class PeftModel(nn.Module):
         has one of the user's.
 
         Under a sharded engine (FSDP2, DeepSpeed ZeRO-3) call it on every rank: the adapter's tensors are gathered
-        (a collective) and only the main process (`is_main_process`; default: rank 0 of torch.distributed when
-        it is initialized) writes. Unsharded models run no collective, so saving from rank 0 alone works too.
+        (a collective) and only the main process (`is_main_process`; default: the first process of each node,
+        unipeft.distributed.is_main_process) writes. Unsharded models run no collective, so saving from rank 0 alone works too.
         `state_dict` (the model's full state dict, as transformers.Trainer passes under DeepSpeed) supplies the
         values instead, with no collective."""
         main = dist_main() if is_main_process is None else bool(is_main_process)

@@ -20,9 +20,17 @@ from torch import nn
 
 
 def is_main_process() -> bool:
-    """Rank 0 of torch.distributed when it is initialized, else True (one process)."""
+    """The first process of its node (LOCAL_RANK 0, as torchrun and Accelerate set it; else rank 0 of
+    torch.distributed when it is initialized), or True for one process. Per node, not global rank 0: a caller that
+    saves on each node (Trainer's save_on_each_node) must not lose the second node's files; on a shared filesystem
+    the nodes write the same bytes atomically."""
+    import os
+
     import torch.distributed as dist
 
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and local.isdigit():
+        return int(local) == 0
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
