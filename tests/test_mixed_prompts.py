@@ -220,14 +220,33 @@ def test_prompt_layout_with_return_dict_false_is_refused():
             peft(input_ids=ids, adapter_names=["p", "q"], return_dict=False)
 
 
-def test_multi_head_parallel_adapter_in_a_mixed_batch_is_refused_up_front():
-    """Its added prefix term is not laid out per row: refused by name before anything runs, not computed as a
-    softmax prefix."""
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_multi_head_parallel_rows_in_a_mixed_batch_equal_their_single_adapter_runs(left_padded):
+    """The added prefix term (MH PA) goes on its own rows' head outputs, beside a joined prefix, LoRA and base rows."""
     from conftest import tiny_llama
 
-    peft = unipeft.get_peft_model(tiny_llama(), unipeft.MultiHeadParallelConfig(task_type="CAUSAL_LM",
-                                                                               bottleneck_size=4), adapter_name="m")
-    peft.add_adapter("l", unipeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
-    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="adapter 'm' has a AttentionKVSite"):
-        peft(input_ids=ids, adapter_names=["m", "l"])
+    torch.manual_seed(0)
+    peft = unipeft.get_peft_model(tiny_llama(), unipeft.MultiHeadParallelConfig(task_type="CAUSAL_LM", bottleneck_size=4,
+                                                                               init="random"), adapter_name="m")
+    peft.add_adapter("p", unipeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    peft.add_adapter("l", unipeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
+                                             init_lora_weights=False))
+    peft.eval()
+    ids = torch.randint(3, 90, (5, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if left_padded:
+        mask[1, :2] = 0
+    names = ["m", "m", "p", "l", "__base__"]
+    with torch.no_grad():
+        mixed = peft(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        for b, name in enumerate(names):
+            if name == "__base__":
+                with peft.disable_adapter():
+                    alone = peft(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits
+            else:
+                peft.set_adapter(name)
+                alone = peft(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits
+            real = mask[b].bool()
+            torch.testing.assert_close(mixed[b, -6:][real], alone[0, -6:][real], rtol=1e-5, atol=1e-5)
+        peft.set_adapter("m")
+        assert not torch.allclose(peft(input_ids=ids[:1]).logits, mixed[4:5, -6:], atol=1e-3)  # m is not the base

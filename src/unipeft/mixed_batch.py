@@ -5,8 +5,8 @@ its delta once on that group (grouped per adapter, not row by row) and leaves th
 named "__base__" see no adapter. Task-head copies run per group too. Prefixes give each row its adapter's
 keys/values at the attention seam, padded to the batch's longest and masked (positions.attention_kv); prompts lay
 each row out with its own virtual tokens and masked gap positions, and number its positions as alone
-(positions.mixed_input). Any mix of methods works except the multi-head parallel adapter (an added prefix, not laid
-out per row yet); merged adapters are refused (they act on every row).
+(positions.mixed_input); an added prefix term (the multi-head parallel adapter) goes on its own rows' head outputs.
+Any mix of methods works; merged adapters are refused (they act on every row).
 """
 
 from __future__ import annotations

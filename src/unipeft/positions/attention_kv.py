@@ -104,7 +104,13 @@ def make_seam(base_name: str):
         causal = kwargs.get("is_causal", None)
         causal = getattr(module, "is_causal", True) if causal is None else causal
         if site.switch.rows is not None:  # a mixed-adapter batch: each row its own adapter's prefix, or none
-            pk, pv, seen, cols = _mixed_prefix(module, B, q_len, kv_len, key.dtype, kwargs)
+            on = [s for s in getattr(module, "_unipeft_kv", ()) if s.active and s.switch.rows is not None]
+            added = [s for s in on if s.ins.compose == Compose.ADD]  # terms on their rows' head outputs
+            joined = [s for s in on if s.ins.compose != Compose.ADD]  # keys/values joined to the softmax
+            if not joined:
+                out, *rest = base(module, query, key, value, attention_mask, **kwargs)
+                return (_added_rows(added, module, query, out, kwargs), *rest)
+            pk, pv, seen, cols = _mixed_prefix(joined, B, q_len, kv_len, key.dtype, kwargs)
             P = pk.shape[2]
         else:
             pk, pv = site.delta(site.slot, B, key.dtype)  # (B, H_kv, P, d)
@@ -117,20 +123,19 @@ def make_seam(base_name: str):
             kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P, cols)
         if "is_causal" in kwargs:
             kwargs["is_causal"] = False  # the mask is explicit now
-        return base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask, **kwargs)
+        out, *rest = base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask, **kwargs)
+        if site.switch.rows is not None and added:
+            out = _added_rows(added, module, query, out, kwargs)
+        return (out, *rest)
 
     return seam
 
 
-def _mixed_prefix(module, B: int, q_len: int, kv_len: int, dtype, kwargs):
-    """A mixed-adapter batch's prefix at one attention: (pk, pv) (B, H_kv, Pmax, d) with row b's adapter's P_b
-    keys/values first, `seen` (B, 1, q, Pmax) showing row b only those, and the relative-bias columns (B, H, q, Pmax)
-    or None. Computed once per adapter group; rows of adapters without a prefix here see no prefix column."""
-    on = [s for s in getattr(module, "_unipeft_kv", ()) if s.active and s.switch.rows is not None]
-    added = [s for s in on if s.ins.compose == Compose.ADD]
-    if added:  # its term is added to each head's output, not joined to the softmax: not laid out per row here
-        raise ValueError("a multi-head parallel adapter (a prefix composed by add) cannot serve a group of rows in a "
-                         "mixed-adapter batch yet; run it one adapter at a time")
+def _mixed_prefix(on: list, B: int, q_len: int, kv_len: int, dtype, kwargs):
+    """A mixed-adapter batch's joined prefixes at one attention (`on`: their sites): (pk, pv) (B, H_kv, Pmax, d) with
+    row b's adapter's P_b keys/values first, `seen` (B, 1, q, Pmax) showing row b only those, and the relative-bias
+    columns (B, H, q, Pmax) or None. Computed once per adapter group; rows of adapters without a joined prefix here
+    see no prefix column."""
     kvs = [(s, s.delta(s.slot, s.switch.rows.shape[0], dtype)) for s in on]
     Pmax = max(k.shape[2] for _, (k, _) in kvs)
     H, d = kvs[0][1][0].shape[1], kvs[0][1][0].shape[3]
@@ -153,6 +158,20 @@ def _mixed_prefix(module, B: int, q_len: int, kv_len: int, dtype, kwargs):
             block = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], Pmax - P)], -1)
             cols = cols.index_put((rows,), block.expand(rows.shape[0], -1, -1, -1))
     return pk, pv, seen, cols
+
+
+def _added_rows(added: list, module, query, out, kwargs):
+    """A mixed-adapter batch's added prefix terms: each site's s·w(q P_kᵀ·scale) P_v on its own rows' head outputs
+    (B, T, H, d), once per adapter group."""
+    scaling = kwargs.get("scaling")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    for s in added:
+        rows = s.switch.rows
+        pk, pv = s.delta(s.slot, rows.shape[0], query.dtype)
+        delta = Fn.prefix_attention_added(query[rows], pk, pv, s.ins.delta.normalization, scaling,
+                                          kwargs.get("softcap"), kwargs.get("dropout") or 0.0, module.training)
+        out = out.index_put((rows,), Fn.compose(out[rows], delta.transpose(1, 2).to(out.dtype), s.ins.scale))
+    return out
 
 
 def _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs):
@@ -241,11 +260,7 @@ def relative_bias_source(modules: list[nn.Module]):
 class AttentionKVSite:
     """A prefix at one attention module. The shared prefix table lives on the model root."""
 
-    @property
-    def rowwise(self) -> bool:
-        """In a mixed-adapter batch the seam gives each row its adapter's prefix (_mixed_prefix) when it joins the
-        softmax; an added prefix (the multi-head parallel adapter) is not laid out per row yet."""
-        return self.ins.compose != Compose.ADD
+    rowwise = True  # in a mixed-adapter batch the seam gives each row its adapter's prefix or added term
 
     def __init__(self, module: nn.Module, name: str, ins: Insertion, delta, slot: int, switch: Switch, root_name: str,
                  bias_source: nn.Module | None = None):
