@@ -99,7 +99,8 @@ class Trainer:
         self.named = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
         self.state = State(global_batch=self.global_batch)
         self._rng = rng_snapshot()
-        self._stop = False
+        self._stop = False  # this process saw Ctrl-C
+        self._agreed_stop = False  # some process saw it, as of the last step (every process agrees)
 
     # data order ----------------------------------------------------------------------------------------------
     def global_batches(self, epoch: int) -> list[list[int]]:
@@ -240,7 +241,7 @@ class Trainer:
                         self.evaluate()
                     if st.step % args["save_every"] == 0 and st.step < self.total:
                         self.save_checkpoint()
-                    if self._stop or (stop_at and st.step == stop_at):
+                    if self._agreed_stop or (stop_at and st.step == stop_at):
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             st.elapsed_s += time.time() - t0
@@ -286,8 +287,14 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        # the step's loss: the mean of its micro-batch losses (the weights sum to N over the processes)
-        return acc.reduce(torch.tensor(total_loss, device=acc.device), "mean").item(), ntok
+        # one collective for what every process must agree on: the step's loss (the mean of its micro-batch losses;
+        # the weights sum to N over the processes), the tokens of all processes (the logged rate is the run's), and
+        # whether any process saw Ctrl-C (all stop after the same step, or one would wait in a collective forever)
+        t = torch.tensor([total_loss, float(ntok), float(self._stop)], dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            t = acc.reduce(t, "sum")
+        self._agreed_stop = self._stop if acc.num_processes == 1 else bool(t[2] > 0)
+        return float(t[0]) / acc.num_processes, int(t[1])
 
     def _nonfinite(self, value: float, what: str = "loss"):
         st = self.state
