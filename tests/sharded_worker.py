@@ -87,6 +87,13 @@ def run_fsdp2(out: str, methods: list[str]) -> None:
         peft = shard_fsdp2(model(method))
         train(peft, rank, world)
         peft.save_pretrained(os.path.join(out, method))  # every rank: gathers; rank 0 writes
+        dist.barrier()
+        # the file back into a fresh sharded model (every rank keeps its shard), saved again: the same adapter
+        from safetensors.torch import load_file
+
+        fresh = shard_fsdp2(model(method))
+        fresh.load_adapter_weights(load_file(os.path.join(out, method, "adapter_model.safetensors")))
+        fresh.save_pretrained(os.path.join(out, "reloaded", method))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -145,6 +152,16 @@ def run_zero(out: str, methods: list[str], stage: int = 3) -> None:
             with open(os.path.join(out, method, "calls.json"), "w") as f:
                 json.dump(calls, f)
         acc.unwrap_model(engine).save_pretrained(os.path.join(out, method))  # every rank: gathers; rank 0 writes
+        acc.wait_for_everyone()
+        # the file back into a fresh partitioned model (gathered, written, re-partitioned), saved again
+        from safetensors.torch import load_file
+
+        acc.deepspeed_engine_wrapped = None
+        fresh = model(method)
+        fresh_engine, _ = acc.prepare(fresh, torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=LR))
+        loaded = acc.unwrap_model(fresh_engine)
+        loaded.load_adapter_weights(load_file(os.path.join(out, method, "adapter_model.safetensors")))
+        loaded.save_pretrained(os.path.join(out, "reloaded", method))
         acc.wait_for_everyone()
 
 

@@ -85,6 +85,7 @@ def test_fsdp2_trains_and_saves_the_one_process_adapter(fsdp2_run, tmp_path, met
     assert_trained(want, method)
     assert_same_adapter(fsdp2_run / method, want)
     torch.testing.assert_close(logits_of(fsdp2_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+    assert_same_adapter(fsdp2_run / "reloaded" / method, want)  # load_adapter_weights into sharded parameters
 
 
 def test_fsdp2_fp32_adapter_on_a_bf16_base(fsdp2_run, tmp_path):
@@ -144,6 +145,7 @@ def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3
     want = reference(method, tmp_path)
     assert_same_adapter(zero3_run / method, want)
     torch.testing.assert_close(logits_of(zero3_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+    assert_same_adapter(zero3_run / "reloaded" / method, want)  # load_adapter_weights into partitioned parameters
 
 
 def test_save_pretrained_writes_on_the_main_process_only(tmp_path):

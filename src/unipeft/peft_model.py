@@ -14,7 +14,7 @@ from .arch import find_arch
 from .training.checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig, TaskType
 from .deltas.base import delta_parameters
-from .distributed import full_parameters, parameters_from
+from .distributed import assign_full, full_parameters, full_shape, parameters_from
 from .distributed import is_main_process as dist_main
 from .handle import Handle
 from .inject import inject
@@ -469,7 +469,7 @@ class PeftModel(nn.Module):
                 + ". Is the adapter for another base model, or saved with another config?"
             )
         for k, (path, p) in keys.items():
-            got, want = tuple(tensors[k].shape), tuple(p.shape)
+            got, want = tuple(tensors[k].shape), full_shape(p)
             if got != want:
                 partial = len(got) == len(want) and all(g <= w for g, w in zip(got, want))
                 raise ValueError(f"{source}: tensor {k} has shape {got} but the model expects {want} at {path}; "
@@ -477,8 +477,8 @@ class PeftModel(nn.Module):
                                     "gathering: save again with save_pretrained called on every process), or the "
                                     "adapter is for a smaller config" if partial else
                                     "the adapter was made for a different base model or config"))
-        for k, (_, p) in keys.items():
-            p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
+        for k, (_, p) in keys.items():  # sharded parameters (FSDP2, ZeRO-3) keep their part: call on every rank
+            assign_full(p, tensors[k])
 
 
 # Task classes, as HF PEFT has them: the same model, with forward's named arguments spelled out so that code which

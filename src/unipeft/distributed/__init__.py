@@ -2,7 +2,7 @@
 saving and for computing derived tensors, on every rank; which process writes files."""
 
 from .fsdp2 import check_quantized_for_fsdp2, shard_fsdp2
-from .gather import full_parameters, is_main_process, parameters_from, sharding_of
+from .gather import assign_full, full_parameters, full_shape, is_main_process, parameters_from, sharding_of
 
-__all__ = ["check_quantized_for_fsdp2", "full_parameters", "is_main_process", "parameters_from", "shard_fsdp2",
+__all__ = ["assign_full", "check_quantized_for_fsdp2", "full_parameters", "full_shape", "is_main_process", "parameters_from", "shard_fsdp2",
            "sharding_of"]

@@ -127,3 +127,28 @@ def _swapped(model: nn.Module, params: list, values: dict):
     finally:
         for m, name, p in owners:
             m._parameters[name] = p
+
+
+def full_shape(p: torch.Tensor) -> tuple:
+    """The full tensor's shape (a ZeRO-3 parameter is empty between forwards; a DTensor reports its global shape)."""
+    return tuple(p.ds_shape) if sharding_of(p) == "zero3" else tuple(p.shape)
+
+
+@torch.no_grad()
+def assign_full(p: torch.Tensor, value: torch.Tensor) -> None:
+    """p ← value, the full tensor (every rank holds it, e.g. read from one file): an FSDP2 DTensor keeps its own
+    shard of it (no communication); a ZeRO-3 parameter is gathered, written on rank 0 and re-partitioned (a
+    collective: every rank calls this, for the same parameters in the same order)."""
+    kind = sharding_of(p)
+    if kind == "fsdp2":
+        from torch.distributed.tensor import distribute_tensor
+
+        local = value.to(dtype=p.dtype, device=p.to_local().device)
+        p.copy_(distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None))
+    elif kind == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(value.to(dtype=p.dtype, device=p.device).view(p.shape))
+    else:
+        p.copy_(value.to(dtype=p.dtype, device=p.device))
