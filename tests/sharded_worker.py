@@ -153,16 +153,6 @@ def run_zero(out: str, methods: list[str], stage: int = 3) -> None:
                 json.dump(calls, f)
         acc.unwrap_model(engine).save_pretrained(os.path.join(out, method))  # every rank: gathers; rank 0 writes
         acc.wait_for_everyone()
-        # the file back into a fresh partitioned model (gathered, written, re-partitioned), saved again
-        from safetensors.torch import load_file
-
-        acc.deepspeed_engine_wrapped = None
-        fresh = model(method)
-        fresh_engine, _ = acc.prepare(fresh, torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=LR))
-        loaded = acc.unwrap_model(fresh_engine)
-        loaded.load_adapter_weights(load_file(os.path.join(out, method, "adapter_model.safetensors")))
-        loaded.save_pretrained(os.path.join(out, "reloaded", method))
-        acc.wait_for_everyone()
 
 
 if __name__ == "__main__":

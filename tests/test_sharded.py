@@ -145,7 +145,6 @@ def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3
     want = reference(method, tmp_path)
     assert_same_adapter(zero3_run / method, want)
     torch.testing.assert_close(logits_of(zero3_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
-    assert_same_adapter(zero3_run / "reloaded" / method, want)  # load_adapter_weights into partitioned parameters
 
 
 def test_save_pretrained_writes_on_the_main_process_only(tmp_path):
