@@ -160,29 +160,28 @@ def _mixed_prefix(on: list, B: int, q_len: int, kv_len: int, dtype, kwargs):
     return pk, pv, seen, cols
 
 
-def _added_rows(added: list, module, query, out, kwargs):
-    """A mixed-adapter batch's added prefix terms: each site's s·w(q P_kᵀ·scale) P_v on its own rows' head outputs
-    (B, T, H, d), once per adapter group."""
-    scaling = kwargs.get("scaling")
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    for s in added:
-        rows = s.switch.rows
-        pk, pv = s.delta(s.slot, rows.shape[0], query.dtype)
-        delta = Fn.prefix_attention_added(query[rows], pk, pv, s.ins.delta.normalization, scaling,
-                                          kwargs.get("softcap"), kwargs.get("dropout") or 0.0, module.training)
-        out = out.index_put((rows,), Fn.compose(out[rows], delta.transpose(1, 2).to(out.dtype), s.ins.scale))
-    return out
-
-
-def _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs):
-    """The attention as it is, plus s·w(q P_kᵀ·scale) P_v on each head's output (B, T, H, d)."""
-    out, *rest = base(module, query, key, value, attention_mask, **kwargs)
+def _with_added(site, module, query, out, pk, pv, kwargs):
+    """out (B', T, H, d) + s·w(q P_kᵀ·scale) P_v for the query rows `out` holds: the added prefix term."""
     scaling = kwargs.get("scaling")
     delta = Fn.prefix_attention_added(query, pk, pv, site.ins.delta.normalization,
                                       query.shape[-1] ** -0.5 if scaling is None else scaling, kwargs.get("softcap"),
                                       kwargs.get("dropout") or 0.0, module.training)
-    out = Fn.compose(out, delta.transpose(1, 2).to(out.dtype), site.ins.scale)
-    return (out, *rest)
+    return Fn.compose(out, delta.transpose(1, 2).to(out.dtype), site.ins.scale)
+
+
+def _added_rows(added: list, module, query, out, kwargs):
+    """A mixed-adapter batch's added prefix terms, each on its own rows' head outputs (once per adapter group)."""
+    for s in added:
+        rows = s.switch.rows
+        pk, pv = s.delta(s.slot, rows.shape[0], query.dtype)
+        out = out.index_put((rows,), _with_added(s, module, query[rows], out[rows], pk, pv, kwargs))
+    return out
+
+
+def _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs):
+    """The attention as it is, plus the added prefix term on each head's output."""
+    out, *rest = base(module, query, key, value, attention_mask, **kwargs)
+    return (_with_added(site, module, query, out, pk, pv, kwargs), *rest)
 
 
 def _site_of(module):

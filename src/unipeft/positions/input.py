@@ -93,6 +93,17 @@ def _normalize(args, kwargs):
     return args, dict(kwargs)
 
 
+def slots_to_embeds(args, kwargs, fill):
+    """The inner model's pre-hook for template slots: input_ids holding slots (negative ids) become inputs_embeds
+    through `fill`; None (nothing to change) when there are none."""
+    args, kwargs = _normalize(args, kwargs)
+    ids = kwargs.get("input_ids")
+    if ids is None or not bool((ids < 0).any()):
+        return None
+    kwargs["inputs_embeds"] = fill(kwargs.pop("input_ids"))
+    return args, kwargs
+
+
 class InputSite:
     rowwise = True  # in a mixed-adapter batch each row gets its adapter's prompts (mixed_input.MixedInputs)
 
@@ -203,14 +214,7 @@ class InputSite:
         return args, kwargs
 
     def _inner_pre(self, module, args, kwargs):
-        if not self.active:
-            return None
-        args, kwargs = _normalize(args, kwargs)
-        ids = kwargs.get("input_ids")
-        if ids is None or not bool((ids < 0).any()):
-            return None
-        kwargs["inputs_embeds"] = self._fill_slots(kwargs.pop("input_ids"))
-        return args, kwargs
+        return slots_to_embeds(args, kwargs, self._fill_slots) if self.active else None
 
     def _post(self, module, args, out):
         cut, self._cut = self._cut, None

@@ -27,7 +27,8 @@ import inspect
 import torch
 from torch import nn
 
-from .input import SLOT, InputSite, PrefixPositions, _cache_len, _max_positions, _normalize, positions_from_mask
+from .input import (SLOT, InputSite, PrefixPositions, _cache_len, _max_positions, _normalize, positions_from_mask,
+                    slots_to_embeds)
 
 
 def _own_positions(mask, T: int, P: torch.Tensor, derive: torch.Tensor, left_padded: bool, device):
@@ -232,12 +233,7 @@ class MixedInputs:
         return kwargs
 
     def _inner_pre(self, module, args, kwargs):
-        args, kwargs = _normalize(args, kwargs)
-        ids = kwargs.get("input_ids")
-        if ids is None or not bool((ids < 0).any()):
-            return None
-        kwargs["inputs_embeds"] = self._fill_slots(kwargs.pop("input_ids"))
-        return args, kwargs
+        return slots_to_embeds(args, kwargs, self._fill_slots)
 
     def _post(self, module, args, out):
         layout, self._layout = self._layout, None
