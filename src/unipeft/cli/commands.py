@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .data import read_rows
@@ -124,35 +121,6 @@ def generate_command(ns, opts: dict) -> int:
                           temperature=ns.temperature)
     for p, o in zip(prompts, outs):
         print(f"> {p}\n{o}\n")
-    return 0
-
-
-def merge_command(ns, opts: dict) -> int:
-    adir = adapter_dir(ns.adapter)
-    meta = adapter_meta(adir)
-    out = Path(ns.output)
-    if out.exists() and any(out.iterdir()) and not ns.overwrite:
-        raise CliError(f"--output {out} is not empty", "pass --overwrite to replace it, or choose another folder")
-    model, tok, model_path, task = load_base_and_adapter(opts, adir, meta)
-    try:
-        merged = model.merge_and_unload()
-    except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:
-        raise CliError(f"the {meta.get('method') or meta.get('peft_type')} adapter cannot be merged: {e}",
-                       "use the base model plus the adapter (`unipeft generate/eval --adapter`), or train a mergeable "
-                       "method (lora, ia3)") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(box("unipeft merge", [("base", model_path), ("adapter", str(adir)),
-                                ("merged", f"{out}  ({human(size_of(out))}B, safetensors; load it with "
-                                           f"transformers.{task.auto_class}.from_pretrained)")]))
     return 0
 
 
