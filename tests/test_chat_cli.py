@@ -1,0 +1,82 @@
+"""`unipeft chat` with stdin piped (a real subprocess): one user turn per line, greedy replies equal to a generate()
+call on the same rendered history, each turn's prompt holding the earlier exchanges, and /reset clearing them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_cli import ENV, cli_in_process, fails
+from test_export import save_adapter, save_base
+
+PROMPT = re.compile(r"--- prompt of turn (\d+) ---\n(.*?)\n--- end of prompt ---", re.S)
+
+
+def chat(*args, stdin: str, cwd):
+    p = subprocess.run([sys.executable, "-m", "unipeft.cli", "chat", *map(str, args)], input=stdin, cwd=cwd,
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return p
+
+
+def greedy_reply(base, adapter, tok, history, n):
+    """The oracle: the same adapter loaded by HF PEFT, greedy generate() on the template-rendered history."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    x = torch.tensor([tok(ids, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_chat_answers_piped_turns_with_history_and_reset(tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoTokenizer
+
+    from transformers import AutoModelForCausalLM
+
+    base = save_base(tmp_path / "llama", tied=False)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():  # special tokens get logit 0, below the largest of ~300 random ones: replies are not empty
+        model.lm_head.weight[tok.all_special_ids] = 0
+    model.save_pretrained(base)
+    run = save_adapter(base, tmp_path / "run")
+    p = chat("--adapter", run, "--model", base, "--max-new-tokens", "6", "--system", "be brief", "--show-prompt",
+             stdin="hello there\n\nhow are you\n/reset\nthe quick fox\n/exit\nnever read\n", cwd=tmp_path)
+    prompts = dict((int(n), text) for n, text in PROMPT.findall(p.stderr))
+    assert sorted(prompts) == [1, 2, 3]  # the blank line is skipped, /exit stops before "never read"
+    assert "(conversation cleared)" in p.stderr
+
+    system = [{"role": "system", "content": "be brief"}]
+    h1 = system + [{"role": "user", "content": "hello there"}]
+    assert prompts[1] == tok.apply_chat_template(h1, add_generation_prompt=True, tokenize=False)
+    r1 = greedy_reply(base, run / "adapter", tok, h1, 6)
+    assert r1, "the reply should not be empty for this test to check the history"
+    h2 = h1 + [{"role": "assistant", "content": r1}, {"role": "user", "content": "how are you"}]
+    assert prompts[2] == tok.apply_chat_template(h2, add_generation_prompt=True, tokenize=False)  # the 1st exchange
+    assert prompts[2].startswith(prompts[1])
+    r2 = greedy_reply(base, run / "adapter", tok, h2, 6)
+    h3 = system + [{"role": "user", "content": "the quick fox"}]  # after /reset: only the system message
+    assert prompts[3] == tok.apply_chat_template(h3, add_generation_prompt=True, tokenize=False)
+    r3 = greedy_reply(base, run / "adapter", tok, h3, 6)
+    assert "hello there" not in prompts[3]
+    assert "".join(p.stdout.split()) == "".join((r1 + r2 + r3).split())  # the streamed replies, in order
+
+
+def test_chat_refusals(tmp_path, capsys):
+    base = save_base(tmp_path / "llama")
+    run = save_adapter(base, tmp_path / "run")
+    (base / "chat_template.jinja").unlink()
+    p = cli_in_process("chat", "--adapter", run, "--model", base, cwd=tmp_path, capsys=capsys)
+    fails(p, "has no chat template", "unipeft generate")
+    p = cli_in_process("chat", "--adapter", run, "--model", base, "--max-new-tokens", "0", cwd=tmp_path, capsys=capsys)
+    fails(p, "--max-new-tokens must be at least 1")
