@@ -142,7 +142,7 @@ def test_gguf_round_trips_through_transformers(ws, capsys, gguf_type, loose):
     p = export(ws, capsys, "--adapter", ws / "run", "--model", ws / "llama", "--format", "gguf",
                "--gguf-type", gguf_type, "--out", out)
     name = f"model-{gguf_type}.gguf"
-    assert name in p.stdout and (out / "Modelfile").read_text() == f"FROM ./{name}\n"
+    assert name in p.stdout and " 0B" not in p.stdout and (out / "Modelfile").read_text() == f"FROM ./{name}\n"
     reader = gguf.GGUFReader(out / name)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # tied: no output tensor
@@ -290,3 +290,15 @@ def test_peft_refuses_other_methods(tmp_path, capsys):
         tmp_path / "run/adapter")
     p = export(tmp_path, capsys, "--adapter", tmp_path / "run", "--model", base, "--format", "peft", ok=False)
     fails(p, "IA3 adapter, not LoRA", "transformers + unipeft", "--format merged")
+
+
+def test_export_help_and_bad_format(capsys):
+    from unipeft.cli.main import build_parser
+
+    for cmd in ("export", "chat"):
+        with pytest.raises(SystemExit):
+            build_parser([]).parse_args([cmd, "--help"])
+        assert "usage: unipeft " + cmd in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_parser([]).parse_args(["export", "--adapter", "x", "--format", "onnx"])
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err

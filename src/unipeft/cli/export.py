@@ -93,7 +93,8 @@ def export_gguf(opts: dict, adir: Path, meta: dict, out: Path, overwrite: bool, 
         _write_atomically(out, overwrite, fill)
     except GGUFExportError as e:
         raise CliError(str(e), "use --format merged (safetensors; vLLM, SGLang, transformers) for this model") from None
-    return [("base", model_path), ("gguf", f"{out / fname}  ({human(size_of(out / fname))}B, {gguf_type.upper()})"),
+    size = human((out / fname).stat().st_size)
+    return [("base", model_path), ("gguf", f"{out / fname}  ({size}B, {gguf_type.upper()})"),
             ("use", f"llama-cli -m {out / fname}  |  ollama create NAME -f {out / 'Modelfile'}")]
 
 

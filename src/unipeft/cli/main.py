@@ -107,8 +107,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     g.add_argument("--config", help="YAML file of options")
     _add_general(g, "generate")
 
-    m = sub.add_parser("merge", help="write a merged full model (HF folder, safetensors) for mergeable methods; the same as "
-                       "`export --format merged`")
+    m = sub.add_parser("merge", help="write a merged full model (HF folder, safetensors) for mergeable methods; "
+                       "the same as `export --format merged`")
     m.add_argument("--adapter", required=True, help="adapter folder (or a run folder holding adapter/)")
     m.add_argument("--output", required=True, help="folder for the merged model and its tokenizer")
     m.add_argument("--overwrite", action="store_true", help="replace a model already in --output")
@@ -116,24 +116,24 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     # -- export and chat (issue 17, h-export) --
     x = sub.add_parser("export", help="export a trained adapter for serving: merged safetensors, GGUF (llama.cpp, "
-                       "Ollama) or an HF PEFT LoRA folder (vLLM, SGLang)", formatter_class=fmt)
+                       "Ollama) or an HF PEFT LoRA folder (vLLM, SGLang)")
     x.add_argument("--adapter", required=True, help="adapter folder (or a run folder holding adapter/)")
     x.add_argument("--format", required=True, choices=("merged", "gguf", "peft"),
-                   help="merged: full model in the base's dtype; gguf: one .gguf file of the merged model (Llama-family); "
-                   "peft: the LoRA adapter folder serving runtimes load")
+                   help="merged: full model in the base's dtype; gguf: one .gguf file of the merged model "
+                   "(Llama-family); peft: the LoRA adapter folder serving runtimes load")
     x.add_argument("--out", help="output folder (default: RUN/export-FORMAT)")
-    x.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default="f16", help="GGUF weight type")
+    x.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default="f16", help="GGUF weight type (default: f16)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_general(x, "merge")
 
     c = sub.add_parser("chat", help="chat with a base model plus an adapter (streaming; one turn per stdin line when "
-                       "piped)", formatter_class=fmt)
+                       "piped)")
     c.add_argument("--adapter", help="adapter folder (or a run folder holding adapter/); omit for the base model")
     c.add_argument("--system", help="system message at the start of the conversation")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit")
-    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy (reproducible), else sampling")
-    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-    c.add_argument("--seed", type=int, default=42, help="random seed for sampling")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default: 256)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, reproducible; else sampling")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0 (default: 1.0)")
+    c.add_argument("--seed", type=int, default=42, help="random seed for sampling (default: 42)")
     c.add_argument("--show-prompt", action="store_true", help="print each turn's rendered prompt to stderr")
     _add_general(c, "merge")
 

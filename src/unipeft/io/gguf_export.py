@@ -57,10 +57,11 @@ def pre_tokenizer_name(tokenizer) -> str:
     """llama.cpp's name of this byte-level BPE tokenizer's pre-tokenizer, or a GGUFExportError."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+    decoder = (spec.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
         raise GGUFExportError(
             f"GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3, Qwen2 style); this one is a "
-            f"{model.get('type')} model with a {(spec.get('decoder') or {}).get('type')} decoder (a SentencePiece "
+            f"{model.get('type')} model with a {decoder} decoder (a SentencePiece "
             "tokenizer?)")
     if (spec.get("normalizer") or {}).get("type") == "NFC":
         # Qwen2's tokenizer.json NFC-normalizes; llama.cpp does not (as for every Qwen2 GGUF): the same tokens for
