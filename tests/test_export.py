@@ -46,7 +46,7 @@ def save_base(folder: Path, family="llama", tied=True, dtype=torch.float32, seed
 
     tok = tiny_tokenizer()
     cls, cfg = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
-                "gpt2": ("GPT2LMHeadModel", "GPT2Config")}[family]
+                "mistral": ("MistralForCausalLM", "MistralConfig"), "gpt2": ("GPT2LMHeadModel", "GPT2Config")}[family]
     kw = ({"n_embd": 32, "n_layer": 2, "n_head": 4} if family == "gpt2" else
           {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.05})
@@ -178,10 +178,11 @@ def test_gguf_tokenizer_metadata_round_trips(ws, capsys):
     assert [int(types.parts[i][0]) for i in types.data[:4]] == [3, 3, 3, 1]  # 3 specials CONTROL, then NORMAL
 
 
-def test_gguf_untied_head_and_qwen2(tmp_path, capsys):
-    """An untied output layer is written as output.weight; Qwen2 keeps HF's rotary rows and its q/k/v biases."""
-    for family, tied in (("llama", False), ("qwen2", True)):
-        base, run, out = tmp_path / family, tmp_path / f"run_{family}", tmp_path / f"out_{family}"
+def test_gguf_untied_head_qwen2_and_mistral(tmp_path, capsys):
+    """An untied output layer is written as output.weight; Qwen2 keeps HF's rotary rows and its q/k/v biases;
+    Mistral without a sliding window is a Llama to llama.cpp."""
+    for family, tied in (("llama", False), ("qwen2", True), ("mistral", False)):
+        base, run, out = tmp_path / f"{family}-tiny", tmp_path / f"run_{family}", tmp_path / f"out_{family}"
         save_base(base, family, tied=tied)
         save_adapter(base, run)
         export(tmp_path, capsys, "--adapter", run, "--model", base, "--format", "gguf", "--gguf-type", "f32",
@@ -190,12 +191,12 @@ def test_gguf_untied_head_and_qwen2(tmp_path, capsys):
         names = {t.name for t in reader.tensors}
         assert ("output.weight" in names) == (not tied)
         # transformers gives a qwen2 model Qwen2's own split regex: exported under llama.cpp's name for it
-        assert reader.fields["tokenizer.ggml.pre"].contents() == {"llama": "gpt2", "qwen2": "qwen2"}[family]
+        assert reader.fields["tokenizer.ggml.pre"].contents() == {"qwen2": "qwen2"}.get(family, "gpt2")
+        assert reader.fields["general.architecture"].contents() == {"qwen2": "qwen2"}.get(family, "llama")
         if family == "qwen2":
             assert "blk.0.attn_q.bias" in names
         ref = hf_merged(base, run)
         model, tok = load_gguf(out, "model-f32.gguf")
-        assert type(model).__name__ == type(ref).__name__
         torch.testing.assert_close(logits(model, tok), logits(ref, tok), atol=1e-5, rtol=0)
         from transformers import AutoTokenizer
 
@@ -210,7 +211,15 @@ def test_gguf_refuses_unmapped_families_and_unmergeable_methods(tmp_path, capsys
     fails(p, "does not map the 'gpt2' family", "llama, mistral, qwen2", "--format merged")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # no output, no temp folder left
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    from unipeft.io.gguf_export import GGUFExportError, write_gguf
+
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=4, num_key_value_heads=2, sliding_window=16))
+    with pytest.raises(GGUFExportError, match="sliding_window=16 below the context length"):
+        write_gguf(windowed, tiny_tokenizer(), tmp_path / "w.gguf")
+    assert not (tmp_path / "w.gguf").exists()
 
     from unipeft import get_peft_model, methods
 

@@ -96,8 +96,11 @@ def _config_checks(config, family: Family) -> dict:
         bad.append(f"hidden_act={config.hidden_act!r} (llama.cpp's {family.arch.lower()} uses SiLU)")
     if mt in ("llama", "mistral") and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
         bad.append("attention_bias/mlp_bias (biased Llama linears are not mapped)")
-    if getattr(config, "sliding_window", None) and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
-        bad.append(f"sliding_window={config.sliding_window} (not mapped)")
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings and (mt == "mistral" or getattr(config, "use_sliding_window",
+                                                                                          False)):
+        bad.append(f"sliding_window={window} below the context length (llama.cpp's {family.arch.lower()} attends to "
+                   "every earlier token)")
     if bad:
         raise GGUFExportError(f"GGUF export of this {mt} model: unsupported {'; '.join(bad)}")
     heads = config.num_attention_heads
