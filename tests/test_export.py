@@ -311,3 +311,28 @@ def test_export_help_and_bad_format(capsys):
     with pytest.raises(SystemExit):
         build_parser([]).parse_args(["export", "--adapter", "x", "--format", "onnx"])
     assert "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_gguf_of_an_ia3_adapter_without_model_flag(tmp_path, capsys):
+    """IA3 merges by scaling rows/columns (k, v, down_proj): the scaled K rows must still be permuted right. The base
+    comes from the adapter's own config (no --model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unipeft import IA3Config, get_peft_model
+
+    base = save_base(tmp_path / "llama")
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), IA3Config(task_type="CAUSAL_LM"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
+    pm.save_pretrained(tmp_path / "run/adapter")
+    assert json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    export(tmp_path, capsys, "--adapter", tmp_path / "run", "--format", "gguf", "--gguf-type", "f32")
+    model, _ = load_gguf(tmp_path / "run/export-gguf", "model-f32.gguf")
+    tok = AutoTokenizer.from_pretrained(base)
+    ref = hf_merged(base, tmp_path / "run")
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    assert (logits(ref, tok) - logits(plain, tok)).abs().max() > 1e-2
+    torch.testing.assert_close(logits(model, tok), logits(ref, tok), atol=1e-5, rtol=0)

@@ -110,6 +110,8 @@ def export_peft(opts: dict, adir: Path, meta: dict, out: Path, overwrite: bool) 
     if not weights.is_file():
         raise CliError(f"{adir} holds no adapter_model.safetensors", "save the adapter with safetensors (the default)")
     served = serving_config(cfg)
+    if not served.get("base_model_name_or_path") and (opts.get("model") or meta.get("model")):
+        served["base_model_name_or_path"] = opts.get("model") or meta.get("model")  # runtimes show/check it
 
     def fill(tmp):
         (Path(tmp) / "adapter_config.json").write_text(json.dumps(served, indent=2, sort_keys=True) + "\n")
