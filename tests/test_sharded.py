@@ -23,6 +23,11 @@ from unipeft import PeftModel
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["lora", "houlsby", "prefix", "prompt"]
+# methods whose saved table (HF's prompt_embeddings) a network computes from the parameters
+DERIVED = ["prefix_mlp", "ptuning_mlp", "ptuning_lstm"]
+# tables made by a network: the above, and the MH parallel adapter (its MLP-made prefix; only the MLP's own
+# parameters are saved, it has no HF PEFT counterpart)
+MLP_MADE = DERIVED + ["mh_parallel"]
 
 
 def _free_port() -> int:
@@ -129,11 +134,11 @@ def test_fsdp2_refuses_int8_and_cpu_repacking_nf4_bases():
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    launch("zero3", out, METHODS, env={"DS_ACCELERATOR": "cpu"})
+    launch("zero3", out, METHODS + MLP_MADE, env={"DS_ACCELERATOR": "cpu"})
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + MLP_MADE)
 def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3_run, tmp_path, method):
     """ZeRO-3 partitions every parameter (an adapter tensor reads as empty outside a forward); the file holds full
     tensors of the right shapes, equal to one process's training, and loads with the same logits."""
@@ -145,6 +150,36 @@ def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3
     want = reference(method, tmp_path)
     assert_same_adapter(zero3_run / method, want)
     torch.testing.assert_close(logits_of(zero3_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS + MLP_MADE)
+def test_zero3_trainer_style_save_with_a_gathered_state_dict(zero3_run, tmp_path, method):
+    """transformers.Trainer.save_model under ZeRO-3: the engine consolidates the trainable parameters on rank 0,
+    which alone calls save_pretrained(dir, state_dict=...). Tables a network derives from them (prefix MLP, P-tuning
+    MLP/LSTM, MH parallel adapter) are computed from those values with the engine's module hooks off (no gather on
+    rank 0 alone): the file equals the one-process save."""
+    want = reference(method, tmp_path)
+    got = zero3_run / "state_dict" / method
+    assert_same_adapter(got, want)
+    if method in DERIVED:
+        assert "prompt_embeddings" in load_file(got / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def zero3_reload(zero3_run):
+    """A second torchrun (fresh processes, one engine per method): zero3_run's adapters loaded into fresh
+    ZeRO-3-partitioned models on every rank, saved again, and run forward."""
+    launch("zero3_reload", zero3_run, METHODS + MLP_MADE, env={"DS_ACCELERATOR": "cpu"})
+    return zero3_run / "reloaded"
+
+
+@pytest.mark.parametrize("method", METHODS + MLP_MADE)
+def test_zero3_reload_into_a_fresh_partitioned_model(zero3_reload, tmp_path, method):
+    """assign_full's ZeRO-3 branch (gather, write on rank 0, re-partition): the reloaded model saves the adapter
+    it was given and computes one process's logits."""
+    want = reference(method, tmp_path)
+    assert_same_adapter(zero3_reload / method, want)
+    torch.testing.assert_close(torch.load(zero3_reload / method / "logits.pt"), logits_of(want), rtol=1e-5, atol=1e-5)
 
 
 def test_save_pretrained_writes_on_the_main_process_only(tmp_path):
@@ -176,6 +211,31 @@ def test_save_pretrained_takes_values_from_a_gathered_state_dict(tmp_path):
     assert not torch.equal(saved["prompt_embeddings"], peft.adapter_state_dict()["prompt_embeddings"])
     with pytest.raises(KeyError, match="state_dict lacks"):
         peft.save_pretrained(tmp_path / "partial", state_dict={})
+
+
+@pytest.mark.parametrize("method", DERIVED)
+def test_state_dict_save_computes_derived_tables_from_its_values_without_module_hooks(tmp_path, method):
+    """One process, every derived-table method: the file written from a state dict equals what the model saves
+    after loading that state dict (the independent route); the network making the table runs without its module
+    hooks (an engine's would gather, here one that raises), and the hooks are back afterwards."""
+    peft = W.model(method)
+    sd = {k: v + 0.01 * torch.randn_like(v) for k, v in peft.state_dict().items() if v.is_floating_point()}
+    derived_net = next(m for n, m in peft.named_modules() if n.endswith(("transform.0", "mlp.0")))
+
+    def engine_hook(module, args):
+        raise RuntimeError("an engine hook ran")
+
+    handle = derived_net.register_forward_pre_hook(engine_hook)
+    peft.save_pretrained(tmp_path / "sd", state_dict=sd)
+    with pytest.raises(RuntimeError, match="an engine hook ran"):
+        peft.save_pretrained(tmp_path / "own")  # no state_dict: the module runs as usual, hooks included
+    handle.remove()
+    got = load_file(tmp_path / "sd" / "adapter_model.safetensors")
+    peft.load_state_dict(sd, strict=False)
+    want = peft.adapter_state_dict()
+    assert sorted(got) == sorted(want) and "prompt_embeddings" in got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
 def test_default_main_process_is_the_first_of_each_node(monkeypatch):
