@@ -124,7 +124,8 @@ def _swapped(model: nn.Module, params: list, values: dict):
         raise ValueError(f"{len(lost)} adapter parameter(s) are not registered in the model given; pass the model "
                          f"that holds them")
     full = {k: nn.Parameter(v.detach(), requires_grad=False) for k, v in values.items()}
-X
+    # setattr (Module's public path, not its registry dict): a module that caches its parameters on assignment
+    # (nn.LSTM's flat weights) sees the swap
     try:
         for m, name, p in owners:
             setattr(m, name, full[id(p)])
