@@ -182,6 +182,45 @@ def test_zero3_reload_into_a_fresh_partitioned_model(zero3_reload, tmp_path, met
     torch.testing.assert_close(torch.load(zero3_reload / method / "logits.pt"), logits_of(want), rtol=1e-5, atol=1e-5)
 
 
+TRAINER_METHODS = ["lora", "prefix_mlp"]
+
+
+@pytest.fixture(scope="module")
+def trainer_ddp_run(tmp_path_factory):
+    """transformers.Trainer under DDP (torchrun, 2 gloo processes): tests/trainer_worker.py."""
+    out = tmp_path_factory.mktemp("trainer_ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(HERE / "trainer_worker.py"), str(out), *TRAINER_METHODS]
+    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+         "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"Trainer DDP run failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return out
+
+
+@pytest.mark.parametrize("method", TRAINER_METHODS)
+def test_trainer_ddp_checkpoints_final_save_and_resume(trainer_ddp_run, method):
+    """Trainer on 2 processes: every checkpoint is adapter-only with complete tensors (the one-process model's
+    keys and shapes), trained; the final save_model loads on one process with the trained model's logits; and
+    resume_from_checkpoint (checkpoint-2, optimizer and scheduler included) ends where the uninterrupted run ends."""
+    import json
+
+    home = trainer_ddp_run / method
+    init = W.model(method).adapter_state_dict()
+    state = json.loads((home / "full" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert len(list((home / "full" / "checkpoint-2").glob("rng_state_*.pth"))) == 2  # it ran on 2 processes
+    for folder in [home / "full" / "checkpoint-2", home / "full" / "checkpoint-4", home / "final"]:
+        names = {p.name for p in folder.iterdir()}
+        assert "adapter_model.safetensors" in names and not names & {"model.safetensors", "pytorch_model.bin"}, names
+        got = load_file(folder / "adapter_model.safetensors")
+        assert sorted(got) == sorted(init) and all(got[k].shape == init[k].shape for k in init)
+        assert not [k for k in init if torch.equal(got[k], init[k])], f"{folder.name}: untrained tensors"
+    assert_same_adapter(home / "final", home / "full" / "checkpoint-4", rtol=0)
+    torch.testing.assert_close(logits_of(home / "final"), torch.load(home / "logits.pt"), rtol=1e-5, atol=1e-5)
+    assert_same_adapter(home / "resumed_final", home / "final")
+
+
 def test_save_pretrained_writes_on_the_main_process_only(tmp_path):
     peft = W.model("lora")
     peft.save_pretrained(tmp_path / "not_main", is_main_process=False)
