@@ -56,12 +56,24 @@ def model(method: str):
     return get_peft_model(base, config(method))
 
 
-def batches(rank: int = 0, world: int = 1):
+def batches(rank: int = 0, world: int = 1, steps: int = STEPS):
     g = torch.Generator().manual_seed(1234)
     per = ROWS // world
-    for _ in range(STEPS):
+    for _ in range(steps):
         ids = torch.randint(3, 90, (ROWS, T), generator=g)
         yield ids[rank * per:(rank + 1) * per]
+
+
+RESUME_STEPS, RESUME_AT, ADAM_LR = 4, 2, 0.02
+
+
+def train_adam(peft):
+    """The one-process oracle of run_zero_resume: torch AdamW, RESUME_STEPS steps of the same global batches."""
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=ADAM_LR)
+    for ids in batches(steps=RESUME_STEPS):
+        peft(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
 
 
 def train(peft, rank: int = 0, world: int = 1, step=None):
@@ -170,6 +182,48 @@ def run_zero(out: str, methods: list[str], stage: int = 3) -> None:
         acc.wait_for_everyone()
 
 
+def run_zero_resume(out: str, args: list[str]) -> None:
+    """`first STAGE METHOD`: ZeRO-STAGE with AdamW for RESUME_AT steps, then the trainable tensors and the
+    name-keyed optimizer state (unipeft.distributed.zero_optimizer_state) saved to OUT/ckpt_METHOD.pt;
+    `second STAGE METHOD` (a fresh torchrun, any number of processes): both loaded into a fresh engine, the
+    remaining steps trained, the adapter saved to OUT/resumed_METHOD."""
+    from unipeft.distributed import assign_full, full_parameters, load_zero_optimizer_state, zero_optimizer_state
+
+    phase, stage, method = args[0], int(args[1]), args[2]
+    acc = zero3_accelerator(stage)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    peft = model(method)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=ADAM_LR)
+    engine, opt = acc.prepare(peft, opt)
+    named = [(n, p) for n, p in acc.unwrap_model(engine).named_parameters() if p.requires_grad]
+    ckpt = os.path.join(out, f"ckpt_{method}.pt")
+    steps = list(batches(rank, world, RESUME_STEPS))
+    if phase == "second":
+        saved = torch.load(ckpt, weights_only=True)
+        for n, p in named:
+            assign_full(p, saved["trainable"][n])
+        try:
+            load_zero_optimizer_state(named, opt, saved["optimizer"])
+        except ValueError as e:  # the refusal (ZeRO stage 1/2), recorded for the test
+            if rank == 0:
+                with open(os.path.join(out, "refused.txt"), "w") as f:
+                    f.write(str(e))
+            return
+    for ids in steps[:RESUME_AT] if phase == "first" else steps[RESUME_AT:]:
+        acc.backward(engine(input_ids=ids, labels=ids).loss)
+        opt.step()
+        opt.zero_grad()
+    if phase == "first":
+        with full_parameters(acc.unwrap_model(engine), [p for _, p in named]):
+            trainable = {n: p.detach().clone() for n, p in named}
+        state = zero_optimizer_state(named, opt)
+        if rank == 0:
+            torch.save({"trainable": trainable, "optimizer": state}, ckpt)
+    else:
+        acc.unwrap_model(engine).save_pretrained(os.path.join(out, f"resumed_{method}"))
+    acc.wait_for_everyone()
+
+
 def run_zero3_reload(out: str, methods: list[str]) -> None:
     """Fresh processes (a second torchrun after run_zero): each method's saved adapter loaded into a fresh
     ZeRO-3-partitioned model on every rank (unipeft.distributed.assign_full: gather, write on rank 0,
@@ -200,4 +254,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     engine, out, *methods = sys.argv[1:]
     {"fsdp2": run_fsdp2, "zero3": run_zero, "zero2": lambda o, m: run_zero(o, m, 2),
-     "zero3_reload": run_zero3_reload}[engine](out, methods)
+     "zero3_reload": run_zero3_reload, "zero_resume": run_zero_resume}[engine](out, methods)

@@ -99,6 +99,22 @@ def test_torch_Module_forward_hook_dicts():
     assert calls == []
 
 
+def test_deepspeed_Stage3_fp32_partitioned_groups_flat():
+    """zero_fp32_partitions reads DeepSpeed ZeRO-3's `fp32_partitioned_groups_flat` (the engine-level behaviour is
+    tested by tests/test_sharded.py's ZeRO resume across world sizes), and names DeepSpeed when it is gone."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert "self.fp32_partitioned_groups_flat" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+
+    class Holder:
+        fp32_partitioned_groups_flat = [torch.zeros(3)]
+
+    assert compat.zero_fp32_partitions(Holder())[0] is Holder.fp32_partitioned_groups_flat[0]
+    with pytest.raises(TypeError, match="DeepSpeed changed"):
+        compat.zero_fp32_partitions(object())
+
+
 def test_torch_Module_hook_dicts():
     m = nn.Module()
     assert all(isinstance(getattr(m, name), dict) for name in compat._HOOK_DICTS)

@@ -182,6 +182,55 @@ def test_zero3_reload_into_a_fresh_partitioned_model(zero3_reload, tmp_path, met
     torch.testing.assert_close(torch.load(zero3_reload / method / "logits.pt"), logits_of(want), rtol=1e-5, atol=1e-5)
 
 
+# (ZeRO stage, processes that save, processes that resume)
+ZERO_RESUMES = [(3, 2, 1), (3, 1, 2)]
+
+
+def test_zero2_name_keyed_optimizer_state_is_refused_on_load(tmp_path):
+    """ZeRO-2: the state is saved by name, but loading it is refused, naming the stage and what to use."""
+    launch("zero_resume", tmp_path, ["first", "2", "lora"], nproc=2, env={"DS_ACCELERATOR": "cpu"})
+    launch("zero_resume", tmp_path, ["second", "2", "lora"], nproc=1, env={"DS_ACCELERATOR": "cpu"})
+    msg = (tmp_path / "refused.txt").read_text()
+    assert "ZeRO stage 1/2" in msg and "same number of processes" in msg and "Use ZeRO-3" in msg, msg
+
+
+@pytest.mark.parametrize("stage,saved_on,resumed_on", ZERO_RESUMES)
+def test_zero_checkpoint_resumes_on_another_number_of_processes(tmp_path, stage, saved_on, resumed_on):
+    """DeepSpeed ZeRO with AdamW: after 2 steps the trainable tensors and the optimizer state, gathered by name
+    (unipeft.distributed.zero_optimizer_state), are saved on `saved_on` processes; fresh processes (another
+    torchrun, `resumed_on` of them) load them (load_zero_optimizer_state: each keeps its partition) and train
+    2 more steps. The adapter is the one-process AdamW run's over 4 steps; resuming without the optimizer state
+    would not be (checked, so the tolerance can tell the two apart)."""
+    launch("zero_resume", tmp_path, ["first", str(stage), "lora"], nproc=saved_on, env={"DS_ACCELERATOR": "cpu"})
+    launch("zero_resume", tmp_path, ["second", str(stage), "lora"], nproc=resumed_on, env={"DS_ACCELERATOR": "cpu"})
+    peft = W.model("lora")
+    W.train_adam(peft)
+    peft.save_pretrained(tmp_path / "want")
+    assert_same_adapter(tmp_path / "resumed_lora", tmp_path / "want", rtol=1e-4)  # Adam: ±lr steps on tiny gradients
+
+    fresh_optimizer = W.model("lora")  # negative control: the same 4 steps with a new AdamW after step 2
+    params = [p for p in fresh_optimizer.parameters() if p.requires_grad]
+    steps = list(W.batches(steps=W.RESUME_STEPS))
+    for part in (steps[:W.RESUME_AT], steps[W.RESUME_AT:]):
+        opt = torch.optim.AdamW(params, lr=W.ADAM_LR)
+        for ids in part:
+            fresh_optimizer(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    fresh_optimizer.save_pretrained(tmp_path / "no_state")
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_same_adapter(tmp_path / "no_state", tmp_path / "want", rtol=1e-2)
+
+
+def test_zero_optimizer_state_refuses_a_non_zero_optimizer():
+    """A plain torch optimizer (no DeepSpeed engine prepared it) is refused, naming what to pass."""
+    from unipeft.distributed import load_zero_optimizer_state
+
+    with pytest.raises(TypeError, match="not .*a DeepSpeed ZeRO optimizer"):
+        load_zero_optimizer_state([("a", torch.nn.Parameter(torch.ones(1)))], torch.optim.SGD([torch.ones(1)], lr=1),
+                                  {"state": {}, "master": {}, "param_groups": []})
+
+
 TRAINER_METHODS = ["lora", "prefix_mlp"]
 
 

@@ -115,6 +115,22 @@ def forward_hooks_off(model: nn.Module):
                 setattr(m, n, hooks)  # the same dicts: the engine's RemovableHandles still remove them
 
 
+# ------------------------------------------------------------------------------------------------ deepspeed
+
+
+def zero_fp32_partitions(zero_optimizer) -> list[torch.Tensor]:
+    """The flat fp32 master partitions a DeepSpeed ZeRO-3 optimizer runs its torch optimizer on (one per
+    sub-group), whose optimizer state a resumed run must create before DeepSpeed's public `safe_set_full_*` can
+    fill it (the torch optimizer creates it only at its first step). Private: `fp32_partitioned_groups_flat`
+    (the torch optimizer's param_groups are emptied between its steps); DeepSpeed exposes the partitions through
+    no public call."""
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        raise TypeError(f"{type(zero_optimizer).__name__}: no fp32 master partitions found (DeepSpeed changed its "
+                        f"ZeRO optimizer; see unipeft/compat.py)")
+    return list(flats)
+
+
 # -------------------------------------------------------------------------------------------- transformers
 
 
