@@ -124,15 +124,13 @@ def _swapped(model: nn.Module, params: list, values: dict):
         raise ValueError(f"{len(lost)} adapter parameter(s) are not registered in the model given; pass the model "
                          f"that holds them")
     full = {k: nn.Parameter(v.detach(), requires_grad=False) for k, v in values.items()}
-    # setattr (Module's public path, not its registry dict): a module that caches its parameters on assignment
-    # (nn.LSTM's flat weights) sees the swap
     try:
         for m, name, p in owners:
-            setattr(m, name, full[id(p)])
+            m._parameters[name] = full[id(p)]
         yield
     finally:
         for m, name, p in owners:
-            setattr(m, name, p)
+            m._parameters[name] = p
 
 
 def full_shape(p: torch.Tensor) -> tuple:
