@@ -75,6 +75,46 @@ def test_torch_Module__parameters():
         compat.own_parameter(lin, "bias_that_is_not_there")
 
 
+def test_torch_Module_forward_hook_dicts():
+    """forward_hooks_off empties every forward hook dict of a module tree for the block, and puts the same dicts
+    back (so the hooks' handles still remove them)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    assert set(compat._FORWARD_HOOK_DICTS) <= set(compat._HOOK_DICTS)
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda mod, a: calls.append("pre")) for m in model.modules()]
+    handles += [model[1][0].register_forward_hook(lambda mod, a, kw, out: calls.append("post_kw"), with_kwargs=True),
+                model[0].register_forward_hook(lambda mod, a, out: calls.append("always"), always_call=True),
+                model[0].register_forward_pre_hook(lambda mod, a, kw: calls.append("pre_kw"), with_kwargs=True)]
+    x = torch.randn(1, 2)
+    with compat.forward_hooks_off(model):
+        assert not any(compat.has_forward_hooks(m) for m in model.modules())
+        model(x)
+    assert calls == []
+    model(x)
+    assert sorted(calls) == sorted(["pre"] * 4 + ["post_kw", "always", "pre_kw"])
+    for h in handles:
+        h.remove()
+    calls.clear()
+    model(x)
+    assert calls == []
+
+
+def test_deepspeed_Stage3_fp32_partitioned_groups_flat():
+    """zero_fp32_partitions reads DeepSpeed ZeRO-3's `fp32_partitioned_groups_flat` (the engine-level behaviour is
+    tested by tests/test_sharded.py's ZeRO resume across world sizes), and names DeepSpeed when it is gone."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert "self.fp32_partitioned_groups_flat" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+
+    class Holder:
+        fp32_partitioned_groups_flat = [torch.zeros(3)]
+
+    assert compat.zero_fp32_partitions(Holder())[0] is Holder.fp32_partitioned_groups_flat[0]
+    with pytest.raises(TypeError, match="DeepSpeed changed"):
+        compat.zero_fp32_partitions(object())
+
+
 def test_torch_Module_hook_dicts():
     m = nn.Module()
     assert all(isinstance(getattr(m, name), dict) for name in compat._HOOK_DICTS)

@@ -23,6 +23,11 @@ from unipeft import PeftModel
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["lora", "houlsby", "prefix", "prompt"]
+# methods whose saved table (HF's prompt_embeddings) a network computes from the parameters
+DERIVED = ["prefix_mlp", "ptuning_mlp", "ptuning_lstm"]
+# tables made by a network: the above, and the MH parallel adapter (its MLP-made prefix; only the MLP's own
+# parameters are saved, it has no HF PEFT counterpart)
+MLP_MADE = DERIVED + ["mh_parallel"]
 
 
 def _free_port() -> int:
@@ -129,11 +134,11 @@ def test_fsdp2_refuses_int8_and_cpu_repacking_nf4_bases():
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    launch("zero3", out, METHODS, env={"DS_ACCELERATOR": "cpu"})
+    launch("zero3", out, METHODS + MLP_MADE, env={"DS_ACCELERATOR": "cpu"})
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + MLP_MADE)
 def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3_run, tmp_path, method):
     """ZeRO-3 partitions every parameter (an adapter tensor reads as empty outside a forward); the file holds full
     tensors of the right shapes, equal to one process's training, and loads with the same logits."""
@@ -145,6 +150,124 @@ def test_zero3_through_accelerate_trains_and_saves_the_one_process_adapter(zero3
     want = reference(method, tmp_path)
     assert_same_adapter(zero3_run / method, want)
     torch.testing.assert_close(logits_of(zero3_run / method), logits_of(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS + MLP_MADE)
+def test_zero3_trainer_style_save_with_a_gathered_state_dict(zero3_run, tmp_path, method):
+    """transformers.Trainer.save_model under ZeRO-3: the engine consolidates the trainable parameters on rank 0,
+    which alone calls save_pretrained(dir, state_dict=...). Tables a network derives from them (prefix MLP, P-tuning
+    MLP/LSTM, MH parallel adapter) are computed from those values with the engine's module hooks off (no gather on
+    rank 0 alone): the file equals the one-process save."""
+    want = reference(method, tmp_path)
+    got = zero3_run / "state_dict" / method
+    assert_same_adapter(got, want)
+    if method in DERIVED:
+        assert "prompt_embeddings" in load_file(got / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def zero3_reload(zero3_run):
+    """A second torchrun (fresh processes, one engine per method): zero3_run's adapters loaded into fresh
+    ZeRO-3-partitioned models on every rank, saved again, and run forward."""
+    launch("zero3_reload", zero3_run, METHODS + MLP_MADE, env={"DS_ACCELERATOR": "cpu"})
+    return zero3_run / "reloaded"
+
+
+@pytest.mark.parametrize("method", METHODS + MLP_MADE)
+def test_zero3_reload_into_a_fresh_partitioned_model(zero3_reload, tmp_path, method):
+    """assign_full's ZeRO-3 branch (gather, write on rank 0, re-partition): the reloaded model saves the adapter
+    it was given and computes one process's logits."""
+    want = reference(method, tmp_path)
+    assert_same_adapter(zero3_reload / method, want)
+    torch.testing.assert_close(torch.load(zero3_reload / method / "logits.pt"), logits_of(want), rtol=1e-5, atol=1e-5)
+
+
+# (ZeRO stage, processes that save, processes that resume)
+ZERO_RESUMES = [(3, 2, 1), (3, 1, 2)]
+
+
+def test_zero2_name_keyed_optimizer_state_is_refused_on_load(tmp_path):
+    """ZeRO-2: the state is saved by name, but loading it is refused, naming the stage and what to use."""
+    launch("zero_resume", tmp_path, ["first", "2", "lora"], nproc=2, env={"DS_ACCELERATOR": "cpu"})
+    launch("zero_resume", tmp_path, ["second", "2", "lora"], nproc=1, env={"DS_ACCELERATOR": "cpu"})
+    msg = (tmp_path / "refused.txt").read_text()
+    assert "ZeRO stage 1/2" in msg and "same number of processes" in msg and "Use ZeRO-3" in msg, msg
+
+
+@pytest.mark.parametrize("stage,saved_on,resumed_on", ZERO_RESUMES)
+def test_zero_checkpoint_resumes_on_another_number_of_processes(tmp_path, stage, saved_on, resumed_on):
+    """DeepSpeed ZeRO with AdamW: after 2 steps the trainable tensors and the optimizer state, gathered by name
+    (unipeft.distributed.zero_optimizer_state), are saved on `saved_on` processes; fresh processes (another
+    torchrun, `resumed_on` of them) load them (load_zero_optimizer_state: each keeps its partition) and train
+    2 more steps. The adapter is the one-process AdamW run's over 4 steps; resuming without the optimizer state
+    would not be (checked, so the tolerance can tell the two apart)."""
+    launch("zero_resume", tmp_path, ["first", str(stage), "lora"], nproc=saved_on, env={"DS_ACCELERATOR": "cpu"})
+    launch("zero_resume", tmp_path, ["second", str(stage), "lora"], nproc=resumed_on, env={"DS_ACCELERATOR": "cpu"})
+    peft = W.model("lora")
+    W.train_adam(peft)
+    peft.save_pretrained(tmp_path / "want")
+    assert_same_adapter(tmp_path / "resumed_lora", tmp_path / "want", rtol=1e-4)  # Adam: ±lr steps on tiny gradients
+
+    fresh_optimizer = W.model("lora")  # negative control: the same 4 steps with a new AdamW after step 2
+    params = [p for p in fresh_optimizer.parameters() if p.requires_grad]
+    steps = list(W.batches(steps=W.RESUME_STEPS))
+    for part in (steps[:W.RESUME_AT], steps[W.RESUME_AT:]):
+        opt = torch.optim.AdamW(params, lr=W.ADAM_LR)
+        for ids in part:
+            fresh_optimizer(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    fresh_optimizer.save_pretrained(tmp_path / "no_state")
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_same_adapter(tmp_path / "no_state", tmp_path / "want", rtol=1e-2)
+
+
+def test_zero_optimizer_state_refuses_a_non_zero_optimizer():
+    """A plain torch optimizer (no DeepSpeed engine prepared it) is refused, naming what to pass."""
+    from unipeft.distributed import load_zero_optimizer_state
+
+    with pytest.raises(TypeError, match="not .*a DeepSpeed ZeRO optimizer"):
+        load_zero_optimizer_state([("a", torch.nn.Parameter(torch.ones(1)))], torch.optim.SGD([torch.ones(1)], lr=1),
+                                  {"state": {}, "master": {}, "param_groups": []})
+
+
+TRAINER_METHODS = ["lora", "prefix_mlp"]
+
+
+@pytest.fixture(scope="module")
+def trainer_ddp_run(tmp_path_factory):
+    """transformers.Trainer under DDP (torchrun, 2 gloo processes): tests/trainer_worker.py."""
+    out = tmp_path_factory.mktemp("trainer_ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(HERE / "trainer_worker.py"), str(out), *TRAINER_METHODS]
+    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+         "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"Trainer DDP run failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return out
+
+
+@pytest.mark.parametrize("method", TRAINER_METHODS)
+def test_trainer_ddp_checkpoints_final_save_and_resume(trainer_ddp_run, method):
+    """Trainer on 2 processes: every checkpoint is adapter-only with complete tensors (the one-process model's
+    keys and shapes), trained; the final save_model loads on one process with the trained model's logits; and
+    resume_from_checkpoint (checkpoint-2, optimizer and scheduler included) ends where the uninterrupted run ends."""
+    import json
+
+    home = trainer_ddp_run / method
+    init = W.model(method).adapter_state_dict()
+    state = json.loads((home / "full" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert len(list((home / "full" / "checkpoint-2").glob("rng_state_*.pth"))) == 2  # it ran on 2 processes
+    for folder in [home / "full" / "checkpoint-2", home / "full" / "checkpoint-4", home / "final"]:
+        names = {p.name for p in folder.iterdir()}
+        assert "adapter_model.safetensors" in names and not names & {"model.safetensors", "pytorch_model.bin"}, names
+        got = load_file(folder / "adapter_model.safetensors")
+        assert sorted(got) == sorted(init) and all(got[k].shape == init[k].shape for k in init)
+        assert not [k for k in init if torch.equal(got[k], init[k])], f"{folder.name}: untrained tensors"
+    assert_same_adapter(home / "final", home / "full" / "checkpoint-4", rtol=0)
+    torch.testing.assert_close(logits_of(home / "final"), torch.load(home / "logits.pt"), rtol=1e-5, atol=1e-5)
+    assert_same_adapter(home / "resumed_final", home / "final")
 
 
 def test_save_pretrained_writes_on_the_main_process_only(tmp_path):
@@ -176,6 +299,31 @@ def test_save_pretrained_takes_values_from_a_gathered_state_dict(tmp_path):
     assert not torch.equal(saved["prompt_embeddings"], peft.adapter_state_dict()["prompt_embeddings"])
     with pytest.raises(KeyError, match="state_dict lacks"):
         peft.save_pretrained(tmp_path / "partial", state_dict={})
+
+
+@pytest.mark.parametrize("method", DERIVED)
+def test_state_dict_save_computes_derived_tables_from_its_values_without_module_hooks(tmp_path, method):
+    """One process, every derived-table method: the file written from a state dict equals what the model saves
+    after loading that state dict (the independent route); the network making the table runs without its module
+    hooks (an engine's would gather, here one that raises), and the hooks are back afterwards."""
+    peft = W.model(method)
+    sd = {k: v + 0.01 * torch.randn_like(v) for k, v in peft.state_dict().items() if v.is_floating_point()}
+    derived_net = next(m for n, m in peft.named_modules() if n.endswith(("transform.0", "mlp.0")))
+
+    def engine_hook(module, args):
+        raise RuntimeError("an engine hook ran")
+
+    handle = derived_net.register_forward_pre_hook(engine_hook)
+    peft.save_pretrained(tmp_path / "sd", state_dict=sd)
+    with pytest.raises(RuntimeError, match="an engine hook ran"):
+        peft.save_pretrained(tmp_path / "own")  # no state_dict: the module runs as usual, hooks included
+    handle.remove()
+    got = load_file(tmp_path / "sd" / "adapter_model.safetensors")
+    peft.load_state_dict(sd, strict=False)
+    want = peft.adapter_state_dict()
+    assert sorted(got) == sorted(want) and "prompt_embeddings" in got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
 def test_default_main_process_is_the_first_of_each_node(monkeypatch):

@@ -11,6 +11,7 @@ Only torch is imported here at load time; transformers and bitsandbytes are impo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import types
@@ -86,6 +87,48 @@ def has_forward_hooks(module: nn.Module) -> bool:
     """Whether forward (pre-)hooks are registered on `module` itself (global hooks not counted)."""
     return any(getattr(module, name, None) for name in ("_forward_hooks", "_forward_pre_hooks",
                                                           "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"))
+
+
+_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                       "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def forward_hooks_off(model: nn.Module):
+    """Inside the block no module of `model` runs its own forward (pre-)hooks; they are all back on exit.
+
+    For computing a derived tensor (an MLP-made prefix table) from values a caller already holds in full, on one
+    process: DeepSpeed ZeRO-3's hooks on those submodules would otherwise gather their partitioned parameters (a
+    collective that rank 0 alone would run, and that fails on the plain tensors swapped in). Private: the hook
+    dicts of nn.Module (torch has no public way to suspend a module's hooks without their RemovableHandles, which
+    the engine keeps)."""
+    saved = [(m, {n: getattr(m, n) for n in _FORWARD_HOOK_DICTS if getattr(m, n, None)}) for m in model.modules()]
+    saved = [(m, d) for m, d in saved if d]
+    try:
+        for m, d in saved:
+            for n, hooks in d.items():
+                setattr(m, n, type(hooks)())
+        yield
+    finally:
+        for m, d in saved:
+            for n, hooks in d.items():
+                setattr(m, n, hooks)  # the same dicts: the engine's RemovableHandles still remove them
+
+
+# ------------------------------------------------------------------------------------------------ deepspeed
+
+
+def zero_fp32_partitions(zero_optimizer) -> list[torch.Tensor]:
+    """The flat fp32 master partitions a DeepSpeed ZeRO-3 optimizer runs its torch optimizer on (one per
+    sub-group), whose optimizer state a resumed run must create before DeepSpeed's public `safe_set_full_*` can
+    fill it (the torch optimizer creates it only at its first step). Private: `fp32_partitioned_groups_flat`
+    (the torch optimizer's param_groups are emptied between its steps); DeepSpeed exposes the partitions through
+    no public call."""
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        raise TypeError(f"{type(zero_optimizer).__name__}: no fp32 master partitions found (DeepSpeed changed its "
+                        f"ZeRO optimizer; see unipeft/compat.py)")
+    return list(flats)
 
 
 # -------------------------------------------------------------------------------------------- transformers

@@ -99,14 +99,18 @@ def _fsdp2_full(model: nn.Module, params: list):
 def parameters_from(model: nn.Module, params, state_dict: dict):
     """Inside the block each of `params` reads as its value in `state_dict` (a full state dict of `model`, keyed
     by its parameter names: what transformers.Trainer passes to save_pretrained under DeepSpeed ZeRO-3 and
-    FSDP, gathered by the engine). No collective."""
+    FSDP, gathered by the engine). No collective: modules called inside (an MLP making a prefix table from them)
+    run without their forward hooks, so an engine's hooks neither gather nor see the plain tensors."""
     params = list({id(p): p for p in params}.values())
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     missing = [names.get(id(p), "?") for p in params if names.get(id(p)) not in state_dict]
     if missing:
         raise KeyError(f"state_dict lacks {len(missing)} adapter tensor(s), e.g. {missing[:3]}; pass the model's full "
                        f"state_dict (with a sharded engine: gathered, e.g. accelerator.get_state_dict(model))")
-    with _swapped(model, params, {id(p): state_dict[names[id(p)]] for p in params}):
+    from ..compat import forward_hooks_off
+
+    # the engine's module hooks (ZeRO-3's gathers) must not run: the values are full already, and rank 0 may be alone
+    with _swapped(model, params, {id(p): state_dict[names[id(p)]] for p in params}), forward_hooks_off(model):
         yield
 
 
