@@ -268,7 +268,7 @@ class Trainer:
         for i, (idx, weight) in enumerate(micro):
             batch = self.collate([self.train_feats[j] for j in idx])
             real = batch.pop("num_tokens", None)  # packed rows: no attention_mask, the collate counts the tokens
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = i == len(micro) - 1
             acc.sync_gradients = sync  # DeepSpeed steps at a boundary only; Accelerate's optimizer steps likewise
             with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
