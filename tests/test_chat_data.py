@@ -153,3 +153,13 @@ def test_bad_turns_name_the_row(tok, row, phrase):
     with pytest.raises(CliError) as e:
         _encode(tok, rows, {"format": "messages"})
     assert phrase in e.value.problem and "row 1" in e.value.problem
+
+
+def test_adapter_meta_from_before_the_formats_still_encodes(tok):
+    """unipeft_task.json of an older instruction run has no "format": its rows were Alpaca rows."""
+    old = {"mode": "instruction", "text_columns": ["instruction", "input"], "label_column": "output",
+           "columns": ["instruction", "output"], "chat": True}
+    row = {"instruction": "Name the capital.", "input": "France", "output": "Paris."}
+    (f,), _ = CausalLM(tok, 256, old).encode([row], "eval.jsonl")
+    (g,), _ = CausalLM.from_data(tok, 256, [row], "eval.jsonl", {}).encode([row], "eval.jsonl")
+    assert (f["input_ids"], f["labels"]) == (g["input_ids"], g["labels"])

@@ -41,6 +41,8 @@ class CausalLM(_Generative):
     def __init__(self, tokenizer, max_length, meta):
         if meta.get("chat_template"):  # --chat-template given at training: the adapter keeps using it
             tokenizer.chat_template = meta["chat_template"]
+        if "format" not in meta:  # adapters saved before the chat formats: instruction rows were Alpaca rows
+            meta = {**meta, "format": "alpaca" if meta.get("mode") == "instruction" else "text"}
         super().__init__(tokenizer, max_length, meta)
 
     @classmethod

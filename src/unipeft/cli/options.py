@@ -52,7 +52,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("train", str, None, "training data: .jsonl/.json/.csv/.tsv/.parquet file, or a `datasets` hub name[:split]"),
     Opt("eval", str, None, "evaluation data (same formats); evaluated periodically and at the end", commands=_EVAL),
     Opt("text_column", str, None, "input column, or two comma-separated for sentence pairs (seq2seq: source; "
-        "token-cls: the tokens list; causal-lm: plain text, else instruction/input/output rows are used)",
+        "token-cls: the tokens list; causal-lm: plain text, or with --format the turns or prompt column)",
         commands=_EVAL),
     Opt("label_column", str, None, "label column (seq-cls: label; token-cls: tags list; seq2seq: target)",
         commands=_EVAL),
