@@ -74,9 +74,10 @@ def rng_restore(snap: dict) -> None:
 
 class Trainer:
     def __init__(self, accelerator, peft, task, train_feats, eval_feats, args: dict, out: Path, log, save_adapter,
-                 global_batch: int | None = None):
+                 global_batch: int | None = None, collate=None):
         self.acc, self.peft, self.task, self.args, self.out, self.log = accelerator, peft, task, args, out, log
         self.train_feats, self.eval_feats = train_feats, eval_feats
+        self.collate = collate or task.collate  # training batches (packing.collate_packed for --packing)
         self.save_adapter = save_adapter  # callable(folder): writes the adapter (+ task metadata); every process
         self.bs, nproc = args["batch_size"], accelerator.num_processes
         # a resumed run keeps its global batch, whatever the number of processes now
@@ -265,8 +266,9 @@ class Trainer:
         only in the last backward (no_sync before it)."""
         acc, total_loss, ntok, losses = self.acc, 0.0, 0, []
         for i, (idx, weight) in enumerate(micro):
-            batch = self.task.collate([self.train_feats[j] for j in idx])
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = self.collate([self.train_feats[j] for j in idx])
+            real = batch.pop("num_tokens", None)  # packed rows: no attention_mask, the collate counts the tokens
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = i == len(micro) - 1
             acc.sync_gradients = sync  # DeepSpeed steps at a boundary only; Accelerate's optimizer steps likewise
             with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
@@ -274,7 +276,7 @@ class Trainer:
                 acc.backward(loss * weight)
             losses.append(float(loss.detach()))
             total_loss += losses[-1] * weight
-            ntok += int(batch["attention_mask"].sum()) if weight else 0
+            ntok += int(real if real is not None else batch["attention_mask"].sum()) if weight else 0
         # one check per step, before the optimizer moves anything (a collective only with several processes)
         if not _all_finite(acc, torch.tensor(losses)):
             self._nonfinite(next((x for x in losses if not math.isfinite(x)), float("nan")))

@@ -52,10 +52,18 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("train", str, None, "training data: .jsonl/.json/.csv/.tsv/.parquet file, or a `datasets` hub name[:split]"),
     Opt("eval", str, None, "evaluation data (same formats); evaluated periodically and at the end", commands=_EVAL),
     Opt("text_column", str, None, "input column, or two comma-separated for sentence pairs (seq2seq: source; "
-        "token-cls: the tokens list; causal-lm: plain text, else instruction/input/output rows are used)",
+        "token-cls: the tokens list; causal-lm: plain text, or with --format the turns or prompt column)",
         commands=_EVAL),
     Opt("label_column", str, None, "label column (seq-cls: label; token-cls: tags list; seq2seq: target)",
         commands=_EVAL),
+    # chat data and packing (causal-lm)
+    Opt("format", str, None, "causal-lm row format (default: detected from the columns): messages (OpenAI role/"
+        "content turns), sharegpt (from/value turns), prompt-completion, alpaca (instruction/input/output), text",
+        choices=("messages", "sharegpt", "prompt-completion", "alpaca", "text"), commands=_EVAL),
+    Opt("chat_template", str, None, "chat template for a tokenizer without one (or to replace it): chatml, or a "
+        "Jinja file; kept with the adapter", commands=_EVAL),
+    Opt("packing", bool, False, "causal-lm training: pack several examples per row up to --max-length (position_ids "
+        "restart per example, attention isolated between them, no padding); --batch-size then counts packed rows"),
     Opt("label_names", str, None, "label names for integer labels/tags: comma list or a JSON file "
         "(default: labels.json beside the data file, if any)", commands=_EVAL),
     Opt("output", str, None, "output folder (default: runs/<method>-<task>-<time>)"),

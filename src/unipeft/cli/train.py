@@ -16,6 +16,7 @@ from .errors import CliError
 from .evaluate import generation_eval, run_eval
 from .loop import CKPT, Trainer
 from .modeling import infer_task, load_model, load_quantized_model, load_tokenizer, resolve_model
+from .packing import check_isolation, collate_packed, pack, refuse_virtual_tokens
 from .report import MetricsLog, box, fmt_metrics, human, plot_losses, size_of, write_json
 from .task_table import task_class
 
@@ -170,6 +171,8 @@ def train_command(opts: dict) -> int:
 
     model_path = resolve_model(opts.get("model"))
     task_name = opts.get("task") or infer_task(model_path)
+    if opts.get("packing") and task_name != "causal-lm":
+        raise CliError(f"--packing is for causal-lm training, not {task_name}", "drop --packing")
     acc = make_accelerator(opts["precision"], opts.get("distributed"), opts["batch_size"], opts["max_grad_norm"])
     out = prepare_output(opts)
     if opts.get("stream_layers") and not (opts.get("quantize") == "nf4" and opts["gradient_checkpointing"]):
@@ -194,11 +197,18 @@ def train_command(opts: dict) -> int:
         except ValueError as e:
             raise CliError(f"--host-embeddings: {e}", "drop --host-embeddings for this model") from None
     cfg = method_config(opts, model, task_name)
+    if opts.get("packing"):
+        refuse_virtual_tokens(cfg)
     try:
         peft = get_peft_model(model, cfg)
     except (ValueError, KeyError, TypeError) as e:
         raise CliError(f"cannot apply {opts['method']} to {model_path}: {e}",
                        "adjust the method options (e.g. --target-modules) or pick another --method") from None
+    collate, n_examples = None, len(train_feats)
+    if opts.get("packing"):
+        check_isolation(peft, len(tok))
+        train_feats = pack(train_feats, opts["max_length"])
+        collate = lambda feats: collate_packed(feats, tok.pad_token_id)  # noqa: E731
     if opts["gradient_checkpointing"]:
         peft.gradient_checkpointing_enable(offload_activations=bool(opts.get("offload_activations")))
     resolved_cfg = {k: v for k, v in peft.peft_config["default"].to_dict().items()
@@ -219,18 +229,22 @@ def train_command(opts: dict) -> int:
         saved = json.loads((out / CKPT / "state.json").read_text())
         resume_step, global_batch = saved["step"], saved.get("global_batch")
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=resume_step, active=acc.is_main_process)
-    trainer = Trainer(acc, peft, task, train_feats, eval_feats, opts, out, log, save, global_batch=global_batch)
+    trainer = Trainer(acc, peft, task, train_feats, eval_feats, opts, out, log, save, global_batch=global_batch,
+                      collate=collate)
     if opts["resume"]:
         trainer.load_checkpoint()
     trainable, total = peft.get_nb_trainable_parameters()
     if acc.is_main_process:
         print(box("unipeft train", [
             ("model", f"{model_path}" + ("  (embedded default)" if not opts.get("model") else "")),
-            ("task", f"{task_name}  ({task.auto_class}; columns {task.meta.get('columns')})"),
+            ("task", f"{task_name}  ({task.auto_class}; columns {task.meta.get('columns')}"
+                     + (f"; format {task.meta['format']}" if task.meta.get("format") else "") + ")"),
             ("method", f"{opts['method']}  {_short_cfg(resolved_cfg)}"),
             ("trainable", f"{human(trainable)} of {human(total)} params ({100 * trainable / total:.3f}%)"),
             ("labels", f"{len(task.meta['labels'])}: {task.meta['labels'][:8]}" if "labels" in task.meta else None),
-            ("train data", f"{len(train_feats):,} examples, {t_trunc:,} truncated to {opts['max_length']} tokens"),
+            ("train data", f"{n_examples:,} examples, {t_trunc:,} truncated to {opts['max_length']} tokens"
+                           + (f", packed into {len(train_feats):,} rows ({_fill(train_feats, opts['max_length'])})"
+                              if collate else "")),
             ("eval data", f"{len(eval_feats):,} examples, {e_trunc:,} truncated" if eval_feats else "none"),
             ("schedule", f"{trainer.total} steps ({trainer.steps_per_epoch}/epoch) x global batch "
                          f"{trainer.global_batch} (batch {opts['batch_size']} x {acc.num_processes} processes x "
@@ -279,6 +293,10 @@ def final_eval(trainer, peft, task, tok, eval_feats, opts, out, acc) -> dict:
         m.update(g)
         m["samples"] = [{"prediction": p, "reference": r} for p, r in pairs[:5]]
     return m
+
+
+def _fill(rows, max_length) -> str:
+    return f"{100 * sum(len(r['input_ids']) for r in rows) / (len(rows) * max_length):.1f}% full"
 
 
 def _engine(acc) -> str:
