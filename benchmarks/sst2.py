@@ -51,8 +51,11 @@ ADAPTERS_VENV = REPO / ".venv-adapters"
 ADAPTERS_REQS = ["transformers==4.57.*", "adapters==1.3.*"]
 TORCH_REQ = "torch==2.13.0"
 ADAPTER_LR, LORA_LR, IA3_LR, REDUCTION = 1e-3, 5e-4, 5e-3, 16
-# MH PA's term is an unnormalized ReLU sum over its prefix vectors: at 1e-3 it did not train (seed 0: loss 0.687 at
-# step 200 of 250, stopped), at 1e-4 the loss fell from the first steps (a 40-step probe)
+# MH PA's term is an unnormalized ReLU sum (mass Σ_p ReLU(q P_kᵀ/√d) ≈ 2.9 per head at init) of prefix values made
+# by an MLP shared by all layers, added to head outputs that are small in MiniLM: under Adam P_v grows ~7·lr per step,
+# so at 1e-3 the term is 1.3x the head outputs by step 11 and 7x by step 25 and the loss stays at ln 2 (seed 0: 0.687
+# at step 200); 3e-4 peaks at 1.8x and settles, 1e-4 trains slowly (benchmarks/sst2_mhpa_probe.py,
+# results/sst2_mhpa_probe.jsonl). He et al.'s GLUE script uses 1e-4 for 10 epochs; this protocol has 1.
 MH_PA_LR = 1e-4
 TOLERANCE = 0.005  # "minus 0.5 point"
 GIT: dict = {}
@@ -351,8 +354,9 @@ def markdown(result: dict) -> str:
     L.append("")
     L.append("Configs: LoRA r=8, α=16, dropout 0.1 on query,value (both libs). Adapters: reduction factor 16 "
              "(bottleneck 24). unipeft presets `AdapterConfig.houlsby/pfeiffer/scaled_parallel` (scaled_parallel: "
-             "fixed s=4). The houlsby rows predate the preset's layer-norm training (issue 14: a trained copy of every "
-             "block norm, as Houlsby et al. do) and were not rerun. "
+             "fixed s=4; houlsby trains a copy of every block layer norm, as Houlsby et al. do: its trainable count "
+             "includes them, AdapterHub's does not). Rows marked (lr sweep) are seed-0 points at another lr, "
+             "not compared. "
              "multi_head_parallel: `MultiHeadParallelConfig(bottleneck_size=24)` (He et al.'s MH PA: ReLU prefix "
              "attention per head added before the output projection, 24 prefix vectors from the MLP "
              "reparameterization of width 512, P_v = 0 at init). AdapterHub configs `double_seq_bn`, `seq_bn`, `scaled_parallel` "
