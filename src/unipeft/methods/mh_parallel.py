@@ -16,6 +16,12 @@ value half of P starts at zero (`init="zero_values"`), so the adapted model star
 adapter here; their code starts P at random (`init="random"` gives that). On GQA models the heads of one key/value
 group share a prefix (P has the key/value heads, as every prefix here). Encoder-decoders get it in encoder and
 decoder self-attention and in cross-attention, as their BART code.
+
+Learning rate: the term is an unnormalized sum over l prefix vectors (no softmax to bound it) whose values come from
+an MLP shared by every layer, so under Adam it grows several times faster than a flat table's and can drown the
+head outputs it is added to: MiniLM on SST-2 does not train at 1e-3 (the bottleneck adapters' lr; the term is 7x
+the head outputs by step 25), trains at 1e-4, and at 3e-4 the term stays near the heads' size in a 40-step probe
+(benchmarks/sst2_mhpa_probe.py); their GLUE script uses 1e-4.
 """
 
 from __future__ import annotations
