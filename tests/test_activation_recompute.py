@@ -196,3 +196,32 @@ def test_a_dropped_graph_is_freed_without_the_garbage_collector():
     finally:
         gc.enable()
         h.remove()
+
+
+def test_a_parameter_is_saved_as_itself():
+    """A sharding engine (DeepSpeed ZeRO-3) swaps a parameter's .data after forward and back before backward: the
+    window must save the parameter itself, not a detached alias of the data it had during forward."""
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4, bias=False).requires_grad_(False)
+            self.act = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.act(self.lin(x)) * x
+
+    def grad(window: bool):
+        torch.manual_seed(0)
+        m = Gated().train()
+        rec = ActivationRecompute(m) if window else None
+        x = torch.randn(3, 4, requires_grad=True)
+        full = m.lin.weight.data
+        y = m(x).sum()
+        m.lin.weight.data = torch.empty(0)  # partitioned between forward and backward
+        m.lin.weight.data = full * 2  # gathered again (other values here, to see which ones backward reads)
+        y.backward()
+        return x.grad, rec
+
+    (with_window, rec), (plain, _) = grad(True), grad(False)
+    assert rec is not None
+    torch.testing.assert_close(with_window, plain, rtol=0, atol=0)

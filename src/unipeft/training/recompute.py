@@ -79,9 +79,10 @@ class _Window:
                     and t.numel() == a.numel() and t.dtype == a.dtype and t.is_contiguous() and a.is_contiguous()
                     and t._version == a._version):
                 return _Recomputed(act, g, t.shape)
-        # detached (no reference cycle through the tensor's own grad_fn when the graph is dropped unused), with the
-        # version autograd would check itself: saved-tensor hooks turn its in-place check off
-        d = t.detach()
+        # with the version autograd would check itself (saved-tensor hooks turn its in-place check off); a result of
+        # an op detached (no reference cycle through its own grad_fn when the graph is dropped unused), a leaf as
+        # itself (a sharding engine that swaps a parameter's .data before backward must be seen)
+        d = t if t.grad_fn is None else t.detach()
         self.saved[ptr] = weakref.ref(d)
         return d, t._version
 
