@@ -141,6 +141,21 @@ def test_torch_Module_hook_dicts():
     assert calls == [] and not compat.has_forward_hooks(new)
 
 
+def test_torch_Module__forward_hooks_order_and__global_forward_hooks():
+    m = nn.Linear(2, 2)
+    first = m.register_forward_hook(lambda *a: None)
+    second = m.register_forward_hook(lambda *a: None)
+    assert compat.runs_first_after_forward(m, first.id) and not compat.runs_first_after_forward(m, second.id)
+    front = m.register_forward_hook(lambda *a: None, prepend=True)
+    assert compat.runs_first_after_forward(m, front.id) and not compat.runs_first_after_forward(m, first.id)
+    g = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not compat.runs_first_after_forward(m, front.id)  # a global hook sees every output first
+    finally:
+        g.remove()
+    assert compat.runs_first_after_forward(m, front.id)
+
+
 # ------------------------------------------------------------------------------------------------ transformers
 
 

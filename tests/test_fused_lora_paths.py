@@ -119,3 +119,43 @@ def _sites(peft):
     from unipeft.positions.weight import LinearDeltaSite
 
     return [s for h in peft._handles.values() for s in h.sites if isinstance(s, LinearDeltaSite)]
+
+
+def test_the_sum_is_written_into_the_hosts_fresh_output_and_equals_the_out_of_place_one(monkeypatch):
+    """Each LoRA site adds into the linear's own output (no copy of it); the loss equals the out-of-place addmm's
+    bitwise and the gradients to rounding; a host whose output some earlier hook has seen is left alone (that hook's tensor unchanged)."""
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False)
+    b = batch_for("llama")
+    flags = []
+    orig = LowRankDelta.add_scaled
+
+    def spy(self, h, x, s, *, in_place=False):
+        flags.append(in_place)
+        return orig(self, h, x, s, in_place=in_place)
+
+    monkeypatch.setattr(LowRankDelta, "add_scaled", spy)
+    base = tiny_llama()
+    seen = []  # a user's hook on q_proj of layer 0, registered before injection: it sees W x alone
+    q0 = base.model.layers[0].self_attn.q_proj
+    q0.register_forward_hook(lambda m, a, o: seen.append((o, o.detach().clone())))
+    torch.manual_seed(0)
+    peft = get_peft_model(base, LoraConfig(**cfg)).train()
+    res = []
+    for in_place in (True, False):
+        # a global forward hook sees every output before the sites: then nothing is written in place
+        g = None if in_place else torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        flags.clear()
+        torch.manual_seed(3)
+        loss = peft(**b).loss
+        loss.backward()
+        if g is not None:
+            g.remove()
+        res.append((loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}))
+        peft.zero_grad(set_to_none=True)
+        assert flags.count(True) == (2 * 7 - 1 if in_place else 0)  # all sites but the hooked q_proj
+        out, copy = seen[-1]
+        assert torch.equal(out, copy)  # what the earlier hook holds was not written into
+    (l1, g1), (l2, g2) = res
+    assert torch.equal(l1, l2)  # the forward is bit-identical
+    for k in g1:  # backward sums x's gradient parts in another order (the graph's node order): rounding only
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=1e-6, msg=k)

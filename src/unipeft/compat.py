@@ -115,6 +115,17 @@ def forward_hooks_off(model: nn.Module):
                 setattr(m, n, hooks)  # the same dicts: the engine's RemovableHandles still remove them
 
 
+def runs_first_after_forward(module: nn.Module, hook_id: int) -> bool:
+    """Whether the forward hook registered with handle id `hook_id` is the first code to see `module`'s output: no
+    global forward hooks and no earlier hook of its own (then the output is a tensor nobody else holds yet). Private:
+    `nn.Module._forward_hooks` (ordered by registration) and torch's `_global_forward_hooks`."""
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks:
+        return False
+    return next(iter(module._forward_hooks), None) == hook_id
+
+
 # ------------------------------------------------------------------------------------------------ deepspeed
 
 

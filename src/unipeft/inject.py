@@ -18,6 +18,7 @@ from .deltas.base import delta_parameters
 from .handle import Handle
 from .names import matches
 from .training.losses import ChunkedLoss
+from .training.recompute import ActivationRecompute
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
 from .positions import attention_kv, input as input_position
 from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam, relative_bias_source
@@ -210,6 +211,8 @@ def inject(
         _train_biases(model, handle, trainable_biases)
         if ChunkedLoss.applies_to(model):  # model(..., labels=...) computes its loss without full logits
             handle.extras.append(ChunkedLoss(model))
+        if ActivationRecompute.applies_to(model):  # backward recomputes act(g) from g instead of keeping both
+            handle.extras.append(ActivationRecompute(model))
     except Exception:
         handle.remove()
         raise

@@ -26,6 +26,7 @@ from .io.hub import push_adapter
 from .io.keys import clashing_exports, exported, file_keys, hf_base_copies, hf_wrapper_prefixes
 from .io.model_card import write_model_card
 from .training.losses import ChunkedLoss
+from .training.recompute import ActivationRecompute
 from .mixed_batch import batch_size, mixed_batch
 from .positions.layout import check_adapter_name
 from .registry import config_class
@@ -294,6 +295,8 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         if ChunkedLoss.applies_to(model):  # the model-wide loss hook left with the adapter that installed it
             self._handle.extras.append(ChunkedLoss(model))
+        if ActivationRecompute.applies_to(model):
+            self._handle.extras.append(ActivationRecompute(model))
         for p in self.parameters():
             p.requires_grad_(grads.get(id(p), False))
 

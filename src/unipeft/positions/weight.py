@@ -21,6 +21,7 @@ import torch
 
 from .. import functional as Fn
 from ..arch.resolve import adaptable_dims
+from ..compat import runs_first_after_forward
 from ..deltas.dropout import DropoutCache
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
@@ -87,15 +88,26 @@ class LinearDeltaSite(ModuleSite):
             delta.siblings = projections
         self._fused = callable(getattr(delta, "add_scaled", None)) and ins.compose == Compose.ADD
         register, method = self.HOOKS[(ins.form, ins.compose, side)]
-        self.hook(getattr(host, register)(getattr(self, method)))
+        handle = getattr(host, register)(getattr(self, method))
+        self.hook(handle)
+        self._hook_id = handle.id
+        self._adds_in_place = self._fused and getattr(delta, "adds_in_place", False)
 
     # hooks -----------------------------------------------------------------------------------------
     def _parallel(self, module, args, out):
         if not self.active:
             return out
+        if self._fused and self._writes_into(module, out):
+            return self.delta(args[0], out, float(self.s), in_place=True)
         if self._fused:
             return on_rows(self.switch, out, lambda h, x: self.delta(x, h, float(self.s)), args[0])
         return on_rows(self.switch, out, lambda h, x: Fn.compose(h, self.delta(x), self.s), args[0])
+
+    def _writes_into(self, module, out) -> bool:
+        """Whether the delta may add into the host's output in place: every row is this adapter's, our hook is the
+        first code to see the output (so nobody holds it yet), and not under torch.compile (it schedules itself)."""
+        return (self._adds_in_place and self.switch.rows is None and torch.is_tensor(out)
+                and not torch.compiler.is_compiling() and runs_first_after_forward(module, self._hook_id))
 
     def _sequential(self, module, args, out):
         return on_rows(self.switch, out, lambda h: Fn.compose(h, self.delta(h), self.s)) if self.active else out
