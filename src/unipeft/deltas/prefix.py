@@ -6,7 +6,13 @@ checkpoints load as they are. With reparameterization the table is MLP(E):
 
     E (P × d_e) ─ Linear(d_e → m) ─ tanh ─ Linear(m → L·2·H_kv·d) ─> table (P × L·2·H_kv·d)
 
-and each site computes only its own slice of the last layer.
+computed once per forward pass of the model for all sites (`begin_pass`, called by a pre-hook on the model
+root; the sites slice it). Outside a pass, or without one, each site computes only its own slice.
+
+The pass table is kept after the pass ends so that a non-reentrant activation-checkpoint recompute (during
+backward) slices the very tensor the forward sliced; it is used again only while no parameter it was made from has
+changed (version counters), and new entries are made only inside a pass, so a reentrant recompute (its own
+backward per layer) never shares one graph between layers.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class PrefixDelta(DeltaModule):
             self.table = nn.Parameter(init(spec.length, width, **kw))  # (P, L·2·H·d)
         if spec.init == "zero_values":
             self._zero_values()
+        self._pass = _PassCache()
 
     @torch.no_grad()
     def _zero_values(self) -> None:
@@ -55,13 +62,40 @@ class PrefixDelta(DeltaModule):
     def reparameterized(self) -> bool:
         return hasattr(self, "transform")
 
+    def begin_pass(self) -> None:
+        """A forward pass of the model begins: the MLP(E) of the last pass is stale (its graph may be freed)."""
+        if self._pass.depth == 0:
+            self._pass.tables.clear()
+        self._pass.depth += 1
+
+    def end_pass(self) -> None:
+        self._pass.depth = max(0, self._pass.depth - 1)
+
+    def _versions(self) -> tuple:
+        return tuple(p._version for p in (self.embedding, *self.transform.parameters()))
+
+    def _pass_table(self) -> torch.Tensor | None:
+        """MLP(E) for every site at once, computed at most once per pass and grad mode; None: compute per site."""
+        key = torch.is_grad_enabled()
+        hit = self._pass.tables.get(key)
+        if hit is not None and hit[0] == self._versions():
+            return hit[1]
+        if not self._pass.depth:
+            return None
+        table = self.transform(self.embedding)  # (P, L·2·H·d)
+        self._pass.tables[key] = (self._versions(), table)
+        return table
+
     def forward(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv(slot, batch, dtype)  # the seam calls the module: ZeRO-3's hooks see the table used
 
     def kv(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Site `slot`'s prefix keys and values, each (B, H_kv, P, d)."""
         w = 2 * self.H * self.hd
-        if self.reparameterized:
+        table = self._pass_table() if self.reparameterized else None
+        if table is not None:
+            block = table[:, slot * w:(slot + 1) * w]
+        elif self.reparameterized:
             h = self.transform[1](self.transform[0](self.embedding))  # (P, m)
             last = self.transform[2]
             rows = slice(slot * w, (slot + 1) * w)
@@ -86,6 +120,7 @@ class PrefixDelta(DeltaModule):
             raise ValueError(f"prompt_embeddings has shape {tuple(t.shape)} but this model's prefix table is {want} "
                              f"(num_virtual_tokens × layers·2·kv_heads·head_dim); the adapter is for another model")
         ref = self.embedding if self.reparameterized else self.table
+        self._pass.tables.clear()
         if self.reparameterized:  # only the table was saved: continue with it, flat
             del self.embedding, self.transform
         self.table = nn.Parameter(t.to(dtype=ref.dtype, device=ref.device).clone())
@@ -96,3 +131,18 @@ class PrefixDelta(DeltaModule):
         if self.reparameterized:
             raise ValueError("init from activations needs the flat table (prefix_projection=False)")
         self.table.copy_(table.to(self.table.dtype))
+
+
+class _PassCache:
+    """The pass table(s) of one PrefixDelta and the pass depth. Copies and pickles start empty: a cached tensor is
+    part of an autograd graph (deepcopy refuses those) and belongs to one pass of one model."""
+
+    def __init__(self):
+        self.tables: dict = {}  # grad mode -> (parameter versions, MLP(E))
+        self.depth = 0
+
+    def __deepcopy__(self, memo):
+        return _PassCache()
+
+    def __reduce__(self):
+        return (_PassCache, ())

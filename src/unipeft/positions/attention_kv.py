@@ -9,8 +9,22 @@ Prefixes never enter the KV cache, so generation with a cache and a full forward
 tokens' position ids start at P (`PrefixPositions`), and a relative position bias (T5) gets the prefix's
 columns from the bias of those positions; without it real tokens keep 0..T-1 and the prefix columns get zero
 bias. Without position ids from the caller they are derived from the attention mask, so a left-padded row sees
-the same positions as the row alone. The mask is always explicit: SDPA's own is_causal would align top-left once
-keys outnumber queries. Prefix K/V have the model's KV-head count (GQA).
+the same positions as the row alone. Prefix K/V have the model's KV-head count (GQA).
+
+Two mask paths compute the same attention (the explicit one is the reference in tests):
+    explicit   mask ← [visible | mask], a dense boolean/additive (·, 1, T, P+S) tensor: every case
+    fast       no dense mask where the batch needs none (mask None: no padding, or padding-free packing) and no
+               relative bias, soft-cap or per-query prefix visibility (`seen`) applies. On sdpa a causal layer gets
+               `causal_lower_right(T, P+S)` (torch's CausalBias): query i sees every prefix key and real keys
+               j <= past + i, i.e. the causal mask aligned to the bottom-right corner, which SDPA runs on its
+               flash / memory-efficient kernels without materializing a mask (SDPA's own is_causal would align
+               top-left once keys outnumber queries, hiding prefix and past keys). On flash_attention_2/3/4 the
+               kernel's causal flag already aligns bottom-right, so the concatenated keys go in with no mask.
+    Why not the log-sum-exp merge of a separate prefix term (He et al.'s gated form): it equals the joint softmax
+    only given the causal attention's own log-sum-exp, which torch's public SDPA does not return; the joint
+    softmax over [P; K] under CausalBias is the same function in one fused call.
+Flash implementations have no dense mask at all: a padded batch (a mask), packed rows (varlen) or a per-query
+prefix visibility (sliding window) are refused there with the fix (load with attn_implementation='sdpa').
 
 Composition (the unified view's two prefix points, He et al. 2022 §3):
     gate (softmax)   the concat above: head = (1-λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v)        prefix tuning
@@ -24,10 +38,12 @@ nothing to hide there, and a row's term does not depend on any other position (p
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .. import functional as Fn
 from ..compat import (attn_implementation, calls_attention_interface, eager_attention_of,
@@ -36,6 +52,54 @@ from ..spec import Compose, Form, Insertion
 from .base import Switch
 
 _SEAM_PREFIX = "unipeft_prefix_"
+_MASK_PATHS = ("fast", "explicit")
+_mask_path = ["fast"]
+
+
+@contextlib.contextmanager
+def prefix_mask_path(path: str):
+    """Within the block, joined prefixes use `path`: "fast" (the default: no dense mask where none is needed) or
+    "explicit" (always the dense [visible | mask] mask: the reference the fast path is tested against)."""
+    if path not in _MASK_PATHS:
+        raise ValueError(f"prefix_mask_path takes one of {_MASK_PATHS}; got {path!r}")
+    saved, _mask_path[0] = _mask_path[0], path
+    try:
+        yield
+    finally:
+        _mask_path[0] = saved
+
+
+def _fast_mask(base_name: str, mask, seen, cols, q_len: int, P: int, kv_len: int, causal: bool, kwargs):
+    """(True, the mask to pass) where the joined prefix needs no dense mask on `base_name`, else (False, None).
+    Exact only when every query sees every prefix key and its causal window of real keys: no padding mask, no
+    per-query prefix visibility, no relative bias (position_bias makes sdpa build a float mask anyway)."""
+    if _mask_path[0] != "fast" or mask is not None or seen is not None or cols is not None:
+        return False, None
+    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return False, None
+    if base_name == "sdpa":
+        return True, (causal_lower_right(q_len, P + kv_len) if causal and q_len > 1 else None)
+    return False, None
+
+
+def _check_flash(base_name: str, mask, seen, kwargs) -> None:
+    """Flash kernels take no dense mask: what the prefix needs one for is refused, with the fix."""
+    if mask is not None:
+        raise ValueError(f"a prefix on a padded batch needs a dense attention mask, which {base_name!r} does not "
+                         f"take; load the model with attn_implementation='sdpa' (fast when the batch has no padding) "
+                         f"or train without padding (equal lengths or padding-free packing)")
+    if seen is not None or kwargs.get("sliding_window"):
+        raise ValueError(f"a prefix on a sliding-window layer under {base_name!r} would be cut by the kernel's window "
+                         f"(the prefix keys stand before every real key); load the model with "
+                         f"attn_implementation='sdpa' or 'eager'")
+    if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k")) or _packed(kwargs.get("position_ids")):
+        raise ValueError(f"a prefix on packed rows (varlen) under {base_name!r} is not supported: every packed "
+                         f"sequence would need its own copy of the prefix keys; load the model with "
+                         f"attn_implementation='sdpa'")
+
+
+def _packed(pos) -> bool:
+    return pos is not None and pos.shape[-1] > 1 and bool((pos.diff(dim=-1) < 0).any())
 
 
 def _registries():
@@ -118,7 +182,12 @@ def make_seam(base_name: str):
                 return _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs)
             P = pk.shape[2]
             seen, cols = _prefix_seen(site, P, kwargs), site.prefix_bias(q_len, kv_len, P)
-        attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query, seen)
+        if "flash" in base_name:  # no dense mask there: the kernel's causal flag aligns bottom-right
+            _check_flash(base_name, attention_mask, seen, kwargs)
+            out, *rest = base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), None, **kwargs)
+            return (out, *rest)
+        fast, mask = _fast_mask(base_name, attention_mask, seen, cols, q_len, P, kv_len, causal, kwargs)
+        attention_mask = mask if fast else _extend_mask(attention_mask, P, q_len, kv_len, causal, query, seen)
         if "position_bias" in kwargs:
             kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P, cols)
         if "is_causal" in kwargs:
@@ -201,9 +270,6 @@ def _site_of(module):
 def seam_name(base_name: str) -> str:
     if base_name.startswith(_SEAM_PREFIX):
         return base_name
-    if "flash" in base_name:
-        raise ValueError(f"prefix methods need a dense attention mask; attn_implementation={base_name!r} has none. "
-                         f"Load the model with attn_implementation='sdpa' or 'eager'")
     ALL, AI, MASKS, MI = _registries()
     name = _SEAM_PREFIX + base_name
     if name not in ALL:
@@ -292,6 +358,20 @@ class AttentionKVSite:
             sites.remove(self)
         if not sites:
             self.host.__dict__.pop("_unipeft_kv", None)
+
+
+class PrefixPasses:
+    """Pre/post hooks on the model root telling a prefix table that a forward pass begins and ends, so an MLP
+    reparameterization is computed once per pass for all layers (deltas/prefix.py). Undone with the adapter."""
+
+    def __init__(self, model: nn.Module, delta):
+        self.delta = delta
+        self._hooks = [model.register_forward_pre_hook(lambda module, args: delta.begin_pass()),
+                       model.register_forward_hook(lambda module, args, out: delta.end_pass(), always_call=True)]
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
 
 
 class SeamConfigs:
