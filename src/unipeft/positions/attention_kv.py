@@ -13,18 +13,18 @@ the same positions as the row alone. Prefix K/V have the model's KV-head count (
 
 Two mask paths compute the same attention (the explicit one is the reference in tests):
     explicit   mask ← [visible | mask], a dense boolean/additive (·, 1, T, P+S) tensor: every case
-    fast       no dense mask where the batch needs none (mask None: no padding, or padding-free packing) and no
-               relative bias, soft-cap or per-query prefix visibility (`seen`) applies. On sdpa a causal layer gets
+    fast       no dense mask where the batch needs none (transformers passes mask None: equal lengths, no
+               padding, no packed rows) and no relative bias, soft-cap or per-query prefix visibility (`seen`)
+               applies; a padded or packed batch (a dense mask) keeps the explicit path. On sdpa a causal layer gets
                `causal_lower_right(T, P+S)` (torch's CausalBias): query i sees every prefix key and real keys
                j <= past + i, i.e. the causal mask aligned to the bottom-right corner, which SDPA runs on its
                flash / memory-efficient kernels without materializing a mask (SDPA's own is_causal would align
-               top-left once keys outnumber queries, hiding prefix and past keys). On flash_attention_2/3/4 the
-               kernel's causal flag already aligns bottom-right, so the concatenated keys go in with no mask.
+               top-left once keys outnumber queries, hiding prefix and past keys). Eager keeps the explicit mask.
     Why not the log-sum-exp merge of a separate prefix term (He et al.'s gated form): it equals the joint softmax
     only given the causal attention's own log-sum-exp, which torch's public SDPA does not return; the joint
     softmax over [P; K] under CausalBias is the same function in one fused call.
-Flash implementations have no dense mask at all: a padded batch (a mask), packed rows (varlen) or a per-query
-prefix visibility (sliding window) are refused there with the fix (load with attn_implementation='sdpa').
+flash_attention_* stay refused: transformers loads the flash kernel by the config's implementation name, which
+the seam replaces (a name containing "flash" is looked up as a hub kernel); sdpa's fast path serves instead.
 
 Composition (the unified view's two prefix points, He et al. 2022 §3):
     gate (softmax)   the concat above: head = (1-λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v)        prefix tuning
@@ -80,26 +80,6 @@ def _fast_mask(base_name: str, mask, seen, cols, q_len: int, P: int, kv_len: int
     if base_name == "sdpa":
         return True, (causal_lower_right(q_len, P + kv_len) if causal and q_len > 1 else None)
     return False, None
-
-
-def _check_flash(base_name: str, mask, seen, kwargs) -> None:
-    """Flash kernels take no dense mask: what the prefix needs one for is refused, with the fix."""
-    if mask is not None:
-        raise ValueError(f"a prefix on a padded batch needs a dense attention mask, which {base_name!r} does not "
-                         f"take; load the model with attn_implementation='sdpa' (fast when the batch has no padding) "
-                         f"or train without padding (equal lengths or padding-free packing)")
-    if seen is not None or kwargs.get("sliding_window"):
-        raise ValueError(f"a prefix on a sliding-window layer under {base_name!r} would be cut by the kernel's window "
-                         f"(the prefix keys stand before every real key); load the model with "
-                         f"attn_implementation='sdpa' or 'eager'")
-    if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k")) or _packed(kwargs.get("position_ids")):
-        raise ValueError(f"a prefix on packed rows (varlen) under {base_name!r} is not supported: every packed "
-                         f"sequence would need its own copy of the prefix keys; load the model with "
-                         f"attn_implementation='sdpa'")
-
-
-def _packed(pos) -> bool:
-    return pos is not None and pos.shape[-1] > 1 and bool((pos.diff(dim=-1) < 0).any())
 
 
 def _registries():
@@ -182,10 +162,6 @@ def make_seam(base_name: str):
                 return _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs)
             P = pk.shape[2]
             seen, cols = _prefix_seen(site, P, kwargs), site.prefix_bias(q_len, kv_len, P)
-        if "flash" in base_name:  # no dense mask there: the kernel's causal flag aligns bottom-right
-            _check_flash(base_name, attention_mask, seen, kwargs)
-            out, *rest = base(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), None, **kwargs)
-            return (out, *rest)
         fast, mask = _fast_mask(base_name, attention_mask, seen, cols, q_len, P, kv_len, causal, kwargs)
         attention_mask = mask if fast else _extend_mask(attention_mask, P, q_len, kv_len, causal, query, seen)
         if "position_bias" in kwargs:
@@ -270,6 +246,11 @@ def _site_of(module):
 def seam_name(base_name: str) -> str:
     if base_name.startswith(_SEAM_PREFIX):
         return base_name
+    if "flash" in base_name:  # transformers picks the flash kernel by the config's name: a wrapped name breaks it
+        raise ValueError(f"prefix methods wrap the attention under a new implementation name, and transformers loads "
+                         f"a flash kernel by that name, so attn_implementation={base_name!r} cannot be wrapped. Load "
+                         f"the model with attn_implementation='sdpa': without padding the prefix keeps SDPA's fused "
+                         f"(flash / memory-efficient) kernels there")
     ALL, AI, MASKS, MI = _registries()
     name = _SEAM_PREFIX + base_name
     if name not in ALL:
