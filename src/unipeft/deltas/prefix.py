@@ -6,13 +6,15 @@ checkpoints load as they are. With reparameterization the table is MLP(E):
 
     E (P × d_e) ─ Linear(d_e → m) ─ tanh ─ Linear(m → L·2·H_kv·d) ─> table (P × L·2·H_kv·d)
 
-computed once per forward pass of the model for all sites (`begin_pass`, called by a pre-hook on the model
-root; the sites slice it). Outside a pass, or without one, each site computes only its own slice.
+computed once per forward pass of the model for all sites: a pre-hook on the model root calls the delta with no
+slot (`forward(None)`, a module call so ZeRO-3 gathers the parameters), outside every layer, and the sites slice
+that table. Without a pass table (the backbone called directly, or transformers' gradient checkpointing on) each
+site computes only its own slice, as before.
 
-The pass table is kept after the pass ends so that a non-reentrant activation-checkpoint recompute (during
-backward) slices the very tensor the forward sliced; it is used again only while no parameter it was made from has
-changed (version counters), and new entries are made only inside a pass, so a reentrant recompute (its own
-backward per layer) never shares one graph between layers.
+The pass table is replaced at the next pass. A non-reentrant activation-checkpoint recompute (in backward, after
+the pass) slices the very tensor the forward sliced, so both save the same tensors; a table is used only while no
+parameter it was made from has changed (version counters). Under transformers' gradient checkpointing no table is
+made: a reentrant recompute runs its own backward per layer, which must not share one graph between layers.
 """
 
 from __future__ import annotations
@@ -62,32 +64,33 @@ class PrefixDelta(DeltaModule):
     def reparameterized(self) -> bool:
         return hasattr(self, "transform")
 
-    def begin_pass(self) -> None:
-        """A forward pass of the model begins: the MLP(E) of the last pass is stale (its graph may be freed)."""
-        if self._pass.depth == 0:
-            self._pass.tables.clear()
-        self._pass.depth += 1
-
-    def end_pass(self) -> None:
-        self._pass.depth = max(0, self._pass.depth - 1)
+    def begin_pass(self, cache: bool) -> None:
+        """A forward pass of the model begins: drop the last pass's table; with `cache`, make this pass's table."""
+        self._pass.entry = None
+        if cache and self.reparameterized:
+            self(None)
 
     def _versions(self) -> tuple:
         return tuple(p._version for p in (self.embedding, *self.transform.parameters()))
 
     def _pass_table(self) -> torch.Tensor | None:
-        """MLP(E) for every site at once, computed at most once per pass and grad mode; None: compute per site."""
-        key = torch.is_grad_enabled()
-        hit = self._pass.tables.get(key)
-        if hit is not None and hit[0] == self._versions():
-            return hit[1]
-        if not self._pass.depth:
+        """This pass's MLP(E) for every site, or None (compute per site): none made, parameters changed since, or
+        made without autograd while this site needs gradients."""
+        entry = self._pass.entry
+        if entry is None or entry[0] != self._versions():
             return None
-        table = self.transform(self.embedding)  # (P, L·2·H·d)
-        self._pass.tables[key] = (self._versions(), table)
+        table = entry[1]
+        if torch.is_grad_enabled() and not table.requires_grad and self.embedding.requires_grad:
+            return None
         return table
 
-    def forward(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv(slot, batch, dtype)  # the seam calls the module: ZeRO-3's hooks see the table used
+    def forward(self, slot: int | None, batch: int = 1, dtype=None):
+        """Site `slot`'s prefix keys and values (see kv); slot None: compute this pass's table for all sites. The
+        seam and the pass hook call the module, so ZeRO-3's hooks see the table used."""
+        if slot is None:
+            self._pass.entry = (self._versions(), self.transform(self.embedding))  # (P, L·2·H·d)
+            return None
+        return self.kv(slot, batch, dtype)
 
     def kv(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Site `slot`'s prefix keys and values, each (B, H_kv, P, d)."""
@@ -120,7 +123,7 @@ class PrefixDelta(DeltaModule):
             raise ValueError(f"prompt_embeddings has shape {tuple(t.shape)} but this model's prefix table is {want} "
                              f"(num_virtual_tokens × layers·2·kv_heads·head_dim); the adapter is for another model")
         ref = self.embedding if self.reparameterized else self.table
-        self._pass.tables.clear()
+        self._pass.entry = None
         if self.reparameterized:  # only the table was saved: continue with it, flat
             del self.embedding, self.transform
         self.table = nn.Parameter(t.to(dtype=ref.dtype, device=ref.device).clone())
@@ -134,12 +137,11 @@ class PrefixDelta(DeltaModule):
 
 
 class _PassCache:
-    """The pass table(s) of one PrefixDelta and the pass depth. Copies and pickles start empty: a cached tensor is
-    part of an autograd graph (deepcopy refuses those) and belongs to one pass of one model."""
+    """The pass table of one PrefixDelta: (parameter versions, MLP(E)) or None. Copies and pickles start empty: the
+    table is part of an autograd graph (deepcopy refuses those) and belongs to one pass of one model."""
 
     def __init__(self):
-        self.tables: dict = {}  # grad mode -> (parameter versions, MLP(E))
-        self.depth = 0
+        self.entry = None
 
     def __deepcopy__(self, memo):
         return _PassCache()

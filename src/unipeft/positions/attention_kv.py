@@ -342,17 +342,19 @@ class AttentionKVSite:
 
 
 class PrefixPasses:
-    """Pre/post hooks on the model root telling a prefix table that a forward pass begins and ends, so an MLP
-    reparameterization is computed once per pass for all layers (deltas/prefix.py). Undone with the adapter."""
+    """A pre-hook on the model root: each forward pass computes the prefix table's MLP reparameterization once for
+    all layers (deltas/prefix.py), except under transformers' gradient checkpointing, where each layer computes
+    its slice in its forward and again in its recompute. Undone with the adapter."""
 
     def __init__(self, model: nn.Module, delta):
-        self.delta = delta
-        self._hooks = [model.register_forward_pre_hook(lambda module, args: delta.begin_pass()),
-                       model.register_forward_hook(lambda module, args, out: delta.end_pass(), always_call=True)]
+        def begin(module, args):
+            checkpointing = module.training and getattr(module, "is_gradient_checkpointing", False)
+            delta.begin_pass(cache=not checkpointing)
+
+        self._hook = model.register_forward_pre_hook(begin)
 
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        self._hook.remove()
 
 
 class SeamConfigs:
