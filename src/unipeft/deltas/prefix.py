@@ -77,8 +77,8 @@ class PrefixDelta(DeltaModule):
         """This pass's MLP(E) for every site, or None (compute per site): none made, parameters changed since, or
         made without autograd while this site needs gradients."""
         entry = self._pass.entry
-        if entry is None or entry[0] != self._versions():
-            return None
+        if entry is None or not torch.compiler.is_compiling() and entry[0] != self._versions():
+            return None  # under compile the entry is this traced pass's own (its versions are not known: None)
         table = entry[1]
         if torch.is_grad_enabled() and not table.requires_grad and self.embedding.requires_grad:
             return None
@@ -88,7 +88,8 @@ class PrefixDelta(DeltaModule):
         """Site `slot`'s prefix keys and values (see kv); slot None: compute this pass's table for all sites. The
         seam and the pass hook call the module, so ZeRO-3's hooks see the table used."""
         if slot is None:
-            self._pass.entry = (self._versions(), self.transform(self.embedding))  # (P, L·2·H·d)
+            versions = None if torch.compiler.is_compiling() else self._versions()
+            self._pass.entry = (versions, self.transform(self.embedding))  # (P, L·2·H·d)
             return None
         return self.kv(slot, batch, dtype)
 

@@ -347,8 +347,12 @@ class PrefixPasses:
     its slice in its forward and again in its recompute. Undone with the adapter."""
 
     def __init__(self, model: nn.Module, delta):
+        # transformers >= 5 names the property is_activation_checkpointing (is_gradient_checkpointing warns)
+        flag = next((f for f in ("is_activation_checkpointing", "is_gradient_checkpointing")
+                     if hasattr(type(model), f)), None)
+
         def begin(module, args):
-            checkpointing = module.training and getattr(module, "is_gradient_checkpointing", False)
+            checkpointing = module.training and flag is not None and getattr(module, flag)
             delta.begin_pass(cache=not checkpointing)
 
         self._hook = model.register_forward_pre_hook(begin)
