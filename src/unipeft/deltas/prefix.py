@@ -9,7 +9,8 @@ checkpoints load as they are. With reparameterization the table is MLP(E):
 computed once per forward pass of the model for all sites: a pre-hook on the model root calls the delta with no
 slot (`forward(None)`, a module call so ZeRO-3 gathers the parameters), outside every layer, and the sites slice
 that table. Without a pass table (the backbone called directly, or transformers' gradient checkpointing on) each
-site computes only its own slice, as before.
+site computes only its own slice, as before; so do FSDP2-sharded tables (the root hook may run before FSDP2's
+gather).
 
 The pass table is replaced at the next pass. A non-reentrant activation-checkpoint recompute (in backward, after
 the pass) slices the very tensor the forward sliced, so both save the same tensors; a table is used only while no
@@ -67,7 +68,7 @@ class PrefixDelta(DeltaModule):
     def begin_pass(self, cache: bool) -> None:
         """A forward pass of the model begins: drop the last pass's table; with `cache`, make this pass's table."""
         self._pass.entry = None
-        if cache and self.reparameterized:
+        if cache and self.reparameterized and not _sharded(self.embedding):
             self(None)
 
     def _versions(self) -> tuple:
@@ -135,6 +136,16 @@ class PrefixDelta(DeltaModule):
         if self.reparameterized:
             raise ValueError("init from activations needs the flat table (prefix_projection=False)")
         self.table.copy_(table.to(self.table.dtype))
+
+
+def _sharded(p: torch.Tensor) -> bool:
+    """An FSDP2 (DTensor) parameter: the root hook may run before FSDP2's own pre-hook gathers it, so the sites
+    compute their slices inside the layers, after the gather (as without a pass table)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 class _PassCache:
