@@ -88,6 +88,13 @@ def has_forward_hooks(module: nn.Module) -> bool:
                                                           "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"))
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by every in-place change: optimizer steps, copy_, load_state_dict).
+    Private: `Tensor._version` (torch has no public accessor; autograd checks saved tensors with the same counter).
+    Used to reuse a prefix MLP's pass table only while its parameters are unchanged (deltas/prefix.py)."""
+    return t._version
+
+
 # -------------------------------------------------------------------------------------------- transformers
 
 

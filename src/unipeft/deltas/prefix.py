@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compat import tensor_version
 from ..spec import Prefix
 from .base import DeltaModule
 
@@ -72,7 +73,7 @@ class PrefixDelta(DeltaModule):
             self(None)
 
     def _versions(self) -> tuple:
-        return tuple(p._version for p in (self.embedding, *self.transform.parameters()))
+        return tuple(tensor_version(p) for p in (self.embedding, *self.transform.parameters()))
 
     def _pass_table(self) -> torch.Tensor | None:
         """This pass's MLP(E) for every site, or None (compute per site): none made, parameters changed since, or
