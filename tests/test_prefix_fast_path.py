@@ -146,9 +146,13 @@ def _count_mlp_calls(delta):
     return calls, delta.transform[0].register_forward_hook(lambda *a: calls.append(1))
 
 
-@pytest.mark.parametrize("method", ("prefix_proj", "mam"))
+MLP_METHODS = {"prefix_proj": {}, "mam": {}, "multi_head_parallel": {},
+               "p_tuning_v2": {"reparameterization": True, "encoder_hidden_size": 16}}
+
+
+@pytest.mark.parametrize("method", sorted(MLP_METHODS))
 def test_mlp_reparameterization_runs_once_per_forward(method):
-    peft = get_peft_model(BUILDERS["llama"](), config(method, "llama", random=True))
+    peft = get_peft_model(BUILDERS["llama"](), config(method, "llama", random=True, **MLP_METHODS[method]))
     delta, batch = _delta(peft), batch_for("llama")
     assert delta.L == 2
     calls, hook = _count_mlp_calls(delta)
