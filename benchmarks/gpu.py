@@ -49,6 +49,8 @@ ROWS = {
     "ours_houlsby": dict(lib="ours", method="houlsby"),
     "ours_scaled_parallel": dict(lib="ours", method="scaled_parallel"),
     "ours_prefix": dict(lib="ours", method="prefix"),
+    "ours_prefix_explicit": dict(lib="ours", method="prefix", mask_path="explicit"),  # the dense-mask reference
+    "ours_prefix_proj": dict(lib="ours", method="prefix_proj"),  # MLP reparameterization, once per forward
     "ours_prompt": dict(lib="ours", method="prompt"),
     # with gradient checkpointing (the 8B memory rows)
     "hf_lora_bf16_liger_gc": dict(lib="hf", method="lora", adapter_bf16=True, liger=True, gc=True),
@@ -92,7 +94,10 @@ def _build(shape: str, row: dict):
            "houlsby": lambda: unipeft.AdapterConfig.houlsby(task_type="CAUSAL_LM"),
            "scaled_parallel": lambda: unipeft.AdapterConfig.scaled_parallel(task_type="CAUSAL_LM"),
            "prompt": lambda: unipeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
-           "prefix": lambda: unipeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)}[method]()
+           "prefix": lambda: unipeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+           "prefix_proj": lambda: unipeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                             prefix_projection=True, encoder_hidden_size=512),
+           }[method]()
     pm = unipeft.get_peft_model(model, cfg)
     if row.get("gc"):
         pm.gradient_checkpointing_enable()
@@ -100,6 +105,15 @@ def _build(shape: str, row: dict):
 
 
 def worker(shape: str, label: str) -> dict:
+    path = ROWS[label].get("mask_path")  # which prefix mask path (unipeft.positions.attention_kv.prefix_mask_path)
+    if path is None:
+        return _worker(shape, label)
+    from unipeft.positions.attention_kv import prefix_mask_path
+    with prefix_mask_path(path):
+        return _worker(shape, label)
+
+
+def _worker(shape: str, label: str) -> dict:
     import torch
 
     row = ROWS[label]

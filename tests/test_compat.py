@@ -40,6 +40,18 @@ def test_torch_OptimizedModule__orig_mod():
     assert not compat.is_compiled(lin) and compat.compiled_original(lin) is lin
 
 
+def test_torch_Tensor__version():
+    p = nn.Parameter(torch.zeros(3))
+    v = compat.tensor_version(p)
+    assert isinstance(v, int)
+    with torch.no_grad():
+        p.add_(1.0)  # what an optimizer step does
+    assert compat.tensor_version(p) > v
+    before = compat.tensor_version(p)
+    _ = p * 2  # out-of-place use leaves it
+    assert compat.tensor_version(p) == before
+
+
 def test_torch_Module__apply_is_what_every_conversion_calls():
     # keep_own_tensors_on_conversion: a module's own tensors stay, its children convert
     outer = nn.Linear(3, 3)

@@ -41,7 +41,7 @@ def _assert_close(a, b):
 
 
 @pytest.mark.parametrize("method,fullgraph", [("lora_qkv", True), ("ia3", True), ("houlsby", True),
-                                              ("prefix", True), ("prompt_tuning", False)])
+                                              ("prefix", True), ("prefix_proj", True), ("prompt_tuning", False)])
 def test_compiled_training_step_equals_eager(method, fullgraph):
     # prompt tuning: its input hook branches on the data (template slots, cache length), so it compiles in pieces
     peft = _model(method)

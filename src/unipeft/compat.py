@@ -126,6 +126,13 @@ def runs_first_after_forward(module: nn.Module, hook_id: int) -> bool:
     return next(iter(module._forward_hooks), None) == hook_id
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by every in-place change: optimizer steps, copy_, load_state_dict).
+    Private: `Tensor._version` (torch has no public accessor; autograd checks saved tensors with the same counter).
+    Used to reuse a prefix MLP's pass table only while its parameters are unchanged (deltas/prefix.py)."""
+    return t._version
+
+
 # ------------------------------------------------------------------------------------------------ deepspeed
 
 

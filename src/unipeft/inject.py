@@ -21,7 +21,7 @@ from .training.losses import ChunkedLoss
 from .training.recompute import ActivationRecompute
 from .positions import LinearDeltaSite, Site, SublayerDeltaSite, Switch, TrainableCopy
 from .positions import attention_kv, input as input_position
-from .positions.attention_kv import AttentionKVSite, SeamConfigs, check_seam, relative_bias_source
+from .positions.attention_kv import AttentionKVSite, PrefixPasses, SeamConfigs, check_seam, relative_bias_source
 from .positions.fused import SlicedLinearDeltaSite
 from .positions.input import InputSite, PrefixPositions
 from .positions.installers import installer_for, position_installer
@@ -153,6 +153,8 @@ def _install_attention_kv(model, ins: Insertion, arch, handle) -> list:
     delta = build_delta(ins.delta, 0, 0, sites=len(modules), kv_heads=kv_heads, head_dim=head_dim,
                         **_param_like(model, _autocast(handle)))
     handle.extras.append(RootModule(model, ins.name, delta, handle.switch.adapter))
+    if getattr(delta, "reparameterized", False):
+        handle.extras.append(PrefixPasses(model, delta))
     if not any(isinstance(e, SeamConfigs) for e in handle.extras):
         handle.extras.append(SeamConfigs(model))
     if not getattr(model.config, "is_encoder_decoder", False):

@@ -6,7 +6,16 @@ checkpoints load as they are. With reparameterization the table is MLP(E):
 
     E (P × d_e) ─ Linear(d_e → m) ─ tanh ─ Linear(m → L·2·H_kv·d) ─> table (P × L·2·H_kv·d)
 
-and each site computes only its own slice of the last layer.
+computed once per forward pass of the model for all sites: a pre-hook on the model root calls the delta with no
+slot (`forward(None)`, a module call so ZeRO-3 gathers the parameters), outside every layer, and the sites slice
+that table. Without a pass table (the backbone called directly, or transformers' gradient checkpointing on) each
+site computes only its own slice, as before; so do FSDP2-sharded tables (the root hook may run before FSDP2's
+gather).
+
+The pass table is replaced at the next pass. A non-reentrant activation-checkpoint recompute (in backward, after
+the pass) slices the very tensor the forward sliced, so both save the same tensors; a table is used only while no
+parameter it was made from has changed (version counters). Under transformers' gradient checkpointing no table is
+made: a reentrant recompute runs its own backward per layer, which must not share one graph between layers.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compat import tensor_version
 from ..spec import Prefix
 from .base import DeltaModule
 
@@ -38,6 +48,7 @@ class PrefixDelta(DeltaModule):
             self.table = nn.Parameter(init(spec.length, width, **kw))  # (P, L·2·H·d)
         if spec.init == "zero_values":
             self._zero_values()
+        self._pass = _PassCache()
 
     @torch.no_grad()
     def _zero_values(self) -> None:
@@ -55,13 +66,42 @@ class PrefixDelta(DeltaModule):
     def reparameterized(self) -> bool:
         return hasattr(self, "transform")
 
-    def forward(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv(slot, batch, dtype)  # the seam calls the module: ZeRO-3's hooks see the table used
+    def begin_pass(self, cache: bool) -> None:
+        """A forward pass of the model begins: drop the last pass's table; with `cache`, make this pass's table."""
+        self._pass.entry = None
+        if cache and self.reparameterized and not _sharded(self.embedding):
+            self(None)
+
+    def _versions(self) -> tuple:
+        return tuple(tensor_version(p) for p in (self.embedding, *self.transform.parameters()))
+
+    def _pass_table(self) -> torch.Tensor | None:
+        """This pass's MLP(E) for every site, or None (compute per site): none made, parameters changed since, or
+        made without autograd while this site needs gradients."""
+        entry = self._pass.entry
+        if entry is None or not torch.compiler.is_compiling() and entry[0] != self._versions():
+            return None  # under compile the entry is this traced pass's own (its versions are not known: None)
+        table = entry[1]
+        if torch.is_grad_enabled() and not table.requires_grad and self.embedding.requires_grad:
+            return None
+        return table
+
+    def forward(self, slot: int | None, batch: int = 1, dtype=None):
+        """Site `slot`'s prefix keys and values (see kv); slot None: compute this pass's table for all sites. The
+        seam and the pass hook call the module, so ZeRO-3's hooks see the table used."""
+        if slot is None:
+            versions = None if torch.compiler.is_compiling() else self._versions()
+            self._pass.entry = (versions, self.transform(self.embedding))  # (P, L·2·H·d)
+            return None
+        return self.kv(slot, batch, dtype)
 
     def kv(self, slot: int, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Site `slot`'s prefix keys and values, each (B, H_kv, P, d)."""
         w = 2 * self.H * self.hd
-        if self.reparameterized:
+        table = self._pass_table() if self.reparameterized else None
+        if table is not None:
+            block = table[:, slot * w:(slot + 1) * w]
+        elif self.reparameterized:
             h = self.transform[1](self.transform[0](self.embedding))  # (P, m)
             last = self.transform[2]
             rows = slice(slot * w, (slot + 1) * w)
@@ -86,6 +126,7 @@ class PrefixDelta(DeltaModule):
             raise ValueError(f"prompt_embeddings has shape {tuple(t.shape)} but this model's prefix table is {want} "
                              f"(num_virtual_tokens × layers·2·kv_heads·head_dim); the adapter is for another model")
         ref = self.embedding if self.reparameterized else self.table
+        self._pass.entry = None
         if self.reparameterized:  # only the table was saved: continue with it, flat
             del self.embedding, self.transform
         self.table = nn.Parameter(t.to(dtype=ref.dtype, device=ref.device).clone())
@@ -96,3 +137,27 @@ class PrefixDelta(DeltaModule):
         if self.reparameterized:
             raise ValueError("init from activations needs the flat table (prefix_projection=False)")
         self.table.copy_(table.to(self.table.dtype))
+
+
+def _sharded(p: torch.Tensor) -> bool:
+    """An FSDP2 (DTensor) parameter: the root hook may run before FSDP2's own pre-hook gathers it, so the sites
+    compute their slices inside the layers, after the gather (as without a pass table)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+class _PassCache:
+    """The pass table of one PrefixDelta: (parameter versions, MLP(E)) or None. Copies and pickles start empty: the
+    table is part of an autograd graph (deepcopy refuses those) and belongs to one pass of one model."""
+
+    def __init__(self):
+        self.entry = None
+
+    def __deepcopy__(self, memo):
+        return _PassCache()
+
+    def __reduce__(self):
+        return (_PassCache, ())

@@ -9,8 +9,22 @@ Prefixes never enter the KV cache, so generation with a cache and a full forward
 tokens' position ids start at P (`PrefixPositions`), and a relative position bias (T5) gets the prefix's
 columns from the bias of those positions; without it real tokens keep 0..T-1 and the prefix columns get zero
 bias. Without position ids from the caller they are derived from the attention mask, so a left-padded row sees
-the same positions as the row alone. The mask is always explicit: SDPA's own is_causal would align top-left once
-keys outnumber queries. Prefix K/V have the model's KV-head count (GQA).
+the same positions as the row alone. Prefix K/V have the model's KV-head count (GQA).
+
+Two mask paths compute the same attention (the explicit one is the reference in tests):
+    explicit   mask ← [visible | mask], a dense boolean/additive (·, 1, T, P+S) tensor: every case
+    fast       no dense mask where the batch needs none (transformers passes mask None: equal lengths, no
+               padding, no packed rows) and no relative bias, soft-cap or per-query prefix visibility (`seen`)
+               applies; a padded or packed batch (a dense mask) keeps the explicit path. On sdpa a causal layer gets
+               `causal_lower_right(T, P+S)` (torch's CausalBias): query i sees every prefix key and real keys
+               j <= past + i, i.e. the causal mask aligned to the bottom-right corner, which SDPA runs on its
+               flash / memory-efficient kernels without materializing a mask (SDPA's own is_causal would align
+               top-left once keys outnumber queries, hiding prefix and past keys). Eager keeps the explicit mask.
+    Why not the log-sum-exp merge of a separate prefix term (He et al.'s gated form): it equals the joint softmax
+    only given the causal attention's own log-sum-exp, which torch's public SDPA does not return; the joint
+    softmax over [P; K] under CausalBias is the same function in one fused call.
+flash_attention_* stay refused: transformers loads the flash kernel by the config's implementation name, which
+the seam replaces (a name containing "flash" is looked up as a hub kernel); sdpa's fast path serves instead.
 
 Composition (the unified view's two prefix points, He et al. 2022 §3):
     gate (softmax)   the concat above: head = (1-λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v)        prefix tuning
@@ -24,10 +38,12 @@ nothing to hide there, and a row's term does not depend on any other position (p
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .. import functional as Fn
 from ..compat import (attn_implementation, calls_attention_interface, eager_attention_of,
@@ -36,6 +52,34 @@ from ..spec import Compose, Form, Insertion
 from .base import Switch
 
 _SEAM_PREFIX = "unipeft_prefix_"
+_MASK_PATHS = ("fast", "explicit")
+_mask_path = ["fast"]
+
+
+@contextlib.contextmanager
+def prefix_mask_path(path: str):
+    """Within the block, joined prefixes use `path`: "fast" (the default: no dense mask where none is needed) or
+    "explicit" (always the dense [visible | mask] mask: the reference the fast path is tested against)."""
+    if path not in _MASK_PATHS:
+        raise ValueError(f"prefix_mask_path takes one of {_MASK_PATHS}; got {path!r}")
+    saved, _mask_path[0] = _mask_path[0], path
+    try:
+        yield
+    finally:
+        _mask_path[0] = saved
+
+
+def _fast_mask(base_name: str, mask, seen, cols, q_len: int, P: int, kv_len: int, causal: bool, kwargs):
+    """(True, the mask to pass) where the joined prefix needs no dense mask on `base_name`, else (False, None).
+    Exact only when every query sees every prefix key and its causal window of real keys: no padding mask, no
+    per-query prefix visibility, no relative bias (position_bias makes sdpa build a float mask anyway)."""
+    if _mask_path[0] != "fast" or mask is not None or seen is not None or cols is not None:
+        return False, None
+    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return False, None
+    if base_name == "sdpa":
+        return True, (causal_lower_right(q_len, P + kv_len) if causal and q_len > 1 else None)
+    return False, None
 
 
 def _registries():
@@ -118,7 +162,8 @@ def make_seam(base_name: str):
                 return _added(site, base, module, query, key, value, attention_mask, pk, pv, kwargs)
             P = pk.shape[2]
             seen, cols = _prefix_seen(site, P, kwargs), site.prefix_bias(q_len, kv_len, P)
-        attention_mask = _extend_mask(attention_mask, P, q_len, kv_len, causal, query, seen)
+        fast, mask = _fast_mask(base_name, attention_mask, seen, cols, q_len, P, kv_len, causal, kwargs)
+        attention_mask = mask if fast else _extend_mask(attention_mask, P, q_len, kv_len, causal, query, seen)
         if "position_bias" in kwargs:
             kwargs["position_bias"] = _pad_bias(kwargs["position_bias"], P, cols)
         if "is_causal" in kwargs:
@@ -201,9 +246,11 @@ def _site_of(module):
 def seam_name(base_name: str) -> str:
     if base_name.startswith(_SEAM_PREFIX):
         return base_name
-    if "flash" in base_name:
-        raise ValueError(f"prefix methods need a dense attention mask; attn_implementation={base_name!r} has none. "
-                         f"Load the model with attn_implementation='sdpa' or 'eager'")
+    if "flash" in base_name:  # transformers picks the flash kernel by the config's name: a wrapped name breaks it
+        raise ValueError(f"prefix methods wrap the attention under a new implementation name, and transformers loads "
+                         f"a flash kernel by that name, so attn_implementation={base_name!r} cannot be wrapped. Load "
+                         f"the model with attn_implementation='sdpa': without padding the prefix keeps SDPA's fused "
+                         f"(flash / memory-efficient) kernels there")
     ALL, AI, MASKS, MI = _registries()
     name = _SEAM_PREFIX + base_name
     if name not in ALL:
@@ -292,6 +339,26 @@ class AttentionKVSite:
             sites.remove(self)
         if not sites:
             self.host.__dict__.pop("_unipeft_kv", None)
+
+
+class PrefixPasses:
+    """A pre-hook on the model root: each forward pass computes the prefix table's MLP reparameterization once for
+    all layers (deltas/prefix.py), except under transformers' gradient checkpointing, where each layer computes
+    its slice in its forward and again in its recompute. Undone with the adapter."""
+
+    def __init__(self, model: nn.Module, delta):
+        # transformers >= 5 names the property is_activation_checkpointing (is_gradient_checkpointing warns)
+        flag = next((f for f in ("is_activation_checkpointing", "is_gradient_checkpointing")
+                     if hasattr(type(model), f)), None)
+
+        def begin(module, args):
+            checkpointing = module.training and flag is not None and getattr(module, flag)
+            delta.begin_pass(cache=not checkpointing)
+
+        self._hook = model.register_forward_pre_hook(begin)
+
+    def remove(self) -> None:
+        self._hook.remove()
 
 
 class SeamConfigs:
