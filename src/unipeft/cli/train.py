@@ -69,12 +69,15 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
         raise CliError(f"--distributed {distributed} contradicts the Accelerate config this was launched with "
                        f"(it enables {configured})", "drop --distributed to use the config's engine, or launch with "
                        "a config (or torchrun) that matches it")
-    if wanted and not torch.cuda.is_available():
-        # Accelerate (1.15) sets FSDP and DeepSpeed up only for GPU-type launches: on CPU, FSDP silently becomes
-        # DDP and DeepSpeed N independent one-process runs
-        raise CliError(f"{'FSDP' if wanted == 'fsdp' else 'DeepSpeed'} through Accelerate needs GPUs (Accelerate "
-                       f"runs a CPU launch as DDP only)", "on CPU use DDP (the default: drop --distributed, or "
-                       "launch with a config without FSDP/DeepSpeed), or run on GPUs")
+    cpu_engine = wanted and not torch.cuda.is_available()
+    if cpu_engine and configured:
+        # Accelerate (1.15) sets FSDP and DeepSpeed up only for GPU-type launches: from a config on CPU, FSDP would
+        # silently become DDP and DeepSpeed N independent one-process runs
+        raise CliError(f"an Accelerate config with {'FSDP' if wanted == 'fsdp' else 'DeepSpeed'} needs GPUs "
+                       f"(Accelerate runs a CPU launch as DDP only)", "on CPU launch with torchrun and pass "
+                       "--distributed fsdp|zero2|zero3 (torch's FSDP2 / DeepSpeed's CPU accelerator), or run on GPUs")
+    if cpu_engine and wanted == "deepspeed":
+        _cpu_deepspeed(distributed)
     kw: dict = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
     if precision == "auto" and os.environ.get("ACCELERATE_MIXED_PRECISION"):
         mp = None  # the launch config's choice
@@ -86,9 +89,15 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
         raise CliError("--precision fp16 needs a GPU", "use --precision bf16 or fp32 on CPU")
     if mp is not None:
         kw["mixed_precision"] = mp
-    if not torch.cuda.is_available():
+    if cpu_engine and wanted == "deepspeed":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Accelerate starts DeepSpeed's process group only for a non-CPU launch, and with no backend named it counts
+        # the processes as 1 (each would think it is the main one): name gloo
+        kw["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
+    elif not torch.cuda.is_available():
         kw["cpu"] = True  # Accelerate sets up gloo for a CPU launch only when told it is one
-    if distributed == "fsdp" and not configured:
+    if distributed == "fsdp" and not configured and not cpu_engine:  # on CPU: shard_for_cpu_fsdp, after the model
         from accelerate import FullyShardedDataParallelPlugin
 
         kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2)
@@ -109,6 +118,44 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
         cfg.pop("train_batch_size", None)
         cfg["gradient_clipping"] = max_grad_norm or 0.0
     return acc
+
+
+def _cpu_deepspeed(distributed: str) -> None:
+    """DeepSpeed on CPU: its CPU accelerator (DS_ACCELERATOR=cpu), under a launcher that gives every process its rank."""
+    import os
+    import sys
+
+    if int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        raise CliError(f"--distributed {distributed} on CPU runs DeepSpeed under a launcher",
+                       f"launch with torchrun --nproc_per_node N -m unipeft.cli train ... --distributed {distributed}")
+    chosen = os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if chosen != "cpu" or "deepspeed" in sys.modules and _ds_accelerator() != "cpu":
+        raise CliError(f"--distributed {distributed} on a machine without CUDA needs DeepSpeed's CPU accelerator, "
+                       f"but DS_ACCELERATOR={chosen}", "unset DS_ACCELERATOR (or set it to cpu)")
+
+
+def _ds_accelerator() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def shard_for_cpu_fsdp(peft, acc, distributed: str | None):
+    """`--distributed fsdp` where Accelerate will not set FSDP up (a CPU launch): torch's own FSDP2, `fully_shard`
+    on every block and the root (unipeft.distributed.shard_fsdp2) over the launch's processes. One process without
+    a launcher runs unsharded (the same computation; e.g. resuming a sharded run on one process)."""
+    import torch.distributed as dist
+
+    if distributed != "fsdp" or acc.is_fsdp2 or not dist.is_initialized():
+        return peft
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..distributed import shard_fsdp2
+
+    try:
+        return shard_fsdp2(peft, mesh=init_device_mesh("cpu", (acc.num_processes,)))
+    except ValueError as e:
+        raise CliError(f"--distributed fsdp: {e}", "use --distributed ddp for this model") from None
 
 
 def load_data(opts, tok, task_name):
@@ -213,6 +260,7 @@ def train_command(opts: dict) -> int:
         if "labels" in task.meta:
             write_json(out / "labels.json", {"id2label": dict(enumerate(task.meta["labels"]))})
     acc.wait_for_everyone()  # the folder exists for every process before any of them trains
+    peft = shard_for_cpu_fsdp(peft, acc, opts.get("distributed"))
     save = adapter_saver(peft, task, opts, opts.get("model"), acc)
     resume_step = global_batch = None
     if opts["resume"]:
@@ -236,7 +284,7 @@ def train_command(opts: dict) -> int:
                          f"{trainer.global_batch} (batch {opts['batch_size']} x {acc.num_processes} processes x "
                          f"accumulation {trainer.accum}), lr {opts['lr']:g} {opts['scheduler']}, "
                          f"warmup {trainer.warmup}"),
-            ("device", f"{acc.device} x{acc.num_processes} ({_engine(acc)}), precision {acc.mixed_precision}"
+            ("device", f"{acc.device} x{acc.num_processes} ({_engine(acc, trainer.model)}), precision {acc.mixed_precision}"
                        + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")
                        + (f", {opts['quantize']} base ({built})" if opts.get("quantize") else "")
                        + (", embeddings on host" if opts.get("host_embeddings") else "")
@@ -281,12 +329,14 @@ def final_eval(trainer, peft, task, tok, eval_feats, opts, out, acc) -> dict:
     return m
 
 
-def _engine(acc) -> str:
+def _engine(acc, model) -> str:
     if acc.num_processes == 1 and acc.state.deepspeed_plugin is None and not acc.is_fsdp2:
         return "one process"
     if acc.state.deepspeed_plugin is not None:
         return f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
-    return "FSDP2" if acc.is_fsdp2 else "DDP"
+    from torch.distributed.fsdp import FSDPModule
+
+    return "FSDP2" if acc.is_fsdp2 or isinstance(acc.unwrap_model(model), FSDPModule) else "DDP"
 
 
 def _short_cfg(cfg: dict) -> str:
