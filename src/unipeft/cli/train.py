@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -158,6 +159,25 @@ def shard_for_cpu_fsdp(peft, acc, distributed: str | None):
         raise CliError(f"--distributed fsdp: {e}", "use --distributed ddp for this model") from None
 
 
+@contextlib.contextmanager
+def _whole_base(acc):
+    """ZeRO-3: the base is loaded whole on every process and partitioned when the engine is prepared, not loaded
+    partitioned (transformers' zero.Init loading, on while Accelerate's ZeRO-3 config is registered): adapters are
+    built from the base's weights (a task head's trainable copy, initializations reading the weight), which a
+    partitioned base holds as empty tensors."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3 or getattr(plugin, "dschf", None) is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
+
+
 def load_data(opts, tok, task_name):
     train_rows = read_rows(opts["train"], "--train", opts["max_train_samples"])
     src = Path(opts["train"]).name
@@ -233,7 +253,8 @@ def train_command(opts: dict) -> int:
         model, built = load_quantized_model(model_path, task, tok, opts["quantize"], dtype, acc.device,
                                             stream=bool(opts.get("stream_layers")))
     else:
-        model = load_model(model_path, task, tok)
+        with _whole_base(acc):
+            model = load_model(model_path, task, tok)
     if opts.get("host_embeddings"):
         from .. import embeddings_on_host
         try:
