@@ -1,0 +1,120 @@
+"""`torchrun --nproc_per_node 2 -m unipeft.cli train --distributed fsdp|zero3` on CPU (gloo): torch's FSDP2
+(`fully_shard`, where Accelerate sets FSDP up only for GPUs) and DeepSpeed ZeRO-3 on its CPU accelerator give the
+adapter one process gives with the same global batch (1e-5 relative), evaluate a 5-row eval set (uneven over 2
+processes: sharded forwards are collectives, so every process runs the same number of batches) with every row
+counted once, save adapters that reload with the same logits, and an FSDP2 checkpoint resumes on 1 process. A
+Ctrl-C sent to one process of a 2-process FSDP2 run stops every process after the same step with a resumable
+checkpoint, and resuming reaches the weights of an uninterrupted run. One launch per engine (start-up dominates)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_distributed import ENV, PROGRAMS, close, final_weights, in_process, records, torchrun
+
+METHOD_FLAGS = {"lora": ["--lora-dropout", "0"], "prefix_tuning": ["--num-virtual-tokens", "4"]}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from unipeft.cli.embedded import minilm_path
+
+    root = tmp_path_factory.mktemp("sharded_cli")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, pad_token_id=0, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    pos, neg = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "sad"]
+    rows = [{"text": f"a {(pos if i % 2 else neg)[i % 4]} {'movie' if i % 3 else 'film, truly'}",
+             "label": "pos" if i % 2 else "neg"} for i in range(20)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))  # 3 + 2 rows: 2 and 1 batches
+    return root
+
+
+def train_args(ws, method, out, *extra):
+    # global batch 4 (2 x 2 processes, or 2 x accumulation 2 on one): 20 rows, 5 steps; eval at steps 2, 4, 5
+    return ["train", "--model", ws / "bert", "--task", "seq-cls", "--train", ws / "train.jsonl", "--eval",
+            ws / "eval.jsonl", "--method", method, *METHOD_FLAGS[method], "--batch-size", "2", "--max-steps", "5",
+            "--log-every", "1", "--eval-every", "2", "--lr", "0.01", "--output", out, *extra]
+
+
+def launch(ws, runs: list):
+    return torchrun(PROGRAMS / "cli_runs.py", json.dumps([[code, *map(str, argv)] if not isinstance(argv[0], dict) else
+                                                  [code, argv[0], *map(str, argv[1:])] for code, *argv in runs]))
+
+
+@pytest.fixture(scope="module")
+def refs(ws):
+    """One process, the same global batch (2 x accumulation 2), uninterrupted; and the same stopped after step 1
+    (every tensor moves after it, so equal final tensors mean equal training, not untouched ones)."""
+    out = {}
+    for m in METHOD_FLAGS:
+        out[m] = ws / "runs" / f"{m}-ref"
+        assert in_process(*train_args(ws, m, out[m], "--grad-accum", "2")) == 0
+        assert in_process(*train_args(ws, m, ws / "runs" / f"{m}-step1", "--grad-accum", "2"),
+                          env={"UNIPEFT_STOP_AT_STEP": "1"}) == 130
+        early = final_weights(ws / "runs" / f"{m}-step1")
+        still = [k for k, v in final_weights(out[m]).items() if torch.equal(v, early[k])]
+        assert not still, (m, still[:3])
+    return out
+
+
+def assert_same_run(run: Path, ref: Path):
+    close(final_weights(run), final_weights(ref))
+    train, evals = records(run)
+    ref_train, ref_evals = records(ref)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]  # each step logged once, by the main process
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    for a, b in zip(train + evals, ref_train + ref_evals):
+        for k in ("loss", "eval_loss", "accuracy"):  # the 5 eval rows each counted once: the same mean loss
+            if k in b:
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])), (run.name, a, b)
+    got, want = (json.loads((r / "eval_results.json").read_text()) for r in (run, ref))
+    assert abs(got["eval_loss"] - want["eval_loss"]) <= 1e-5 and got["accuracy"] == want["accuracy"]
+
+
+def same_logits(ws, a: Path, b: Path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from unipeft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(str(ws / "bert"))
+    batch = tok(["a good movie", "a sad film, truly"], padding=True, return_tensors="pt")
+    logits = []
+    for folder in (a, b):
+        base = AutoModelForSequenceClassification.from_pretrained(str(ws / "bert"), num_labels=2)
+        peft = PeftModel.from_pretrained(base, str(folder)).eval()
+        with torch.no_grad():
+            logits.append(peft(**batch).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_cli_equals_one_process_and_resumes_on_one(ws, refs):
+    runs = ws / "runs"
+    p = launch(ws, [[0, *train_args(ws, "lora", runs / "lora-fsdp", "--distributed", "fsdp")],
+                [0, *train_args(ws, "prefix_tuning", runs / "prefix-fsdp", "--distributed", "fsdp")],
+                [130, {"UNIPEFT_STOP_AT_STEP": "3"},
+                 *train_args(ws, "lora", runs / "lora-fsdp-stop", "--distributed", "fsdp")]])
+    assert p.stdout.count("cpu:0 x2 (FSDP2)") == 3, p.stdout[-3000:]  # one banner per run: the main process speaks
+    for m, run in (("lora", runs / "lora-fsdp"), ("prefix_tuning", runs / "prefix-fsdp")):
+        assert_same_run(run, refs[m])
+        same_logits(ws, run / "adapter", refs[m] / "adapter")  # the best-eval adapter, gathered and reloaded
+    # the 2-process FSDP2 checkpoint (step 3) resumes on one process (run.yaml keeps --distributed fsdp)
+    assert json.loads((runs / "lora-fsdp-stop" / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert in_process("train", "--output", runs / "lora-fsdp-stop", "--resume") == 0
+    close(final_weights(runs / "lora-fsdp-stop"), final_weights(refs["lora"]))
