@@ -118,3 +118,72 @@ def test_fsdp_cli_equals_one_process_and_resumes_on_one(ws, refs):
     assert json.loads((runs / "lora-fsdp-stop" / "checkpoint" / "state.json").read_text())["step"] == 3
     assert in_process("train", "--output", runs / "lora-fsdp-stop", "--resume") == 0
     close(final_weights(runs / "lora-fsdp-stop"), final_weights(refs["lora"]))
+
+
+def test_zero3_cli_on_deepspeeds_cpu_accelerator_equals_one_process(ws, refs):
+    """DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu, set by the CLI on a machine without CUDA) partitions every parameter;
+    the adapter, gathered on save, equals one process's. (A ZeRO checkpoint resumes on the same number of
+    processes only: its optimizer state is partitioned.)"""
+    runs = ws / "runs"
+    p = launch(ws, [[0, *train_args(ws, m, runs / f"{m}-zero3", "--distributed", "zero3")] for m in METHOD_FLAGS])
+    assert p.stdout.count("x2 (DeepSpeed ZeRO-3)") == 2, p.stdout[-3000:]
+    for m in METHOD_FLAGS:
+        assert_same_run(runs / f"{m}-zero3", refs[m])
+        same_logits(ws, runs / f"{m}-zero3" / "adapter", refs[m] / "adapter")
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the processes torchrun started (its children, RANK in their environment)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher_pid and "RANK" in env:
+            out[int(env["RANK"])] = int(d.name)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc (Linux)")
+def test_ctrl_c_to_one_process_stops_all_after_the_same_step_and_resumes(ws):
+    """SIGINT to rank 1 alone of a 2-process FSDP2 run, mid-run: every process stops after the same step (they agree
+    in the step's collective), a resumable checkpoint is written, and resuming (on 1 process) reaches the weights
+    of an uninterrupted run. A constant learning rate: the resumed and the reference runs stop at a step known only
+    after the signal, so their --max-steps differs from the interrupted run's."""
+    runs = ws / "runs"
+    out = runs / "ctrl-c"
+    args = ["train", "--model", ws / "bert", "--task", "seq-cls", "--train", ws / "train.jsonl", "--method", "lora",
+            "--lora-dropout", "0", "--batch-size", "2", "--lr", "0.01", "--scheduler", "constant", "--warmup", "0",
+            "--log-every", "1", "--save-every", "100000", "--output", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "unipeft.cli", *map(str, args), "--max-steps", "100000", "--distributed", "fsdp"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline, sent = time.time() + 300, False
+        while time.time() < deadline and proc.poll() is None:
+            log = out / "metrics.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) >= 3:  # 3 steps done: mid-run
+                os.kill(_worker_pids(proc.pid)[1], signal.SIGINT)
+                sent = True
+                break
+            time.sleep(0.2)
+        assert sent, "the run did not reach step 3 in time"
+        stdout, stderr = proc.communicate(timeout=120)  # must not hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stopped = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert 3 <= stopped < 100000
+    # both processes report the same step (each prints its own TrainingStopped), exit 130
+    assert stderr.count(f"interrupted at step {stopped}/100000") == 2, stderr[-3000:]
+    assert [r["step"] for r in records(out)[0]] == list(range(1, stopped + 1))
+    total = stopped + 2
+    assert in_process("train", "--output", out, "--resume", "--max-steps", total) == 0
+    ref = runs / "ctrl-c-ref"
+    assert in_process(*args[:-1], ref, "--max-steps", total, "--grad-accum", "2") == 0
+    close(final_weights(out), final_weights(ref))
