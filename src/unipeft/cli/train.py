@@ -52,6 +52,9 @@ def _has_run(out: Path) -> bool:
     return any((out / f).exists() for f in ("run.yaml", CKPT, "adapter", "metrics.jsonl"))
 
 
+_SET_BY_PLUGIN: set[str] = set()
+
+
 def make_accelerator(precision: str, distributed: str | None = None, batch_size: int = 1, max_grad_norm: float = 0.0):
     """Accelerate's Accelerator for this launch. One process: plain. Launched on several (torchrun or `accelerate
     launch`, WORLD_SIZE > 1): DDP by default, `--distributed fsdp` FSDP2, `zero2`/`zero3` DeepSpeed; an
@@ -63,7 +66,7 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    flag = lambda k: os.environ.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
+    flag = lambda k: k not in _SET_BY_PLUGIN and os.environ.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
     configured = "fsdp" if flag("ACCELERATE_USE_FSDP") else "deepspeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
     wanted = {"fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed", "ddp": None}.get(distributed or "", configured)
     if distributed and configured and wanted != configured:
@@ -107,7 +110,11 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
 
         kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(distributed[-1]))
     launched = int(os.environ.get("WORLD_SIZE") or 0)  # torchrun / accelerate launch (mpirun sets PMI_SIZE)
+    before = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
     acc = Accelerator(**kw)
+    # Accelerator sets ACCELERATE_USE_* for a plugin it is given: a later run in this process (tests, notebooks)
+    # must not read them as a launch config
+    _SET_BY_PLUGIN.update(k for k, v in before.items() if v is None and os.environ.get(k) is not None)
     if launched and acc.num_processes != launched:  # never N independent runs racing on one output folder
         raise CliError(f"launched on {launched} processes but Accelerate set up {acc.num_processes} "
                        f"({acc.distributed_type})", "launch with torchrun or accelerate launch on a supported device")
