@@ -188,3 +188,57 @@ def test_ctrl_c_to_one_process_stops_all_after_the_same_step_and_resumes(ws):
     ref = runs / "ctrl-c-ref"
     assert in_process(*args[:-1], ref, "--max-steps", total, "--grad-accum", "2") == 0
     close(final_weights(out), final_weights(ref))
+
+
+class _Rank:
+    """What run_eval asks of an Accelerator, for process `index` of `n` (no process group: records are not gathered
+    here, the test unions them)."""
+
+    def __init__(self, index: int, n: int):
+        self.process_index, self.num_processes = index, n
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("rows,batch_size,n", [(5, 2, 2), (1, 2, 2), (7, 3, 4), (4, 2, 2)])
+def test_eval_gives_every_process_the_same_number_of_forwards_and_counts_each_row_once(monkeypatch, rows, batch_size,
+                                                                                       n):
+    """Sharded forwards are collectives (FSDP2 / ZeRO-3 gather parameters block by block): a process with fewer eval
+    batches would leave the others waiting forever. Every process runs the largest shard's number of batches;
+    padding batches' results are dropped, so each row is counted exactly once."""
+    from unipeft.cli import evaluate
+
+    class Task:
+        name = "seq-cls"
+
+        def collate(self, chunk):
+            return {"input_ids": torch.tensor([[f["row"]] for f in chunk])}
+
+        def eval_records(self, logits, batch, chunk):
+            return [f["row"] for f in chunk]
+
+        def finalize(self, records):
+            return records
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.calls = 0
+
+        def forward(self, input_ids):
+            self.calls += 1
+            return type("Out", (), {"logits": input_ids.float()})
+
+    monkeypatch.setattr(evaluate, "_gather", lambda records, acc: records)
+    feats = [{"row": i, "input_ids": [1] * (1 + i % 3)} for i in range(rows)]
+    calls, seen = [], []
+    for rank in range(n):
+        model = Model()
+        seen += evaluate.run_eval(model, Task(), feats, batch_size, _Rank(rank, n))
+        calls.append(model.calls)
+    assert len(set(calls)) == 1 and calls[0] == -(-(-(-rows // n)) // batch_size), calls
+    assert sorted(seen) == list(range(rows))
