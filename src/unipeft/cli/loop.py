@@ -36,6 +36,7 @@ from .evaluate import run_eval
 from .optim import make_optimizer
 
 CKPT = "checkpoint"
+SAME_CTRL_C_S = 3.0  # SIGINTs this close together are one Ctrl-C (delivered directly and forwarded by the launcher)
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Trainer:
         self.named = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
         self.state = State(global_batch=self.global_batch)
         self._rng = rng_snapshot()
-        self._stop = False  # this process saw Ctrl-C
+        self._stop, self._stop_at = False, 0.0  # this process saw Ctrl-C, and when
         self._agreed_stop = False  # some process saw it, as of the last step (every process agrees)
 
     # data order ----------------------------------------------------------------------------------------------
@@ -204,9 +205,12 @@ class Trainer:
 
     # the loop ------------------------------------------------------------------------------------------------
     def _on_sigint(self, *_):
-        if self._stop:  # a second Ctrl-C: stop now
+        now = time.monotonic()
+        if self._stop and now - self._stop_at > SAME_CTRL_C_S:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self._stop = True
+        if self._stop:  # the same Ctrl-C again: a terminal signals every process and torchrun forwards it too
+            return
+        self._stop, self._stop_at = True, now
         if self.acc.is_main_process:
             print("\nCtrl-C: finishing this step and saving a resumable checkpoint (Ctrl-C again to abort)",
                   flush=True)
