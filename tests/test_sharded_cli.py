@@ -43,7 +43,28 @@ def ws(tmp_path_factory):
              "label": "pos" if i % 2 else "neg"} for i in range(20)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))  # 3 + 2 rows: 2 and 1 batches
+    # a causal LM: chunked training loss (no logits in the output FSDP2's hooks walk) and generation in the eval
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unipeft.cli.embedded import embedded_path
+
+    lm_tok = AutoTokenizer.from_pretrained(str(embedded_path()))
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(lm_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=lm_tok.bos_token_id,
+        eos_token_id=lm_tok.eos_token_id, tie_word_embeddings=True)).save_pretrained(root / "llama")
+    lm_tok.save_pretrained(root / "llama")
+    inst = [{"instruction": "Say the color.", "input": f"The sky is {c}.", "output": c}
+            for c in ["blue", "red", "green", "grey"] * 4]
+    (root / "inst.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inst))
+    (root / "inst_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inst[:5]))
     return root
+
+
+def lm_args(ws, out, *extra):
+    return ["train", "--model", ws / "llama", "--task", "causal-lm", "--train", ws / "inst.jsonl", "--eval",
+            ws / "inst_eval.jsonl", "--method", "lora", "--lora-dropout", "0", "--batch-size", "2", "--max-steps", "3",
+            "--lr", "0.01", "--gen-samples", "5", "--max-new-tokens", "4", "--output", out, *extra]
 
 
 def train_args(ws, method, out, *extra):
@@ -109,8 +130,9 @@ def test_fsdp_cli_equals_one_process_and_resumes_on_one(ws, refs):
     p = launch(ws, [[0, *train_args(ws, "lora", runs / "lora-fsdp", "--distributed", "fsdp")],
                 [0, *train_args(ws, "prefix_tuning", runs / "prefix-fsdp", "--distributed", "fsdp")],
                 [130, {"UNIPEFT_STOP_AT_STEP": "3"},
-                 *train_args(ws, "lora", runs / "lora-fsdp-stop", "--distributed", "fsdp")]])
-    assert p.stdout.count("cpu:0 x2 (FSDP2)") == 3, p.stdout[-3000:]  # one banner per run: the main process speaks
+                 *train_args(ws, "lora", runs / "lora-fsdp-stop", "--distributed", "fsdp")],
+                [0, *lm_args(ws, runs / "lm-fsdp", "--distributed", "fsdp")]])
+    assert p.stdout.count("cpu:0 x2 (FSDP2)") == 4, p.stdout[-3000:]  # one banner per run: the main process speaks
     for m, run in (("lora", runs / "lora-fsdp"), ("prefix_tuning", runs / "prefix-fsdp")):
         assert_same_run(run, refs[m])
         same_logits(ws, run / "adapter", refs[m] / "adapter")  # the best-eval adapter, gathered and reloaded
@@ -118,6 +140,13 @@ def test_fsdp_cli_equals_one_process_and_resumes_on_one(ws, refs):
     assert json.loads((runs / "lora-fsdp-stop" / "checkpoint" / "state.json").read_text())["step"] == 3
     assert in_process("train", "--output", runs / "lora-fsdp-stop", "--resume") == 0
     close(final_weights(runs / "lora-fsdp-stop"), final_weights(refs["lora"]))
+    # causal LM: the same weights, eval loss and greedy generations (5 prompts: 2 batches on rank 0, 1 on rank 1)
+    assert in_process(*lm_args(ws, runs / "lm-ref", "--grad-accum", "2")) == 0
+    close(final_weights(runs / "lm-fsdp"), final_weights(runs / "lm-ref"))
+    got, want = (json.loads((runs / r / "eval_results.json").read_text()) for r in ("lm-fsdp", "lm-ref"))
+    assert abs(got["eval_loss"] - want["eval_loss"]) <= 1e-5 * abs(want["eval_loss"])
+    key = lambda x: (x["reference"], x["prediction"])  # noqa: E731  (gathered in shard order)
+    assert len(got["samples"]) == 5 and sorted(got["samples"], key=key) == sorted(want["samples"], key=key)
 
 
 @pytest.mark.parametrize("method", list(METHOD_FLAGS))
