@@ -205,15 +205,20 @@ def test_python_api_on_two_processes_equals_one_and_every_method_runs_under_ddp(
             torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_engines_accelerate_cannot_run_here_are_refused(ws, capsys):
-    # Accelerate sets FSDP and DeepSpeed up only on GPUs: on CPU they would silently become DDP, or N independent
-    # runs racing on one folder; an --distributed flag contradicting the launch's Accelerate config is refused too
+def test_engines_that_cannot_run_here_are_refused(ws, capsys):
+    # on CPU, FSDP2 and DeepSpeed run under torchrun with --distributed (tests/test_sharded_cli.py); an Accelerate
+    # config asking for them would silently become DDP (Accelerate sets them up only on GPUs), DeepSpeed without a
+    # launcher has no ranks, and a --distributed flag contradicting the launch's Accelerate config is refused too
     base = ["train", "--model", ws / "bert", "--task", "seq-cls", "--train", ws / "train.jsonl", "--output",
             ws / "runs" / "refused"]
-    for engine in ("fsdp", "zero2", "zero3"):
+    for engine in ("zero2", "zero3"):
         assert in_process(*base, "--distributed", engine) == 2
         err = capsys.readouterr().err
-        assert "needs GPUs" in err and "fix:" in err, err
+        assert "runs DeepSpeed under a launcher" in err and "fix: launch with torchrun" in err, err
+    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        assert in_process(*base, env={flag: "true"}) == 2
+        err = capsys.readouterr().err
+        assert "needs GPUs" in err and "--distributed fsdp|zero2|zero3" in err, err
     assert in_process(*base, "--distributed", "ddp", env={"ACCELERATE_USE_FSDP": "true"}) == 2
     err = capsys.readouterr().err
     assert "contradicts the Accelerate config" in err, err

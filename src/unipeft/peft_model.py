@@ -593,6 +593,7 @@ def _check_shared_base(handle: Handle, name: str, others: list[Handle], other_na
 
 
 def _n_weights(p: torch.Tensor) -> int:
-    """Weights a parameter stands for: a packed 4-bit tensor holds two per byte, its quant state knows the shape."""
-    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    """Weights a parameter stands for: a packed 4-bit tensor holds two per byte, its quant state knows the shape;
+    a DeepSpeed ZeRO-3 parameter is empty between forwards, its full shape is `ds_shape`."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None) or getattr(p, "ds_shape", None)
     return math.prod(shape) if shape is not None else p.numel()

@@ -23,7 +23,7 @@ import random
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from .evaluate import run_eval
 from .optim import make_optimizer
 
 CKPT = "checkpoint"
+SAME_CTRL_C_S = 3.0  # SIGINTs this close together are one Ctrl-C (delivered directly and forwarded by the launcher)
 
 
 @dataclass
@@ -95,12 +96,17 @@ class Trainer:
 
         name = {"constant": "constant_with_warmup"}.get(args["scheduler"], args["scheduler"])
         self.sched = get_scheduler(name, opt, num_warmup_steps=self.warmup, num_training_steps=self.total)
-        self.model, self.opt = accelerator.prepare(peft, opt)
+        if _is_fsdp2(peft) and not accelerator.is_fsdp2:
+            # sharded by torch's FSDP2 already (a CPU launch, where Accelerate would wrap it in DDP): the optimizer
+            # only (it was built on the sharded parameters)
+            self.model, self.opt = peft, accelerator.prepare(opt)
+        else:
+            self.model, self.opt = accelerator.prepare(peft, opt)
         # after prepare: FSDP2 swaps parameters for sharded ones, so a list taken before would be stale
         self.named = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
         self.state = State(global_batch=self.global_batch)
         self._rng = rng_snapshot()
-        self._stop = False  # this process saw Ctrl-C
+        self._stop, self._stop_at = False, 0.0  # this process saw Ctrl-C, and when
         self._agreed_stop = False  # some process saw it, as of the last step (every process agrees)
 
     # data order ----------------------------------------------------------------------------------------------
@@ -200,9 +206,12 @@ class Trainer:
 
     # the loop ------------------------------------------------------------------------------------------------
     def _on_sigint(self, *_):
-        if self._stop:  # a second Ctrl-C: stop now
+        now = time.monotonic()
+        if self._stop and now - self._stop_at > SAME_CTRL_C_S:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self._stop = True
+        if self._stop:  # the same Ctrl-C again: a terminal signals every process and torchrun forwards it too
+            return
+        self._stop, self._stop_at = True, now
         if self.acc.is_main_process:
             print("\nCtrl-C: finishing this step and saving a resumable checkpoint (Ctrl-C again to abort)",
                   flush=True)
@@ -271,7 +280,7 @@ class Trainer:
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = i == len(micro) - 1
             acc.sync_gradients = sync  # DeepSpeed steps at a boundary only; Accelerate's optimizer steps likewise
-            with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
+            with (nullcontext() if sync else _no_sync(acc, self.model)), acc.autocast():
                 loss = self.model(**batch).loss
                 acc.backward(loss * weight)
             losses.append(float(loss.detach()))
@@ -284,6 +293,8 @@ class Trainer:
             norm = acc.clip_grad_norm_([p for _, p in self.named], self.args["max_grad_norm"])
             # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal
             # (DeepSpeed clips inside its own step and returns no norm here)
+            if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm over every shard
+                norm = norm.full_tensor()
             if norm is not None and acc.scaler is None and not _all_finite(acc, torch.as_tensor(norm)):
                 self._nonfinite(float(norm), what="gradient norm")
         self.opt.step()
@@ -308,6 +319,28 @@ class Trainer:
                               "lower --lr (or raise --warmup, or use --precision fp32), then rerun "
                               + (f"or continue with --resume" if st.last_saved_step is not None else ""),
                               exit_code=3)
+
+
+def _is_fsdp2(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _no_sync(acc, model):
+    """Accelerate's no_sync, and FSDP2's own switch for a model sharded outside Accelerate (a CPU launch)."""
+    if _is_fsdp2(model) and not acc.is_fsdp2:
+        return _fsdp2_no_sync(model)
+    return acc.no_sync(model)
+
+
+@contextmanager
+def _fsdp2_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _gathered(params):

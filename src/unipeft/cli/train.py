@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,6 +53,9 @@ def _has_run(out: Path) -> bool:
     return any((out / f).exists() for f in ("run.yaml", CKPT, "adapter", "metrics.jsonl"))
 
 
+_SET_BY_PLUGIN: set[str] = set()
+
+
 def make_accelerator(precision: str, distributed: str | None = None, batch_size: int = 1, max_grad_norm: float = 0.0):
     """Accelerate's Accelerator for this launch. One process: plain. Launched on several (torchrun or `accelerate
     launch`, WORLD_SIZE > 1): DDP by default, `--distributed fsdp` FSDP2, `zero2`/`zero3` DeepSpeed; an
@@ -63,19 +67,22 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    flag = lambda k: os.environ.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
+    flag = lambda k: k not in _SET_BY_PLUGIN and os.environ.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
     configured = "fsdp" if flag("ACCELERATE_USE_FSDP") else "deepspeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
     wanted = {"fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed", "ddp": None}.get(distributed or "", configured)
     if distributed and configured and wanted != configured:
         raise CliError(f"--distributed {distributed} contradicts the Accelerate config this was launched with "
                        f"(it enables {configured})", "drop --distributed to use the config's engine, or launch with "
                        "a config (or torchrun) that matches it")
-    if wanted and not torch.cuda.is_available():
-        # Accelerate (1.15) sets FSDP and DeepSpeed up only for GPU-type launches: on CPU, FSDP silently becomes
-        # DDP and DeepSpeed N independent one-process runs
-        raise CliError(f"{'FSDP' if wanted == 'fsdp' else 'DeepSpeed'} through Accelerate needs GPUs (Accelerate "
-                       f"runs a CPU launch as DDP only)", "on CPU use DDP (the default: drop --distributed, or "
-                       "launch with a config without FSDP/DeepSpeed), or run on GPUs")
+    cpu_engine = wanted and not torch.cuda.is_available()
+    if cpu_engine and configured:
+        # Accelerate (1.15) sets FSDP and DeepSpeed up only for GPU-type launches: from a config on CPU, FSDP would
+        # silently become DDP and DeepSpeed N independent one-process runs
+        raise CliError(f"an Accelerate config with {'FSDP' if wanted == 'fsdp' else 'DeepSpeed'} needs GPUs "
+                       f"(Accelerate runs a CPU launch as DDP only)", "on CPU launch with torchrun and pass "
+                       "--distributed fsdp|zero2|zero3 (torch's FSDP2 / DeepSpeed's CPU accelerator), or run on GPUs")
+    if cpu_engine and wanted == "deepspeed":
+        _cpu_deepspeed(distributed)
     kw: dict = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
     if precision == "auto" and os.environ.get("ACCELERATE_MIXED_PRECISION"):
         mp = None  # the launch config's choice
@@ -87,9 +94,15 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
         raise CliError("--precision fp16 needs a GPU", "use --precision bf16 or fp32 on CPU")
     if mp is not None:
         kw["mixed_precision"] = mp
-    if not torch.cuda.is_available():
+    if cpu_engine and wanted == "deepspeed":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Accelerate starts DeepSpeed's process group only for a non-CPU launch, and with no backend named it counts
+        # the processes as 1 (each would think it is the main one): name gloo
+        kw["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
+    elif not torch.cuda.is_available():
         kw["cpu"] = True  # Accelerate sets up gloo for a CPU launch only when told it is one
-    if distributed == "fsdp" and not configured:
+    if distributed == "fsdp" and not configured and not cpu_engine:  # on CPU: shard_for_cpu_fsdp, after the model
         from accelerate import FullyShardedDataParallelPlugin
 
         kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2)
@@ -98,7 +111,11 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
 
         kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(distributed[-1]))
     launched = int(os.environ.get("WORLD_SIZE") or 0)  # torchrun / accelerate launch (mpirun sets PMI_SIZE)
+    before = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
     acc = Accelerator(**kw)
+    # Accelerator sets ACCELERATE_USE_* for a plugin it is given: a later run in this process (tests, notebooks)
+    # must not read them as a launch config
+    _SET_BY_PLUGIN.update(k for k, v in before.items() if v is None and os.environ.get(k) is not None)
     if launched and acc.num_processes != launched:  # never N independent runs racing on one output folder
         raise CliError(f"launched on {launched} processes but Accelerate set up {acc.num_processes} "
                        f"({acc.distributed_type})", "launch with torchrun or accelerate launch on a supported device")
@@ -110,6 +127,63 @@ def make_accelerator(precision: str, distributed: str | None = None, batch_size:
         cfg.pop("train_batch_size", None)
         cfg["gradient_clipping"] = max_grad_norm or 0.0
     return acc
+
+
+def _cpu_deepspeed(distributed: str) -> None:
+    """DeepSpeed on CPU: its CPU accelerator (DS_ACCELERATOR=cpu), under a launcher that gives every process its rank."""
+    import os
+    import sys
+
+    if int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        raise CliError(f"--distributed {distributed} on CPU runs DeepSpeed under a launcher",
+                       f"launch with torchrun --nproc_per_node N -m unipeft.cli train ... --distributed {distributed}")
+    chosen = os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if chosen != "cpu" or "deepspeed" in sys.modules and _ds_accelerator() != "cpu":
+        raise CliError(f"--distributed {distributed} on a machine without CUDA needs DeepSpeed's CPU accelerator, "
+                       f"but DS_ACCELERATOR={chosen}", "unset DS_ACCELERATOR (or set it to cpu)")
+
+
+def _ds_accelerator() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def shard_for_cpu_fsdp(peft, acc, distributed: str | None):
+    """`--distributed fsdp` where Accelerate will not set FSDP up (a CPU launch): torch's own FSDP2, `fully_shard`
+    on every block and the root (unipeft.distributed.shard_fsdp2) over the launch's processes. One process without
+    a launcher runs unsharded (the same computation; e.g. resuming a sharded run on one process)."""
+    import torch.distributed as dist
+
+    if distributed != "fsdp" or acc.is_fsdp2 or not dist.is_initialized():
+        return peft
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..distributed import shard_fsdp2
+
+    try:
+        return shard_fsdp2(peft, mesh=init_device_mesh("cpu", (acc.num_processes,)))
+    except ValueError as e:
+        raise CliError(f"--distributed fsdp: {e}", "use --distributed ddp for this model") from None
+
+
+@contextlib.contextmanager
+def _whole_base(acc):
+    """ZeRO-3: the base is loaded whole on every process and partitioned when the engine is prepared, not loaded
+    partitioned (transformers' zero.Init loading, on while Accelerate's ZeRO-3 config is registered): adapters are
+    built from the base's weights (a task head's trainable copy, initializations reading the weight), which a
+    partitioned base holds as empty tensors."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3 or getattr(plugin, "dschf", None) is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
 
 
 def load_data(opts, tok, task_name):
@@ -189,7 +263,8 @@ def train_command(opts: dict) -> int:
         model, built = load_quantized_model(model_path, task, tok, opts["quantize"], dtype, acc.device,
                                             stream=bool(opts.get("stream_layers")))
     else:
-        model = load_model(model_path, task, tok)
+        with _whole_base(acc):
+            model = load_model(model_path, task, tok)
     if opts.get("host_embeddings"):
         from .. import embeddings_on_host
         try:
@@ -223,6 +298,7 @@ def train_command(opts: dict) -> int:
         if "labels" in task.meta:
             write_json(out / "labels.json", {"id2label": dict(enumerate(task.meta["labels"]))})
     acc.wait_for_everyone()  # the folder exists for every process before any of them trains
+    peft = shard_for_cpu_fsdp(peft, acc, opts.get("distributed"))
     save = adapter_saver(peft, task, opts, opts.get("model"), acc)
     resume_step = global_batch = None
     if opts["resume"]:
@@ -250,7 +326,7 @@ def train_command(opts: dict) -> int:
                          f"{trainer.global_batch} (batch {opts['batch_size']} x {acc.num_processes} processes x "
                          f"accumulation {trainer.accum}), lr {opts['lr']:g} {opts['scheduler']}, "
                          f"warmup {trainer.warmup}"),
-            ("device", f"{acc.device} x{acc.num_processes} ({_engine(acc)}), precision {acc.mixed_precision}"
+            ("device", f"{acc.device} x{acc.num_processes} ({_engine(acc, trainer.model)}), precision {acc.mixed_precision}"
                        + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")
                        + (f", {opts['quantize']} base ({built})" if opts.get("quantize") else "")
                        + (", embeddings on host" if opts.get("host_embeddings") else "")
@@ -299,12 +375,14 @@ def _fill(rows, max_length) -> str:
     return f"{100 * sum(len(r['input_ids']) for r in rows) / (len(rows) * max_length):.1f}% full"
 
 
-def _engine(acc) -> str:
+def _engine(acc, model) -> str:
     if acc.num_processes == 1 and acc.state.deepspeed_plugin is None and not acc.is_fsdp2:
         return "one process"
     if acc.state.deepspeed_plugin is not None:
         return f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
-    return "FSDP2" if acc.is_fsdp2 else "DDP"
+    from torch.distributed.fsdp import FSDPModule
+
+    return "FSDP2" if acc.is_fsdp2 or isinstance(acc.unwrap_model(model), FSDPModule) else "DDP"
 
 
 def _short_cfg(cfg: dict) -> str:

@@ -63,4 +63,10 @@ def shard_fsdp2(model: nn.Module, *, mesh=None, mp_policy=None, reshard_after_fo
     for b in blocks(base, arch):
         fully_shard(b.module, **kw)
     fully_shard(model, **kw)
+    if callable(getattr(model, "generate", None)):
+        # generate() runs the inner model, not the root's forward: the root unit (embeddings, head, shared
+        # deltas) must be all-gathered around it too
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
     return model

@@ -163,8 +163,12 @@ def _without_logits(out, loss: torch.Tensor):
         def __repr__(self):
             return f"{cls.__name__}(logits=<not computed>, " + ", ".join(f"{k}={v!r}" for k, v in self.items()) + ")"
 
+        # no `logits` field either: generic traversals of outputs (FSDP2's root post-forward hook walks every
+        # dataclass field for tensors needing gradients) skip it instead of tripping over the error
+        fields = {k: v for k, v in getattr(cls, "__dataclass_fields__", {}).items() if k != "logits"}
         sub = _NO_LOGITS[cls] = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__repr__": __repr__,
-                                                            "__module__": cls.__module__})
+                                                            "__module__": cls.__module__,
+                                                            "__dataclass_fields__": fields})
     new = sub(**{**{k: v for k, v in out.items() if k != "logits"}, "loss": loss})
     new.__dict__["_unipeft_no_logits"] = True
     return new
