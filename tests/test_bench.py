@@ -125,3 +125,22 @@ def test_the_bench_modules_do_not_import_hf_peft():
             "assert 'peft' not in sys.modules, 'peft imported'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_doc_section_is_replaced_and_the_claims_around_it_stay(tmp_path):
+    from unipeft.cli.bench_report import BEGIN, END, fill_doc
+
+    doc = tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Results\n\nintro\n\n{BEGIN}\nold table\n{END}\n\n## Claims\nLoRA ...\n")
+    plot = tmp_path / "run" / "plots" / "sst2_metric_vs_trainable.png"
+    fill_doc(doc, "# unipeft bench\n\n| method | SST-2 |\n\n## Details\nx\n", [plot])
+    text = doc.read_text()
+    assert "old table" not in text and "| method | SST-2 |" in text and "### Details" in text
+    assert text.startswith("# Results\n\nintro\n") and text.endswith("## Claims\nLoRA ...\n")
+    assert "![sst2_metric_vs_trainable](../run/plots/sst2_metric_vs_trainable.png)" in text
+    fill_doc(doc, "# t\n\nnew\n", [])  # again: one section, replaced
+    assert doc.read_text().count(BEGIN) == 1 and "| method | SST-2 |" not in doc.read_text()
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="no generated section"):
+        fill_doc(doc, "# t\n", [])

@@ -137,6 +137,10 @@ def bench_command(ns) -> int:
     records = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
     files = bench_report.write_all(out, records, cells, tasks, rows, ns.budget, command=" ".join(sys.argv[1:]) or None,
                                    wall_s=time.time() - t0)
+    if ns.doc:
+        bench_report.fill_doc(Path(ns.doc), (out / "results.md").read_text(),
+                              [f.resolve() for f in files if f.suffix == ".png"])
+        files.append(Path(ns.doc))
     print("wrote " + ", ".join(str(p) for p in files), flush=True)
     failed = [c.key for c, r in zip(cells, records) if r.get("status") == "failed"]
     if failed:

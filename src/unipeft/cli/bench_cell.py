@@ -208,6 +208,21 @@ def train(model, task, feats, budget: BP.Budget, lr: float, seed: int, cli_task:
             "first_loss": losses[0], "last_loss": sum(tail) / len(tail)}
 
 
+def _merged_eval(model, encoder, feats, budget, value, metric) -> dict:
+    """Inference latency after merging (the LoRA paper's claim): the same evaluation on merge_and_unload()'s
+    model, where the implementation can merge this method; its metric must equal the unmerged one."""
+    merge = getattr(model, "merge_and_unload", None)
+    if merge is None:
+        return {}
+    try:
+        merged = merge()
+    except Exception as e:  # a method that does not merge (prompts, non-linear adapters): its own message
+        return {"merge": f"not mergeable: {_msg(e)[:200]}"}
+    t0 = time.perf_counter()
+    m = run_eval(Aligned(merged), encoder, feats, budget.batch_size * 2)
+    return {"eval_merged_s": round(time.perf_counter() - t0, 3), "merged_metric_delta": m.get(metric) - value}
+
+
 def run(spec: dict) -> dict:
     task, plan = BP.TASKS[spec["task"]], BP.METHODS[spec["row"]]
     budget, impl, seed = task.budgets[spec["budget"]], spec["impl"], spec["seed"]
@@ -240,6 +255,7 @@ def run(spec: dict) -> dict:
         metrics.update(g)
         out["gen_s"] = round(time.perf_counter() - t0, 3)
         out["samples"] = [{"prediction": p, "reference": r} for p, r in pairs[:2]]
+    out.update(_merged_eval(model, encoder, eval_feats, budget, metrics.get(task.metric), task.metric))
     out["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     out["metric"] = metrics.get(task.metric)
     if out["metric"] is None:
