@@ -80,7 +80,13 @@ def run_one(ctx, cell: Cell, spec: dict, out_file: Path, timeout: int) -> dict:
 
     p = ctx.Process(target=run_cell, args=(spec, str(out_file)), name=cell.key)
     p.start()
-    p.join(timeout)
+    try:
+        p.join(timeout)
+    except KeyboardInterrupt:  # the cell leaves no file (its writes are atomic): a rerun runs it again
+        p.terminate()
+        p.join(10)
+        raise CliError(f"interrupted during cell {cell.key}; the finished cells are kept in {out_file.parent}",
+                       "rerun the same command to resume", exit_code=130) from None
     if p.is_alive():
         p.terminate()
         p.join(10)
