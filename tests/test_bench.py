@@ -53,6 +53,10 @@ def test_bench_slice_end_to_end_and_resume(tmp_path, data_dir, minilm):
     assert all(0 < r[k] < 5 for r in (lora, hf_lora) for k in ("first_loss", "last_loss"))
     assert 0.0 <= lora["metric"] <= 1.0 and lora["metric"] == lora["metrics"]["accuracy"]
     assert lora["steps"] == 2 and lora["s_per_step"] > 0 and lora["peak_mem_mb"] > 0
+    # LoRA merges (the no-latency claim is timed on the merged model), and merging changes no prediction
+    for r in (lora, hf_lora):
+        assert r["eval_merged_s"] > 0 and abs(r["merged_eval_loss_delta"]) < 1e-5 and r["merged_metric_delta"] == 0
+    assert cells["prefix_tuning", "unipeft"]["merge"].startswith("not mergeable: ValueError")
     # HF PEFT refuses prefix tuning on BERT in its forward: the cell holds that reason, not a number
     hf_prefix = cells["prefix_tuning", "peft"]
     assert hf_prefix["status"] == "n/a" and "past key values" in hf_prefix["reason"], hf_prefix

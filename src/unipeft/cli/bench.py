@@ -66,6 +66,14 @@ def _finished(path: Path, fp: str) -> bool:
     return rec.get("fingerprint") == fp and rec.get("status") in ("ok", "n/a")
 
 
+def _record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # removed, or a run cut off before this cell
+        return {"status": "not run", "reason": "no result yet (the bench was stopped before this cell, or its file "
+                                               "was removed): rerun the same command to run it"}
+
+
 def _context():
     import multiprocessing as mp
 
@@ -129,7 +137,10 @@ def bench_command(ns) -> int:
             todo.append((c, fp, f, budget))
     print(f"unipeft bench: {len(cells)} cells ({len(tasks)} tasks x {len(rows)} methods"
           f"{' + HF PEFT references' if not ns.no_reference else ''}, seeds {seeds}), budget {ns.budget}; "
-          f"{len(cells) - len(todo)} already done in {out}, {len(todo)} to run", flush=True)
+          f"{len(cells) - len(todo)} already done in {out}, "
+          + ("report only" if ns.report_only else f"{len(todo)} to run"), flush=True)
+    if ns.report_only:
+        todo = []  # write the report from the cells already there (the rest show as "not run")
     t0 = time.time()
     ctx = _context() if todo else None
     for i, (c, fp, f, budget) in enumerate(todo, 1):
@@ -140,7 +151,7 @@ def bench_command(ns) -> int:
                  f"{rec['s_per_step']:.2f} s/step" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason'][:160]}")
         print(f"[{i}/{len(todo)}] {c.key}: {shown} ({rec.get('wall_s', '?')} s; {time.time() - t0:.0f} s so far)",
               flush=True)
-    records = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
+    records = [_record(out / "cells" / f"{c.key}.json") for c in cells]
     files = bench_report.write_all(out, records, cells, tasks, rows, ns.budget, command=" ".join(sys.argv[1:]) or None,
                                    wall_s=time.time() - t0)
     if ns.doc:

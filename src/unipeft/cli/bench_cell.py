@@ -208,9 +208,10 @@ def train(model, task, feats, budget: BP.Budget, lr: float, seed: int, cli_task:
             "first_loss": losses[0], "last_loss": sum(tail) / len(tail)}
 
 
-def _merged_eval(model, encoder, feats, budget, value, metric) -> dict:
+def _merged_eval(model, encoder, feats, budget, before: dict, metric: str) -> dict:
     """Inference latency after merging (the LoRA paper's claim): the same evaluation on merge_and_unload()'s
-    model, where the implementation can merge this method; its metric must equal the unmerged one."""
+    model, where the implementation can merge this method; its eval loss (and the metric, when the evaluation
+    pass computes it; BLEU comes from generation) must equal the unmerged ones."""
     merge = getattr(model, "merge_and_unload", None)
     if merge is None:
         return {}
@@ -219,8 +220,12 @@ def _merged_eval(model, encoder, feats, budget, value, metric) -> dict:
     except Exception as e:  # a method that does not merge (prompts, non-linear adapters): its own message
         return {"merge": f"not mergeable: {_msg(e)[:200]}"}
     t0 = time.perf_counter()
-    m = run_eval(Aligned(merged), encoder, feats, budget.batch_size * 2)
-    return {"eval_merged_s": round(time.perf_counter() - t0, 3), "merged_metric_delta": m.get(metric) - value}
+    after = run_eval(Aligned(merged), encoder, feats, budget.batch_size * 2)
+    out = {"eval_merged_s": round(time.perf_counter() - t0, 3),
+           "merged_eval_loss_delta": after["eval_loss"] - before["eval_loss"]}
+    if metric in after and metric in before:
+        out["merged_metric_delta"] = after[metric] - before[metric]
+    return out
 
 
 def run(spec: dict) -> dict:
@@ -255,7 +260,7 @@ def run(spec: dict) -> dict:
         metrics.update(g)
         out["gen_s"] = round(time.perf_counter() - t0, 3)
         out["samples"] = [{"prediction": p, "reference": r} for p, r in pairs[:2]]
-    out.update(_merged_eval(model, encoder, eval_feats, budget, metrics.get(task.metric), task.metric))
+    out.update(_merged_eval(model, encoder, eval_feats, budget, dict(metrics), task.metric))
     out["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     out["metric"] = metrics.get(task.metric)
     if out["metric"] is None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from . import bench_plan as BP
 
 CSV_FIELDS = ("task", "row", "impl", "seed", "status", "metric_name", "metric", "trainable", "trainable_pct",
-              "steps", "s_per_step", "train_s", "eval_s", "eval_merged_s", "merged_metric_delta", "gen_s",
+              "steps", "s_per_step", "train_s", "eval_s", "eval_merged_s", "merged_eval_loss_delta",
+              "merged_metric_delta", "gen_s",
               "peak_mem_mb", "peak_rss_mb", "lr", "reason")
 
 

@@ -144,6 +144,8 @@ def _add_bench(sub, fmt) -> None:
     b.add_argument("--seeds", default="0", help="comma list of seeds")
     b.add_argument("--threads", type=int, default=2, help="torch threads per cell")
     b.add_argument("--no-reference", action="store_true", help="skip the HF PEFT reference rows")
+    b.add_argument("--report-only", action="store_true", help="run no cell: write the report from the finished "
+                   "ones (the others show as not run)")
     b.add_argument("--doc", default=None, help="also fill the generated section of this document (docs/RESULTS.md) "
                    "with the table and plots")
 
