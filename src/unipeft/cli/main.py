@@ -148,7 +148,30 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: tuned for 2 CPU cores)")
     d.add_argument("--samples", type=int, default=None, help="held-out sentences scored before and after")
     d.add_argument("--model", default=None, help="another causal LM folder to tune (default: the embedded SmolLM2)")
+    _add_bench(sub, fmt)
     return p
+
+
+def _add_bench(sub, fmt) -> None:
+    """`unipeft bench` (issue 17): methods x tasks with the fixed plan of cli/bench_plan.py."""
+    b = sub.add_parser("bench", help="benchmark every method on SST-2, CoNLL-2003, E2E NLG and Alpaca (resumable)",
+                       formatter_class=fmt, description="Runs each method x task cell of the fixed, documented plan "
+                       "(src/unipeft/cli/bench_plan.py) in its own process and writes results.md/.csv/.json and "
+                       "plots to --out. Rerunning the same command resumes: finished cells are skipped.")
+    b.add_argument("--tasks", default="all", help="comma list of sst2, conll, e2e, alpaca, or all")
+    b.add_argument("--methods", default="all", help="comma list of full and registered methods, or all")
+    b.add_argument("--budget", default="quick", choices=("smoke", "quick", "full"),
+                   help="smoke: the tests' slice; quick: minutes on CPU; full: the budget of docs/RESULTS.md")
+    b.add_argument("--out", required=True, help="output folder (cells/, results.*, plots/)")
+    b.add_argument("--data-dir", default=None, help="folder holding sst2/, conll2003/, e2e_nlg/, alpaca/ "
+                   "(default: $UNIPEFT_DATA, else shared/data beside the repository)")
+    b.add_argument("--seeds", default="0", help="comma list of seeds")
+    b.add_argument("--threads", type=int, default=2, help="torch threads per cell")
+    b.add_argument("--no-reference", action="store_true", help="skip the HF PEFT reference rows")
+    b.add_argument("--report-only", action="store_true", help="run no cell: write the report from the finished "
+                   "ones (the others show as not run)")
+    b.add_argument("--doc", default=None, help="also fill the generated section of this document (docs/RESULTS.md) "
+                   "with the table and plots")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -187,6 +210,10 @@ def dispatch(argv: list[str]) -> int:
         from .train import train_command
 
         return train_command(_options(ns, "train"))
+    if ns.command == "bench":
+        from .bench import bench_command
+
+        return bench_command(ns)
     if ns.command == "demo":
         from .demo import demo_command
 
