@@ -60,3 +60,18 @@ def test_empty_derived_table_is_refused(tmp_path):
     peft.save_pretrained(tmp_path / "p")
     f = _rewrite(tmp_path / "p", "prompt_embeddings", torch.zeros(4, 0))
     _refused(tmp_path / "p", str(f), "prompt_embeddings", "empty")
+
+
+def test_head_partitioned_by_zero3_is_refused_not_copied_empty():
+    """A seq-cls head loaded under a ZeRO-3 config (zero.Init) holds empty partitions; its trainable copy would be
+    empty too. DeepSpeed marks such parameters with `ds_id` and keeps the full shape in `ds_shape`: the same markers
+    unipeft.distributed.sharding_of reads (a real zero.Init on one CPU process is too slow for this file)."""
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    w = model.classifier.weight
+    w.ds_id, w.ds_shape = 0, tuple(w.shape)
+    w.data = torch.empty(0)
+    with pytest.raises(ValueError, match=r"classifier is partitioned by DeepSpeed ZeRO-3 \(weight .*Load the base "
+                                         r"model whole"):
+        get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))

@@ -17,6 +17,8 @@ import copy
 import torch
 from torch import nn
 
+from ..distributed.gather import sharding_of
+
 
 class HeadCopies(nn.Module):
     unipeft_internal = True  # neither the copies nor the original are targets of another adapter (arch.resolve)
@@ -63,6 +65,7 @@ class TrainableCopy:
         if adapter in held.modules_to_save:
             raise ValueError(f"{name} already holds a copy for adapter {adapter!r}")
         self.wrapper, self.original = held, held.original_module
+        _refuse_partitioned(self.original, name)
         self.copy = copy.deepcopy(self.original)
         if dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in self.copy.parameters()):
             self.copy.to(dtype)  # floating tensors only; .to(dtype) leaves integer buffers alone
@@ -110,3 +113,15 @@ def _cast_output_back(module, args, out):
     if dt is None or not torch.is_tensor(out) or not out.is_floating_point():
         return out
     return out.to(dt)
+
+
+def _refuse_partitioned(module: nn.Module, name: str) -> None:
+    """A copy of a DeepSpeed ZeRO-3 partitioned module would hold the empty partitions, not the weights."""
+    empty = [n for n, p in module.named_parameters() if sharding_of(p) == "zero3"]
+    if empty:
+        raise ValueError(
+            f"{name} is partitioned by DeepSpeed ZeRO-3 ({', '.join(empty)} hold only this process's partition), so "
+            f"its trainable copy (modules_to_save) cannot be made from its weights. Load the base model whole — "
+            f"create it before the ZeRO-3 config is active (before HfDeepSpeedConfig / TrainingArguments with a "
+            f"stage-3 deepspeed config), apply the adapter, then let DeepSpeed partition it when the engine is "
+            f"prepared; `unipeft train --distributed zero3` does this")
