@@ -257,3 +257,23 @@ def test_an_activation_output_changed_in_place_before_it_is_saved_is_kept():
         hooks.remove()
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_a_training_forward_reads_no_deprecated_checkpointing_flag():
+    """The window checks transformers' checkpointing flag at every training forward: through its current name
+    (`is_gradient_checkpointing` warns at each read in transformers 5 and is gone in v6, where reading it with a
+    default would turn the check off). Warnings are errors here, the FutureWarning included."""
+    import warnings
+
+    from unipeft import compat
+
+    peft = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    peft.train()
+    base = peft.base_model.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft(**batch_for("llama")).loss.backward()
+        assert compat.activation_checkpointing(base) is False
+        peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert compat.activation_checkpointing(base) is True
+    assert compat.activation_checkpointing(torch.nn.Linear(2, 2)) is False

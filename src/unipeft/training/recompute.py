@@ -28,7 +28,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..compat import tensor_version
+from ..compat import activation_checkpointing, tensor_version
 
 # pure, deterministic functions of their input: recomputing them gives the same bits
 _TORCH_ACTS = (nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU,
@@ -133,7 +133,7 @@ class ActivationRecompute:
 
     def _open(self, module, args):
         if (self._window is not None or not module.training or not torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or getattr(module, "is_gradient_checkpointing", False)):
+                or torch.compiler.is_compiling() or activation_checkpointing(module)):
             return None
         self._window = _Window()
         self._window.hooks.__enter__()
