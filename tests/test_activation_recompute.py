@@ -225,3 +225,55 @@ def test_a_parameter_is_saved_as_itself():
     (with_window, rec), (plain, _) = grad(True), grad(False)
     assert rec is not None
     torch.testing.assert_close(with_window, plain, rtol=0, atol=0)
+
+
+def test_an_activation_output_changed_in_place_before_it_is_saved_is_kept():
+    """a = act(g); a.mul_(u) (a gated product written into a); down(a) saves the product, not act(g): recomputing
+    act(g) there would give a wrong gradient without any error. The product equals a only at act's version."""
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down, self.act = (torch.nn.Linear(4, 8), torch.nn.Linear(4, 8),
+                                                       torch.nn.Linear(8, 4), torch.nn.SiLU())
+
+        def forward(self, x):
+            a = self.act(self.gate(x))
+            a.mul_(self.up(x))
+            return self.down(a)
+
+    torch.manual_seed(0)
+    m, x = Gated().train(), torch.randn(3, 4)
+
+    def grads():
+        m.zero_grad(set_to_none=True)
+        m(x).pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    want = grads()
+    hooks = ActivationRecompute(m)
+    try:
+        got = grads()
+    finally:
+        hooks.remove()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_a_training_forward_reads_no_deprecated_checkpointing_flag():
+    """The window checks transformers' checkpointing flag at every training forward: through its current name
+    (`is_gradient_checkpointing` warns at each read in transformers 5 and is gone in v6, where reading it with a
+    default would turn the check off). Warnings are errors here, the FutureWarning included."""
+    import warnings
+
+    from unipeft import compat
+
+    peft = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    peft.train()
+    base = peft.base_model.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft(**batch_for("llama")).loss.backward()
+        assert compat.activation_checkpointing(base) is False
+        peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert compat.activation_checkpointing(base) is True
+    assert compat.activation_checkpointing(torch.nn.Linear(2, 2)) is False

@@ -177,8 +177,8 @@ def test_mlp_reparameterization_runs_once_per_forward(method):
 def test_pass_table_is_not_reused_after_the_parameters_change():
     peft = get_peft_model(BUILDERS["llama"](), config("prefix_proj", "llama", random=True))
     delta = _delta(peft)
+    out = peft(**batch_for("llama"))  # with autograd: the table stays until backward (for a checkpoint recompute)
     with torch.no_grad():
-        peft(**batch_for("llama"))  # leaves a pass table behind (for a checkpoint recompute)
         old = delta(1, 1, torch.float32)
         assert delta._pass.entry is not None
         delta.embedding.add_(1.0)  # as an optimizer step would, outside any forward
@@ -188,6 +188,7 @@ def test_pass_table_is_not_reused_after_the_parameters_change():
     assert not torch.allclose(old[0], new[0])
     torch.testing.assert_close(new[0], fresh[0], rtol=0, atol=0)
     torch.testing.assert_close(new[1], fresh[1], rtol=0, atol=0)
+    del out
 
 
 @pytest.mark.parametrize("reentrant", (True, False))
@@ -228,3 +229,50 @@ def test_mlp_pass_table_under_a_non_reentrant_checkpoint_wrapper():
         hook.remove()
     assert len(calls) == 1
     assert_same(wrapped, plain)
+
+
+def _backbone_direct(peft, batch):
+    """The decoder stack called without the model root (as generate() calls an encoder): no pass begins."""
+    with torch.no_grad():
+        return peft.base_model.model.model(input_ids=batch["input_ids"]).last_hidden_state
+
+
+def test_pass_table_is_not_reused_after_a_step_that_bumps_no_version():
+    """DeepSpeed ZeRO-3's optimizer step writes the parameters' partitions, not the parameters, so their version
+    counters do not move (checked with deepspeed 0.19.8, one CPU process: value changed, _version unchanged); the
+    same holds for any update through `.data`. A backbone-direct call after such a step must not slice the last
+    pass's table: the table is dropped once backward has passed through it."""
+    peft = get_peft_model(BUILDERS["llama"](), config("prefix_proj", "llama", random=True))
+    delta, batch = _delta(peft), {**batch_for("llama"), "skip_logits": False}
+    peft.train()
+    peft(**batch).loss.backward()
+    with torch.no_grad():
+        for p in (delta.embedding, *delta.transform.parameters()):
+            p.data.add_(0.5)  # as ZeRO-3's step: the value changes, p._version does not
+    got = _backbone_direct(peft, batch)
+    delta._pass.entry = None
+    want = _backbone_direct(peft, batch)  # per site, from the current parameters
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_no_grad_pass_table_ends_with_its_forward():
+    """A forward without autograd has no recompute to serve: its table is gone when the forward returns, so a
+    later change that bumps no version (ZeRO-3, `.data`) cannot meet it."""
+    peft = get_peft_model(BUILDERS["llama"](), config("prefix_proj", "llama", random=True))
+    delta, batch = _delta(peft), batch_for("llama")
+    peft.eval()
+    with torch.no_grad():
+        peft(**batch)
+        assert delta._pass.entry is None
+        delta.embedding.data.add_(0.5)
+    got = _backbone_direct(peft, batch)
+    delta._pass.entry = None
+    torch.testing.assert_close(got, _backbone_direct(peft, batch), rtol=0, atol=1e-6)
+
+
+def test_pass_table_is_dropped_when_its_forward_raises():
+    peft = get_peft_model(BUILDERS["llama"](), config("prefix_proj", "llama", random=True))
+    delta = _delta(peft)
+    with torch.no_grad(), pytest.raises(Exception):
+        peft(input_ids=torch.full((1, 3), 10 ** 6))  # out of the vocabulary: the embedding raises after the table
+    assert delta._pass.entry is None

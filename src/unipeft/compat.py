@@ -152,6 +152,16 @@ def zero_fp32_partitions(zero_optimizer) -> list[torch.Tensor]:
 # -------------------------------------------------------------------------------------------- transformers
 
 
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on for `model` (False for a model without the flag).
+    transformers 5 names it `is_activation_checkpointing`; `is_gradient_checkpointing` is its deprecated alias,
+    which warns on every read and goes in v6."""
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), flag):
+            return bool(getattr(model, flag))
+    return False
+
+
 def attn_implementation(config) -> str | None:
     """The attention implementation a transformers config dispatches to. Private: `PretrainedConfig
     ._attn_implementation`; transformers has a public setter (`PreTrainedModel.set_attn_implementation`) but no

@@ -12,13 +12,19 @@ that table. Without a pass table (the backbone called directly, or transformers'
 site computes only its own slice, as before; so do FSDP2-sharded tables (the root hook may run before FSDP2's
 gather).
 
-The pass table is replaced at the next pass. A non-reentrant activation-checkpoint recompute (in backward, after
-the pass) slices the very tensor the forward sliced, so both save the same tensors; a table is used only while no
-parameter it was made from has changed (version counters). Under transformers' gradient checkpointing no table is
+A pass table lives no longer than its pass: made without autograd, it is dropped when the forward returns (or
+raises); made with autograd, a non-reentrant activation-checkpoint recompute (in backward, after the pass) slices
+the very tensor the forward sliced, so both save the same tensors, and the table is dropped once backward has
+passed through it. Version counters cannot stand in for that: DeepSpeed ZeRO-3's step (and any write through
+`.data`) changes the values and leaves them as they were, so a backbone-direct call after a step (generate()'s
+encoder call) would meet a stale table. Within its life a table is also used only while the version counters of
+its parameters are unchanged. Under transformers' gradient checkpointing no table is
 made: a reentrant recompute runs its own backward per layer, which must not share one graph between layers.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -71,6 +77,19 @@ class PrefixDelta(DeltaModule):
         self._pass.entry = None
         if cache and self.reparameterized and not _sharded(self.embedding):
             self(None)
+
+    def end_pass(self) -> None:
+        """The forward pass returned or raised: drop its table now, or (in an autograd graph, which a non-reentrant
+        checkpoint may recompute from) once backward has passed through it."""
+        entry = self._pass.entry
+        if entry is None:
+            return
+        table = entry[1]
+        if not table.requires_grad:
+            self._pass.entry = None
+        elif not torch.compiler.is_compiling():  # weakly: the hook lives on the table the cache holds
+            cache, made = weakref.ref(self._pass), weakref.ref(table)
+            table.register_hook(lambda grad: _drop(cache(), made()))
 
     def _versions(self) -> tuple:
         return tuple(tensor_version(p) for p in (self.embedding, *self.transform.parameters()))
@@ -147,6 +166,12 @@ def _sharded(p: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(p, DTensor)
+
+
+def _drop(cache: "_PassCache | None", table: torch.Tensor | None) -> None:
+    """Backward has reached `table`: every recompute that slices it is done."""
+    if cache is not None and cache.entry is not None and cache.entry[1] is table:
+        cache.entry = None
 
 
 class _PassCache:

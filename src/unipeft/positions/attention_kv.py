@@ -344,7 +344,8 @@ class AttentionKVSite:
 class PrefixPasses:
     """A pre-hook on the model root: each forward pass computes the prefix table's MLP reparameterization once for
     all layers (deltas/prefix.py), except under transformers' gradient checkpointing, where each layer computes
-    its slice in its forward and again in its recompute. Undone with the adapter."""
+    its slice in its forward and again in its recompute; a forward hook ends the pass (the table's lifetime is in
+    deltas/prefix.py). Undone with the adapter."""
 
     def __init__(self, model: nn.Module, delta):
         # transformers >= 5 names the property is_activation_checkpointing (is_gradient_checkpointing warns)
@@ -355,10 +356,14 @@ class PrefixPasses:
             checkpointing = module.training and flag is not None and getattr(module, flag)
             delta.begin_pass(cache=not checkpointing)
 
-        self._hook = model.register_forward_pre_hook(begin)
+        def end(module, args, out):  # always called: a forward that raises drops its table too
+            delta.end_pass()
+
+        self._hooks = [model.register_forward_pre_hook(begin), model.register_forward_hook(end, always_call=True)]
 
     def remove(self) -> None:
-        self._hook.remove()
+        for h in self._hooks:
+            h.remove()
 
 
 class SeamConfigs:

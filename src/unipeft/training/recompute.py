@@ -28,6 +28,8 @@ import weakref
 import torch
 from torch import nn
 
+from ..compat import activation_checkpointing, tensor_version
+
 # pure, deterministic functions of their input: recomputing them gives the same bits
 _TORCH_ACTS = (nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU,
                nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus)
@@ -48,10 +50,10 @@ class _Recomputed:
     __slots__ = ("act", "g", "shape", "version", "value")
 
     def __init__(self, act: nn.Module, g: torch.Tensor, shape: torch.Size):
-        self.act, self.g, self.shape, self.version, self.value = act, g, shape, g._version, None
+        self.act, self.g, self.shape, self.version, self.value = act, g, shape, tensor_version(g), None
 
     def get(self) -> torch.Tensor:
-        if self.g._version != self.version:
+        if tensor_version(self.g) != self.version:
             raise RuntimeError(_MODIFIED.format(what=f"the input of {type(self.act).__name__} (unipeft recomputes "
                                                      f"its output in backward from it)"))
         if self.value is None:
@@ -65,26 +67,27 @@ class _Window:
 
     def __init__(self):
         self.saved: dict[int, weakref.ref] = {}  # data_ptr -> the (detached) tensor saved in this forward
-        self.outputs: dict[int, tuple] = {}  # data_ptr of a -> (act, data_ptr, shape, stride of g, weakref a)
+        self.outputs: dict[int, tuple] = {}  # data_ptr of a -> (act, data_ptr, shape, stride of g, weakref a, version)
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
     def _pack(self, t: torch.Tensor):
         ptr = t.data_ptr()
         hit = self.outputs.get(ptr)
         if hit is not None:
-            act, g_ptr, g_shape, g_stride, a = hit
+            act, g_ptr, g_shape, g_stride, a, a_version = hit
             a, g = a(), self.saved.get(g_ptr, _dead)()
-            # a itself, or a contiguous view of all of it (a linear's input flattened to 2-D); g as act read it
+            # a itself, or a contiguous view of all of it (a linear's input flattened to 2-D), as act returned it (an
+            # in-place change since, such as a.mul_(up), makes it another tensor); g as act read it
             if (a is not None and g is not None and g_ptr != ptr and g.shape == g_shape and g.stride() == g_stride
                     and t.numel() == a.numel() and t.dtype == a.dtype and t.is_contiguous() and a.is_contiguous()
-                    and t._version == a._version):
+                    and tensor_version(t) == tensor_version(a) == a_version):
                 return _Recomputed(act, g, t.shape)
         # with the version autograd would check itself (saved-tensor hooks turn its in-place check off); a result of
         # an op detached (no reference cycle through its own grad_fn when the graph is dropped unused), a leaf as
         # itself (a sharding engine that swaps a parameter's .data before backward must be seen)
         d = t if t.grad_fn is None else t.detach()
         self.saved[ptr] = weakref.ref(d)
-        return d, t._version
+        return d, tensor_version(t)
 
     def close(self) -> None:
         self.hooks.__exit__(None, None, None)
@@ -101,8 +104,8 @@ def _unpack(x):
     if isinstance(x, _Recomputed):
         return x.get()
     t, version = x
-    if t._version != version:
-        raise RuntimeError(_MODIFIED.format(what=f"[{t.type()} {list(t.shape)}] is at version {t._version}; "
+    if tensor_version(t) != version:
+        raise RuntimeError(_MODIFIED.format(what=f"[{t.type()} {list(t.shape)}] is at version {tensor_version(t)}; "
                                                  f"expected version {version} instead"))
     return t
 
@@ -130,7 +133,7 @@ class ActivationRecompute:
 
     def _open(self, module, args):
         if (self._window is not None or not module.training or not torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or getattr(module, "is_gradient_checkpointing", False)):
+                or torch.compiler.is_compiling() or activation_checkpointing(module)):
             return None
         self._window = _Window()
         self._window.hooks.__enter__()
@@ -146,7 +149,8 @@ class ActivationRecompute:
         w = self._window
         if w is not None and args and torch.is_tensor(out) and torch.is_tensor(args[0]):
             g = args[0]
-            w.outputs[out.data_ptr()] = (module, g.data_ptr(), g.shape, g.stride(), weakref.ref(out))
+            w.outputs[out.data_ptr()] = (module, g.data_ptr(), g.shape, g.stride(), weakref.ref(out),
+                                         tensor_version(out))
         return None
 
     def remove(self) -> None:
