@@ -147,7 +147,9 @@ class ActivationRecompute:
 
     def _act_out(self, module, args, out):
         w = self._window
-        if w is not None and args and torch.is_tensor(out) and torch.is_tensor(args[0]):
+        # out.dtype == g.dtype: under autocast an activation on its cast lists computed in another dtype, which a
+        # recompute in backward (outside autocast) would not reproduce
+        if w is not None and args and torch.is_tensor(out) and torch.is_tensor(args[0]) and out.dtype == args[0].dtype:
             g = args[0]
             w.outputs[out.data_ptr()] = (module, g.data_ptr(), g.shape, g.stride(), weakref.ref(out),
                                          tensor_version(out))
