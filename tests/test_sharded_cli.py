@@ -172,6 +172,39 @@ def test_zero3_cli_on_deepspeeds_cpu_accelerator_equals_one_process(ws, refs, me
     same_logits(ws, run / "adapter", refs[method] / "adapter")
 
 
+def test_zero3_checkpoint_resumes_on_one_process(ws, refs):
+    """A 2-process ZeRO-3 run stopped after step 3 writes the DDP/FSDP2 checkpoint format (the fp32 master weights
+    and the optimizer state gathered by parameter name, unipeft.distributed.zero_optimizer_state), no per-process
+    partitions; one plain process resumes it (global batch kept: accumulation 2) to the uninterrupted one-process
+    run's weights. 1e-4 relative, as the library's zero_resume test: Adam moves LoRA weights by about lr on
+    near-zero gradients, where ZeRO's flat partitions sum in another order."""
+    run = ws / "runs" / "lora-zero3-stop"
+    p = torchrun("-m", "unipeft.cli", *train_args(ws, "lora", run, "--distributed", "zero3"), ok=False,
+                 env={"UNIPEFT_STOP_AT_STEP": "3"})
+    assert p.returncode != 0 and "interrupted at step 3" in p.stderr, p.stderr[-3000:]
+    ckpt = run / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+    assert (ckpt / "optimizer.pt").is_file() and not list(ckpt.glob("optimizer_*.pt"))
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    names = sorted(final_weights(run))
+    assert sorted(saved["state"]) == names and sorted(saved["param_groups"][0]["params"]) == names
+    assert all(int(s["step"]) == 3 for s in saved["state"].values())
+    # run.yaml keeps --distributed zero3; one process without a launcher runs it plainly
+    assert in_process("train", "--output", run, "--resume", "--distributed", "ddp") == 0
+    close(final_weights(run), final_weights(refs["lora"]), rtol=1e-4)
+    assert [r["step"] for r in records(run)[0]] == [1, 2, 3, 4, 5]
+
+
+def test_one_process_checkpoint_resumes_under_zero3_on_two(ws, refs):
+    """The reverse: a plain one-process run (accumulation 2) stopped after step 3 resumes under ZeRO-3 on 2
+    processes (load_zero_optimizer_state partitions its name-keyed state) to the uninterrupted run's weights."""
+    run = ws / "runs" / "lora-one-stop"
+    assert in_process(*train_args(ws, "lora", run, "--grad-accum", "2"), env={"UNIPEFT_STOP_AT_STEP": "3"}) == 130
+    torchrun("-m", "unipeft.cli", "train", "--output", run, "--resume", "--distributed", "zero3")
+    close(final_weights(run), final_weights(refs["lora"]), rtol=1e-4)
+    assert [r["step"] for r in records(run)[0]] == [1, 2, 3, 4, 5]
+
+
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of the processes torchrun started (its children, RANK in their environment)."""
     out = {}
