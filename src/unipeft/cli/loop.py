@@ -132,7 +132,8 @@ class Trainer:
         """Every process takes part (sharded tensors are gathered); the main process writes."""
         acc, final = self.acc, self.out / CKPT
         tmp = self.out / f".{CKPT}.tmp"
-        if _zero_stage(acc) == 3:  # the fp32 master weights (the module's are bf16 under bf16) and the state, by name
+        stage = _zero_stage(acc)
+        if stage is not None:  # ZeRO: the fp32 master weights (the module's are bf16 under bf16), the state by name
             from ..distributed import zero_optimizer_state
 
             opt_state = zero_optimizer_state(self.named, self.opt)
@@ -146,13 +147,12 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(trainable, tmp / "trainable.safetensors")
-            if opt_state is not None:
-                torch.save(opt_state, tmp / "optimizer.pt")
+            torch.save(opt_state, tmp / "optimizer.pt")
             torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
         acc.wait_for_everyone()
-        if opt_state is None:  # DeepSpeed ZeRO-1/2: each process its partition of the optimizer state
+        if stage in (1, 2):  # ZeRO-1/2 load only these: each process its partition of the optimizer state
             torch.save(self.opt.optimizer.state_dict(), tmp / f"optimizer_{acc.process_index}.pt")
         self.save_adapter(tmp / "adapter")
         torch.save(self._rng, tmp / f"rng_{acc.process_index}.pt")
@@ -182,21 +182,21 @@ class Trainer:
                 # state exists, so a name-keyed state cannot be written into them: only their own per-process files
                 mine = folder / f"optimizer_{self.acc.process_index}.pt"
                 if partitions != self.acc.num_processes or not mine.is_file():
-                    raise _Refused(f"{folder} was not saved by a DeepSpeed ZeRO-{stage} run on "
-                                   f"{self.acc.num_processes} processes (it holds "
-                                   f"{partitions or 'no'} per-process optimizer partition(s)). ZeRO-1/2 resume only "
-                                   f"from their own checkpoint on the same number of processes: they cannot take "
-                                   f"a name-keyed optimizer state", "resume with --distributed zero3 (or ddp/fsdp) "
-                                   "from a zero3/ddp/fsdp checkpoint, or a zero2 checkpoint on its own process count")
+                    raise _Refused(f"{folder} holds {partitions or 'no'} ZeRO-1/2 optimizer partition(s), this "
+                                   f"ZeRO-{stage} run has {self.acc.num_processes} processes: ZeRO-1/2 load only "
+                                   f"their own per-process partitions, on the same number of processes (they cannot "
+                                   f"take the checkpoint's name-keyed optimizer state)",
+                                   "resume with --distributed zero3, ddp or fsdp (any number of processes), or "
+                                   "with zero2 on the number of processes that saved it")
                 self.opt.optimizer.load_state_dict(torch.load(mine, weights_only=False, map_location="cpu"))
-            elif partitions:
+            elif partitions and not (folder / "optimizer.pt").is_file():  # an older ZeRO-1/2 checkpoint: partitions only
                 raise _Refused(f"{folder} was saved by a DeepSpeed ZeRO-1/2 run on {partitions} processes: its "
                                f"optimizer state is per-process partitions, which only that engine on that number "
                                f"of processes can load", f"resume it under torchrun --nproc_per_node {partitions} "
                                f"with --distributed zero2 (ZeRO-3 checkpoints resume on any number of processes)")
             else:
                 saved = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
-                if stage == 3:  # the name-keyed state of a run on any number of processes, DDP/FSDP2 or ZeRO-3
+                if stage == 3:  # the name-keyed state of a run on any number of processes, DDP/FSDP2 or ZeRO
                     from ..distributed import load_zero_optimizer_state
 
                     load_zero_optimizer_state(self.named, self.opt, {**saved, "master": tensors})
@@ -414,12 +414,10 @@ def _zero_stage(acc) -> int | None:
     return None if plugin is None else int(plugin.zero_stage)
 
 
-def _optimizer_state(acc, model, opt) -> dict | None:
+def _optimizer_state(acc, model, opt) -> dict:
     """The optimizer state keyed by parameter name, whole tensors: loadable on any number of processes and
-    whatever wraps the model (DDP, FSDP2; torch's distributed-checkpoint API gathers FSDP2 shards). None under
-    DeepSpeed ZeRO-1/2, whose optimizer holds its own partitioned state (ZeRO-3: zero_optimizer_state)."""
-    if acc.state.deepspeed_plugin is not None:
-        return None
+    whatever wraps the model (DDP, FSDP2; torch's distributed-checkpoint API gathers FSDP2 shards). DeepSpeed
+    ZeRO has its own: unipeft.distributed.zero_optimizer_state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, opt.optimizer, options=StateDictOptions(full_state_dict=True,
