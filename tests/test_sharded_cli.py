@@ -3,9 +3,9 @@
 adapter one process gives with the same global batch (1e-5 relative), evaluate a 5-row eval set (uneven over 2
 processes: sharded forwards are collectives, so every process runs the same number of batches) with every row
 counted once, save adapters that reload with the same logits, and FSDP2, ZeRO-3 and ZeRO-2 checkpoints resume on
-1 process (and a 1-process one under ZeRO-3 on 2). A
-Ctrl-C sent to one process of a 2-process FSDP2 run stops every process after the same step with a resumable
-checkpoint, and resuming reaches the weights of an uninterrupted run. One launch per engine (start-up dominates)."""
+1 process (a 1-process one under ZeRO-3 on 2; ZeRO-2 refuses it). A Ctrl-C sent to one process of a 2-process
+FSDP2 run stops every process after the same step with a resumable checkpoint, and resuming reaches the weights of
+an uninterrupted run. One launch per engine (start-up dominates)."""
 
 from __future__ import annotations
 
@@ -197,9 +197,12 @@ def test_zero3_checkpoint_resumes_on_one_process(ws, refs):
 
 def test_one_process_checkpoint_resumes_under_zero3_on_two(ws, refs):
     """The reverse: a plain one-process run (accumulation 2) stopped after step 3 resumes under ZeRO-3 on 2
-    processes (load_zero_optimizer_state partitions its name-keyed state) to the uninterrupted run's weights."""
+    processes (load_zero_optimizer_state partitions its name-keyed state) to the uninterrupted run's weights.
+    ZeRO-2 refuses it, saying why: it loads only its own per-process partitions."""
     run = ws / "runs" / "lora-one-stop"
     assert in_process(*train_args(ws, "lora", run, "--grad-accum", "2"), env={"UNIPEFT_STOP_AT_STEP": "3"}) == 130
+    p = torchrun("-m", "unipeft.cli", "train", "--output", run, "--resume", "--distributed", "zero2", ok=False)
+    assert p.returncode != 0 and "ZeRO-1/2 load only their own per-process partitions" in p.stderr, p.stderr[-3000:]
     torchrun("-m", "unipeft.cli", "train", "--output", run, "--resume", "--distributed", "zero3")
     close(final_weights(run), final_weights(refs["lora"]), rtol=1e-4)
     assert [r["step"] for r in records(run)[0]] == [1, 2, 3, 4, 5]
