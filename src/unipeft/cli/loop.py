@@ -393,15 +393,12 @@ def _full_tensors(named) -> dict[str, torch.Tensor]:
 
 
 def _load_full(named, tensors: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Each trainable parameter <- its whole tensor: FSDP2 keeps its shard, ZeRO-3 writes on rank 0 inside DeepSpeed's
+    gathering context and partitions again (a collective: every process calls, same order)."""
+    from ..distributed import assign_full
 
-    with _gathered([p for _, p in named]):  # ZeRO-3: rank 0's values are partitioned again on exit
-        for n, p in named:
-            full = tensors[n]
-            if isinstance(p, DTensor):
-                p.to_local().copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements).to_local())
-            else:
-                p.copy_(full.to(p.device, p.dtype))
+    for n, p in named:
+        assign_full(p, tensors[n])
 
 
 class _Refused(Exception):
