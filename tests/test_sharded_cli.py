@@ -2,9 +2,10 @@
 (`fully_shard`, where Accelerate sets FSDP up only for GPUs) and DeepSpeed ZeRO-3 on its CPU accelerator give the
 adapter one process gives with the same global batch (1e-5 relative), evaluate a 5-row eval set (uneven over 2
 processes: sharded forwards are collectives, so every process runs the same number of batches) with every row
-counted once, save adapters that reload with the same logits, and an FSDP2 checkpoint resumes on 1 process. A
-Ctrl-C sent to one process of a 2-process FSDP2 run stops every process after the same step with a resumable
-checkpoint, and resuming reaches the weights of an uninterrupted run. One launch per engine (start-up dominates)."""
+counted once, save adapters that reload with the same logits, and FSDP2, ZeRO-3 and ZeRO-2 checkpoints resume on
+1 process (a 1-process one under ZeRO-3 on 2; ZeRO-2 refuses it). A Ctrl-C sent to one process of a 2-process
+FSDP2 run stops every process after the same step with a resumable checkpoint, and resuming reaches the weights of
+an uninterrupted run. One launch per engine (start-up dominates)."""
 
 from __future__ import annotations
 
@@ -163,13 +164,71 @@ def test_fsdp_cli_equals_one_process_and_resumes_on_one(ws, refs):
 def test_zero3_cli_on_deepspeeds_cpu_accelerator_equals_one_process(ws, refs, method):
     """DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu, set by the CLI on a machine without CUDA) partitions every parameter;
     the adapter, gathered on save, equals one process's. One launch per run: Accelerate takes a DeepSpeed plugin
-    only in the first Accelerator of a process. (A ZeRO checkpoint resumes on the same number of processes only:
-    its optimizer state is partitioned.)"""
+    only in the first Accelerator of a process."""
     run = ws / "runs" / f"{method}-zero3"
     p = torchrun("-m", "unipeft.cli", *train_args(ws, method, run, "--distributed", "zero3"))
     assert p.stdout.count("cpu x2 (DeepSpeed ZeRO-3)") == 1, p.stdout[-3000:]
     assert_same_run(run, refs[method])
     same_logits(ws, run / "adapter", refs[method] / "adapter")
+
+
+def test_zero3_checkpoint_resumes_on_one_process(ws, refs):
+    """A 2-process ZeRO-3 run stopped after step 3 writes the DDP/FSDP2 checkpoint format (the fp32 master weights
+    and the optimizer state gathered by parameter name, unipeft.distributed.zero_optimizer_state), no per-process
+    partitions; one plain process resumes it (global batch kept: accumulation 2) to the uninterrupted one-process
+    run's weights to 1e-5 relative, as the uninterrupted ZeRO-3 run above (measured 3e-6; without the Adam moments
+    the resumed weights miss by 4e-2)."""
+    run = ws / "runs" / "lora-zero3-stop"
+    p = torchrun("-m", "unipeft.cli", *train_args(ws, "lora", run, "--distributed", "zero3"), ok=False,
+                 env={"UNIPEFT_STOP_AT_STEP": "3"})
+    assert p.returncode != 0 and "interrupted at step 3" in p.stderr, p.stderr[-3000:]
+    ckpt = run / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+    assert (ckpt / "optimizer.pt").is_file() and not list(ckpt.glob("optimizer_*.pt"))
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    names = sorted(final_weights(run))
+    assert sorted(saved["state"]) == names and sorted(saved["param_groups"][0]["params"]) == names
+    assert all(int(s["step"]) == 3 for s in saved["state"].values())
+    # run.yaml keeps --distributed zero3; one process without a launcher runs it plainly
+    assert in_process("train", "--output", run, "--resume", "--distributed", "ddp") == 0
+    close(final_weights(run), final_weights(refs["lora"]), rtol=1e-5)
+    assert [r["step"] for r in records(run)[0]] == [1, 2, 3, 4, 5]
+
+
+def test_one_process_checkpoint_resumes_under_zero3_on_two(ws, refs):
+    """The reverse: a plain one-process run (accumulation 2) stopped after step 3 resumes under ZeRO-3 on 2
+    processes (load_zero_optimizer_state partitions its name-keyed state) to the uninterrupted run's weights.
+    ZeRO-2 refuses it, saying why: it loads only its own per-process partitions."""
+    run = ws / "runs" / "lora-one-stop"
+    assert in_process(*train_args(ws, "lora", run, "--grad-accum", "2"), env={"UNIPEFT_STOP_AT_STEP": "3"}) == 130
+    p = torchrun("-m", "unipeft.cli", "train", "--output", run, "--resume", "--distributed", "zero2", ok=False)
+    assert p.returncode != 0 and "ZeRO-1/2 load only their own per-process partitions" in p.stderr, p.stderr[-3000:]
+    torchrun("-m", "unipeft.cli", "train", "--output", run, "--resume", "--distributed", "zero3")
+    close(final_weights(run), final_weights(refs["lora"]), rtol=1e-5)
+    assert [r["step"] for r in records(run)[0]] == [1, 2, 3, 4, 5]
+
+
+def test_zero2_checkpoint_resumes_on_one_process_and_partitions_alone_are_refused(ws, refs, capsys):
+    """ZeRO-2 writes the name-keyed state too (beside its per-process partitions, which only ZeRO-2 on the same
+    number of processes loads): one plain process resumes it to the uninterrupted run's weights (1e-5, as above).
+    A checkpoint with partitions only (as ZeRO-2 wrote before) is refused, naming the process count it needs."""
+    import shutil
+
+    run = ws / "runs" / "lora-zero2-stop"
+    p = torchrun("-m", "unipeft.cli", *train_args(ws, "lora", run, "--distributed", "zero2"), ok=False,
+                 env={"UNIPEFT_STOP_AT_STEP": "3"})
+    assert p.returncode != 0 and "interrupted at step 3" in p.stderr, p.stderr[-3000:]
+    ckpt = run / "checkpoint"
+    assert sorted(f.name for f in ckpt.glob("optimizer*.pt")) == ["optimizer.pt", "optimizer_0.pt", "optimizer_1.pt"]
+    old = ws / "runs" / "lora-zero2-partitions-only"
+    shutil.copytree(run, old)
+    (old / "checkpoint" / "optimizer.pt").unlink()
+    assert in_process("train", "--output", run, "--resume", "--distributed", "ddp") == 0
+    close(final_weights(run), final_weights(refs["lora"]), rtol=1e-5)
+    capsys.readouterr()
+    assert in_process("train", "--output", old, "--resume", "--distributed", "ddp") == 2
+    err = capsys.readouterr().err
+    assert "ZeRO-1/2 run on 2 processes" in err and "--nproc_per_node 2" in err, err[-2000:]
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:

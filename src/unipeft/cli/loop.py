@@ -92,6 +92,10 @@ class Trainer:
         self.warmup = int(w * self.total) if w < 1 else int(w)
         params = [p for p in peft.parameters() if p.requires_grad]
         opt = make_optimizer(args.get("optimizer") or "adamw", params, args["lr"], args["weight_decay"])
+        # each group's parameter names, taken before prepare (ZeRO-3 then empties the groups): the checkpoint's
+        # name-keyed optimizer state lists them as torch's full optimizer state dict does
+        by_id = {id(p): n for n, p in peft.named_parameters()}
+        self._group_names = [[by_id[id(p)] for p in g["params"]] for g in opt.param_groups]
         from transformers import get_scheduler
 
         name = {"constant": "constant_with_warmup"}.get(args["scheduler"], args["scheduler"])
@@ -128,19 +132,27 @@ class Trainer:
         """Every process takes part (sharded tensors are gathered); the main process writes."""
         acc, final = self.acc, self.out / CKPT
         tmp = self.out / f".{CKPT}.tmp"
-        trainable = _full_tensors(self.named)
-        opt_state = _optimizer_state(self.acc, self.model, self.opt)
+        stage = _zero_stage(acc)
+        if stage is not None:  # ZeRO: the fp32 master weights (the module's are bf16 under bf16), the state by name
+            from ..distributed import zero_optimizer_state
+
+            opt_state = zero_optimizer_state(self.named, self.opt)
+            trainable = opt_state.pop("master")
+            opt_state["param_groups"] = [{**g, "params": names} for g, names in
+                                         zip(opt_state["param_groups"], self._group_names, strict=True)]
+        else:
+            trainable = _full_tensors(self.named)
+            opt_state = _optimizer_state(self.acc, self.model, self.opt)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(trainable, tmp / "trainable.safetensors")
-            if opt_state is not None:
-                torch.save(opt_state, tmp / "optimizer.pt")
+            torch.save(opt_state, tmp / "optimizer.pt")
             torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
         acc.wait_for_everyone()
-        if opt_state is None:  # DeepSpeed: each process its partition of the optimizer state
+        if stage in (1, 2):  # ZeRO-1/2 load only these: each process its partition of the optimizer state
             torch.save(self.opt.optimizer.state_dict(), tmp / f"optimizer_{acc.process_index}.pt")
         self.save_adapter(tmp / "adapter")
         torch.save(self._rng, tmp / f"rng_{acc.process_index}.pt")
@@ -164,16 +176,34 @@ class Trainer:
                 raise KeyError(sorted(set(tensors) ^ {n for n, _ in self.named})[:3])
             with torch.no_grad():
                 _load_full(self.named, tensors)
-            if self.acc.state.deepspeed_plugin is not None:
-                # ZeRO partitions the optimizer state by process: it resumes on the same number of them only
+            stage, partitions = _zero_stage(self.acc), len(list(folder.glob("optimizer_*.pt")))
+            if stage in (1, 2):
+                # ZeRO-1/2 map each parameter to its slice of the optimizer state when they partition it, before any
+                # state exists, so a name-keyed state cannot be written into them: only their own per-process files
                 mine = folder / f"optimizer_{self.acc.process_index}.pt"
-                if not mine.is_file() or (folder / f"optimizer_{self.acc.num_processes}.pt").is_file():
-                    raise ValueError(f"{folder} was not saved by a DeepSpeed run on {self.acc.num_processes} "
-                                     f"processes; a DeepSpeed checkpoint resumes on the same number of processes")
+                if partitions != self.acc.num_processes or not mine.is_file():
+                    raise _Refused(f"{folder} holds {partitions or 'no'} ZeRO-1/2 optimizer partition(s), this "
+                                   f"ZeRO-{stage} run has {self.acc.num_processes} processes: ZeRO-1/2 load only "
+                                   f"their own per-process partitions, on the same number of processes (they cannot "
+                                   f"take the checkpoint's name-keyed optimizer state)",
+                                   "resume with --distributed zero3, ddp or fsdp (any number of processes), or "
+                                   "with zero2 on the number of processes that saved it")
                 self.opt.optimizer.load_state_dict(torch.load(mine, weights_only=False, map_location="cpu"))
+            elif partitions and not (folder / "optimizer.pt").is_file():  # an older ZeRO-1/2 checkpoint: partitions only
+                raise _Refused(f"{folder} was saved by a DeepSpeed ZeRO-1/2 run on {partitions} processes: its "
+                               f"optimizer state is per-process partitions, which only that engine on that number "
+                               f"of processes can load", f"resume it under torchrun --nproc_per_node {partitions} "
+                               f"with --distributed zero2 (ZeRO-3 checkpoints resume on any number of processes)")
             else:
-                _load_optimizer_state(self.model, self.opt,
-                                      torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+                saved = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+                if stage == 3:  # the name-keyed state of a run on any number of processes, DDP/FSDP2 or ZeRO
+                    from ..distributed import load_zero_optimizer_state
+
+                    load_zero_optimizer_state(self.named, self.opt, {**saved, "master": tensors})
+                else:
+                    _load_optimizer_state(self.model, self.opt, saved)
+        except _Refused as e:
+            raise TrainingStopped(e.args[0], e.args[1], exit_code=2) from None
         except (KeyError, RuntimeError, ValueError, OSError) as e:
             raise TrainingStopped(f"the checkpoint in {folder} does not fit this model and method ({type(e).__name__}: "
                                   f"{str(e)[:200]})", "resume with the run's own options (drop method flags), or "
@@ -363,23 +393,28 @@ def _full_tensors(named) -> dict[str, torch.Tensor]:
 
 
 def _load_full(named, tensors: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Each trainable parameter <- its whole tensor: FSDP2 keeps its shard, ZeRO-3 writes on rank 0 inside DeepSpeed's
+    gathering context and partitions again (a collective: every process calls, same order)."""
+    from ..distributed import assign_full
 
-    with _gathered([p for _, p in named]):  # ZeRO-3: rank 0's values are partitioned again on exit
-        for n, p in named:
-            full = tensors[n]
-            if isinstance(p, DTensor):
-                p.to_local().copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements).to_local())
-            else:
-                p.copy_(full.to(p.device, p.dtype))
+    for n, p in named:
+        assign_full(p, tensors[n])
 
 
-def _optimizer_state(acc, model, opt) -> dict | None:
+class _Refused(Exception):
+    """(problem, fix): a checkpoint this engine or process count cannot resume."""
+
+
+def _zero_stage(acc) -> int | None:
+    """The DeepSpeed ZeRO stage of this run, None without DeepSpeed."""
+    plugin = acc.state.deepspeed_plugin
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def _optimizer_state(acc, model, opt) -> dict:
     """The optimizer state keyed by parameter name, whole tensors: loadable on any number of processes and
-    whatever wraps the model (DDP, FSDP2; torch's distributed-checkpoint API gathers FSDP2 shards). None under
-    DeepSpeed, whose ZeRO optimizer holds its own partitioned state."""
-    if acc.state.deepspeed_plugin is not None:
-        return None
+    whatever wraps the model (DDP, FSDP2; torch's distributed-checkpoint API gathers FSDP2 shards). DeepSpeed
+    ZeRO has its own: unipeft.distributed.zero_optimizer_state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, opt.optimizer, options=StateDictOptions(full_state_dict=True,
