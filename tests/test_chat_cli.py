@@ -80,3 +80,48 @@ def test_chat_refusals(tmp_path, capsys):
     fails(p, "has no chat template", "unipeft generate")
     p = cli_in_process("chat", "--adapter", run, "--model", base, "--max-new-tokens", "0", cwd=tmp_path, capsys=capsys)
     fails(p, "--max-new-tokens must be at least 1")
+
+
+# a template whose end-of-turn marker is ordinary text (as --chat-template chatml is on a tokenizer without the
+# <|im_*|> special tokens): training labels "reply [END]", never EOS, so the model goes on to invent the next turn
+END_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' [END]\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_chat_stops_at_the_templates_end_of_turn_text(tmp_path, capsys, monkeypatch):
+    import io
+    import json
+
+    from unipeft.cli import chat as chat_mod
+
+    base = save_base(tmp_path / "llama")
+    (base / "chat_template.jinja").unlink()  # the base has no template: the adapter's stored one is used
+    run = save_adapter(base, tmp_path / "run")
+    (run / "adapter" / "unipeft_task.json").write_text(json.dumps(
+        {"task": "causal-lm", "method": "lora", "max_length": 64, "chat": True, "format": "messages",
+         "mode": "instruction", "text_columns": ["messages"], "columns": ["messages"], "chat_template": END_TEMPLATE}))
+    real_load = chat_mod.load_base_and_adapter
+
+    def load(*a, **k):  # the model's continuation, fixed: the reply, the marker, then an invented user turn
+        model, tok, path, task = real_load(*a, **k)
+
+        def generate(input_ids, streamer=None, **kw):
+            new = torch.tensor([tok("4 [END]\nuser: invented [END]\n", add_special_tokens=False)["input_ids"]])
+            if streamer is not None:
+                streamer.put(input_ids[0])
+                streamer.put(new[0])
+                streamer.end()
+            return torch.cat([input_ids, new], 1)
+
+        model.generate = generate
+        return model, tok, path, task
+
+    monkeypatch.setattr(chat_mod, "load_base_and_adapter", load)
+    monkeypatch.setattr("sys.stdin", io.StringIO("2+2?\nand 3+3?\n"))
+    p = cli_in_process("chat", "--adapter", run, "--model", base, "--show-prompt", "--max-new-tokens", "8",
+                       cwd=tmp_path, capsys=capsys)
+    assert p.returncode == 0, p.stderr[-2000:]
+    replies = [ln for ln in p.stdout.splitlines() if ln and "WARNING" not in ln]  # (DeepSpeed's import notice)
+    assert replies == ["4", "4"]  # each reply ends at its marker, nothing after it is shown
+    prompts = dict((int(n), text) for n, text in PROMPT.findall(p.stderr))
+    assert prompts[2] == "user: 2+2? [END]\nassistant: 4 [END]\nuser: and 3+3? [END]\nassistant: "
