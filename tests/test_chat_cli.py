@@ -125,3 +125,27 @@ def test_chat_stops_at_the_templates_end_of_turn_text(tmp_path, capsys, monkeypa
     assert replies == ["4", "4"]  # each reply ends at its marker, nothing after it is shown
     prompts = dict((int(n), text) for n, text in PROMPT.findall(p.stderr))
     assert prompts[2] == "user: 2+2? [END]\nassistant: 4 [END]\nuser: and 3+3? [END]\nassistant: "
+
+
+def test_generation_eval_cuts_chat_replies_at_the_end_of_turn_text():
+    """The training/eval generation metrics: a prediction is the reply, not the marker and invented turns after it."""
+    from conftest import tiny_llama
+    from test_export import tiny_tokenizer
+    from unipeft.cli.evaluate import generation_eval
+    from unipeft.cli.lm import CausalLM
+
+    tok = tiny_tokenizer()
+    tok.chat_template = END_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    task = CausalLM.from_data(tok, 64, rows, "data.jsonl", {})
+    feats, _ = task.encode(rows, "data.jsonl")
+    model = tiny_llama()
+
+    def generate(input_ids, **kw):
+        new = tok(["4 [END]\nuser: invented [END]"] * len(input_ids), add_special_tokens=False, return_tensors="pt")
+        return torch.cat([input_ids, new["input_ids"]], 1)
+
+    model.generate = generate
+    metrics, pairs = generation_eval(model, task, tok, feats, 1, 8, 1)
+    assert pairs == [("4", "4")]
+    assert metrics["exact_match"] == 1.0

@@ -118,7 +118,7 @@ def generate_command(ns, opts: dict) -> int:
         text = task.prompt(p) if chat else p
         ids.append(tok(text, add_special_tokens=not chat)["input_ids"])
     outs = generate_texts(model, tok, ids, opts["max_new_tokens"], opts["batch_size"], task.name == "seq2seq",
-                          temperature=ns.temperature)
+                          temperature=ns.temperature, chat=chat)
     for p, o in zip(prompts, outs):
         print(f"> {p}\n{o}\n")
     return 0
