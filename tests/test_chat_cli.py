@@ -149,3 +149,30 @@ def test_generation_eval_cuts_chat_replies_at_the_end_of_turn_text():
     metrics, pairs = generation_eval(model, task, tok, feats, 1, 8, 1)
     assert pairs == [("4", "4")]
     assert metrics["exact_match"] == 1.0
+
+
+def test_eval_of_a_chatml_adapter_uses_its_template_with_explicit_columns(tmp_path, capsys):
+    """An adapter trained with --chat-template chatml on a base without a template: `unipeft eval` renders the rows
+    with the stored template whether the columns come from the adapter or from --text-column/--label-column."""
+    import json
+
+    from unipeft.cli.chat_data import CHATML
+
+    base = save_base(tmp_path / "llama")
+    (base / "chat_template.jinja").unlink()
+    run = save_adapter(base, tmp_path / "run")
+    (run / "adapter" / "unipeft_task.json").write_text(json.dumps(
+        {"task": "causal-lm", "method": "lora", "max_length": 64, "chat": True, "format": "alpaca",
+         "mode": "instruction", "text_columns": ["instruction"], "label_column": "output",
+         "columns": ["instruction", "output"], "chat_template": CHATML}))
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n"
+                            for q, a in [("hello there", "how are you"), ("the quick fox", "jumps over")]))
+    losses = []
+    for cols in ([], ["--text-column", "instruction", "--label-column", "output"]):
+        res = tmp_path / f"res{len(cols)}.json"
+        p = cli_in_process("eval", "--adapter", run, "--model", base, "--eval", data, "--gen-samples", "0",
+                           "--results", res, *cols, cwd=tmp_path, capsys=capsys)
+        assert p.returncode == 0, p.stderr[-2000:]
+        losses.append(json.loads(res.read_text())["eval_loss"])
+    assert abs(losses[0] - losses[1]) < 1e-6, losses
