@@ -176,3 +176,34 @@ def test_eval_of_a_chatml_adapter_uses_its_template_with_explicit_columns(tmp_pa
         assert p.returncode == 0, p.stderr[-2000:]
         losses.append(json.loads(res.read_text())["eval_loss"])
     assert abs(losses[0] - losses[1]) < 1e-6, losses
+
+
+def test_chat_never_generates_past_the_models_context(tmp_path, capsys, monkeypatch):
+    """The tiny base has 128 positions: a reply is capped to the room the prompt leaves (with a note), and a message
+    that alone fills the context is refused for that turn, not generated past the positions the model knows."""
+    import io
+
+    from unipeft.cli import chat as chat_mod
+
+    base = save_base(tmp_path / "llama")
+    run = save_adapter(base, tmp_path / "run")
+    real_load = chat_mod.load_base_and_adapter
+    asked = []
+
+    def load(*a, **k):
+        model, tok, path, task = real_load(*a, **k)
+
+        def generate(input_ids, generation_config=None, max_new_tokens=None, **kw):
+            asked.append((input_ids.shape[1], max_new_tokens or generation_config.max_new_tokens))
+            return torch.cat([input_ids, torch.tensor([tok("ok", add_special_tokens=False)["input_ids"]])], 1)
+
+        model.generate = generate
+        return model, tok, path, task
+
+    monkeypatch.setattr(chat_mod, "load_base_and_adapter", load)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n" + "the quick brown fox " * 40 + "\nhow are you\n"))
+    p = cli_in_process("chat", "--adapter", run, "--model", base, "--max-new-tokens", "500", cwd=tmp_path,
+                       capsys=capsys)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(asked) == 2 and all(n + new <= 128 and new >= 1 for n, new in asked), asked
+    assert "longer than the model's context" in p.stderr and "shorter" in p.stderr

@@ -30,7 +30,7 @@ def _turns(interactive: bool):
             return
 
 
-def _fit(tok, history: list, keep: int, room: int | None, max_new: int) -> list[int]:
+def _fit(tok, history: list, keep: int, room: int | None, max_new: int) -> tuple[str, list[int]]:
     """The rendered prompt's ids; the oldest exchanges are dropped (with a note) while it would overflow the context."""
     while True:
         text = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
@@ -123,6 +123,15 @@ def chat_command(ns, opts: dict) -> int:
         except Exception as e:  # a template that refuses the roles (e.g. no system role)
             raise CliError(f"the chat template of {model_path} cannot render this conversation: {e}",
                            "drop --system if the model has no system role") from None
+        new_tokens = ns.max_new_tokens if room is None else min(ns.max_new_tokens, room - len(ids))
+        if new_tokens < 1:  # positions past the context are ones the model never saw: no reply is better than that
+            history.pop()
+            print(f"(this message is longer than the model's context of {room} tokens; send a shorter one)",
+                  file=sys.stderr, flush=True)
+            continue
+        if new_tokens < ns.max_new_tokens:
+            print(f"(the reply is capped at {new_tokens} tokens: the model's context of {room} tokens is full)",
+                  file=sys.stderr, flush=True)
         turn += 1
         if ns.show_prompt:
             print(f"--- prompt of turn {turn} ---\n{text}\n--- end of prompt ---", file=sys.stderr, flush=True)
@@ -131,6 +140,7 @@ def chat_command(ns, opts: dict) -> int:
         x = torch.tensor([ids], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc,
+                                 max_new_tokens=new_tokens,
                                  streamer=_streamer(tok, marker), **({"tokenizer": tok} if stop_text else {}))
         reply = cut_at(tok.decode(out[0, len(ids):], skip_special_tokens=True), marker).strip()
         history.append({"role": "assistant", "content": reply})
