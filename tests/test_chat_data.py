@@ -179,3 +179,20 @@ def test_adapter_meta_from_before_the_formats_still_encodes(tok):
     (f,), _ = CausalLM(tok, 256, old).encode([row], "eval.jsonl")
     (g,), _ = CausalLM.from_data(tok, 256, [row], "eval.jsonl", {}).encode([row], "eval.jsonl")
     assert (f["input_ids"], f["labels"]) == (g["input_ids"], g["labels"])
+
+
+def test_conversational_prompt_completion_without_a_template_is_refused(tok):
+    """TRL's conversational prompt/completion (lists of turns) has no plain layout: without a chat template the
+    system/earlier turns would be dropped (only the first turn's text was kept as the prompt)."""
+    from transformers import AutoTokenizer
+
+    from unipeft.cli.embedded import embedded_path
+
+    t = AutoTokenizer.from_pretrained(str(embedded_path()))
+    t.chat_template = None
+    rows = [{"prompt": SYSTEM_CHAT[:4], "completion": SYSTEM_CHAT[4:]}]
+    with pytest.raises(CliError) as e:
+        _encode(t, rows)
+    assert "no chat template" in e.value.problem and "--chat-template chatml" in e.value.fix
+    _, (f,), _ = _encode(t, rows, {"chat_template": "chatml"})
+    assert (f["input_ids"], f["labels"]) == _expected(tok, EXPECTED)  # with a template: every turn, rendered

@@ -113,6 +113,11 @@ class CausalLM(_Generative):
             tc = self.meta["text_columns"]
             inp = row.get(tc[1]) if len(tc) > 1 else None
             prompt = self.prompt(_text(row.get(tc[0]), where, tc[0]), str(inp) if inp not in (None, "") else None)
+        elif [m["role"] for m in msgs] != ["user", "assistant"]:  # conversational prompt/completion: no plain layout
+            raise CliError(f"{where}: these prompt/completion turns need a chat template, but the tokenizer has no "
+                           "chat template (without one the system and earlier turns would be dropped)",
+                           "pass --chat-template chatml (a plain <|im_start|>role ... <|im_end|> layout) or "
+                           "--chat-template FILE.jinja, or use a model whose tokenizer has a chat template")
         else:
             prompt = msgs[0]["content"]
         return [(prompt, False), (ref + (self.tok.eos_token or ""), True)], prompt, ref
