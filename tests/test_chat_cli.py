@@ -80,3 +80,130 @@ def test_chat_refusals(tmp_path, capsys):
     fails(p, "has no chat template", "unipeft generate")
     p = cli_in_process("chat", "--adapter", run, "--model", base, "--max-new-tokens", "0", cwd=tmp_path, capsys=capsys)
     fails(p, "--max-new-tokens must be at least 1")
+
+
+# a template whose end-of-turn marker is ordinary text (as --chat-template chatml is on a tokenizer without the
+# <|im_*|> special tokens): training labels "reply [END]", never EOS, so the model goes on to invent the next turn
+END_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' [END]\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_chat_stops_at_the_templates_end_of_turn_text(tmp_path, capsys, monkeypatch):
+    import io
+    import json
+
+    from unipeft.cli import chat as chat_mod
+
+    base = save_base(tmp_path / "llama")
+    (base / "chat_template.jinja").unlink()  # the base has no template: the adapter's stored one is used
+    run = save_adapter(base, tmp_path / "run")
+    (run / "adapter" / "unipeft_task.json").write_text(json.dumps(
+        {"task": "causal-lm", "method": "lora", "max_length": 64, "chat": True, "format": "messages",
+         "mode": "instruction", "text_columns": ["messages"], "columns": ["messages"], "chat_template": END_TEMPLATE}))
+    real_load = chat_mod.load_base_and_adapter
+
+    def load(*a, **k):  # the model's continuation, fixed: the reply, the marker, then an invented user turn
+        model, tok, path, task = real_load(*a, **k)
+
+        def generate(input_ids, streamer=None, **kw):
+            new = torch.tensor([tok("4 [END]\nuser: invented [END]\n", add_special_tokens=False)["input_ids"]])
+            if streamer is not None:
+                streamer.put(input_ids[0])
+                streamer.put(new[0])
+                streamer.end()
+            return torch.cat([input_ids, new], 1)
+
+        model.generate = generate
+        return model, tok, path, task
+
+    monkeypatch.setattr(chat_mod, "load_base_and_adapter", load)
+    monkeypatch.setattr("sys.stdin", io.StringIO("2+2?\nand 3+3?\n"))
+    p = cli_in_process("chat", "--adapter", run, "--model", base, "--show-prompt", "--max-new-tokens", "8",
+                       cwd=tmp_path, capsys=capsys)
+    assert p.returncode == 0, p.stderr[-2000:]
+    replies = [ln for ln in p.stdout.splitlines() if ln and "WARNING" not in ln]  # (DeepSpeed's import notice)
+    assert replies == ["4", "4"]  # each reply ends at its marker, nothing after it is shown
+    prompts = dict((int(n), text) for n, text in PROMPT.findall(p.stderr))
+    assert prompts[2] == "user: 2+2? [END]\nassistant: 4 [END]\nuser: and 3+3? [END]\nassistant: "
+
+
+def test_generation_eval_cuts_chat_replies_at_the_end_of_turn_text():
+    """The training/eval generation metrics: a prediction is the reply, not the marker and invented turns after it."""
+    from conftest import tiny_llama
+    from test_export import tiny_tokenizer
+    from unipeft.cli.evaluate import generation_eval
+    from unipeft.cli.lm import CausalLM
+
+    tok = tiny_tokenizer()
+    tok.chat_template = END_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    task = CausalLM.from_data(tok, 64, rows, "data.jsonl", {})
+    feats, _ = task.encode(rows, "data.jsonl")
+    model = tiny_llama()
+
+    def generate(input_ids, **kw):
+        new = tok(["4 [END]\nuser: invented [END]"] * len(input_ids), add_special_tokens=False, return_tensors="pt")
+        return torch.cat([input_ids, new["input_ids"]], 1)
+
+    model.generate = generate
+    metrics, pairs = generation_eval(model, task, tok, feats, 1, 8, 1)
+    assert pairs == [("4", "4")]
+    assert metrics["exact_match"] == 1.0
+
+
+def test_eval_of_a_chatml_adapter_uses_its_template_with_explicit_columns(tmp_path, capsys):
+    """An adapter trained with --chat-template chatml on a base without a template: `unipeft eval` renders the rows
+    with the stored template whether the columns come from the adapter or from --text-column/--label-column."""
+    import json
+
+    from unipeft.cli.chat_data import CHATML
+
+    base = save_base(tmp_path / "llama")
+    (base / "chat_template.jinja").unlink()
+    run = save_adapter(base, tmp_path / "run")
+    (run / "adapter" / "unipeft_task.json").write_text(json.dumps(
+        {"task": "causal-lm", "method": "lora", "max_length": 64, "chat": True, "format": "alpaca",
+         "mode": "instruction", "text_columns": ["instruction"], "label_column": "output",
+         "columns": ["instruction", "output"], "chat_template": CHATML}))
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n"
+                            for q, a in [("hello there", "how are you"), ("the quick fox", "jumps over")]))
+    losses = []
+    for cols in ([], ["--text-column", "instruction", "--label-column", "output"]):
+        res = tmp_path / f"res{len(cols)}.json"
+        p = cli_in_process("eval", "--adapter", run, "--model", base, "--eval", data, "--gen-samples", "0",
+                           "--results", res, *cols, cwd=tmp_path, capsys=capsys)
+        assert p.returncode == 0, p.stderr[-2000:]
+        losses.append(json.loads(res.read_text())["eval_loss"])
+    assert abs(losses[0] - losses[1]) < 1e-6, losses
+
+
+def test_chat_never_generates_past_the_models_context(tmp_path, capsys, monkeypatch):
+    """The tiny base has 128 positions: a reply is capped to the room the prompt leaves (with a note), and a message
+    that alone fills the context is refused for that turn, not generated past the positions the model knows."""
+    import io
+
+    from unipeft.cli import chat as chat_mod
+
+    base = save_base(tmp_path / "llama")
+    run = save_adapter(base, tmp_path / "run")
+    real_load = chat_mod.load_base_and_adapter
+    asked = []
+
+    def load(*a, **k):
+        model, tok, path, task = real_load(*a, **k)
+
+        def generate(input_ids, generation_config=None, max_new_tokens=None, **kw):
+            asked.append((input_ids.shape[1], max_new_tokens or generation_config.max_new_tokens))
+            return torch.cat([input_ids, torch.tensor([tok("ok", add_special_tokens=False)["input_ids"]])], 1)
+
+        model.generate = generate
+        return model, tok, path, task
+
+    monkeypatch.setattr(chat_mod, "load_base_and_adapter", load)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n" + "the quick brown fox " * 40 + "\nhow are you\n"))
+    p = cli_in_process("chat", "--adapter", run, "--model", base, "--max-new-tokens", "500", cwd=tmp_path,
+                       capsys=capsys)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(asked) == 2 and all(n + new <= 128 and new >= 1 for n, new in asked), asked
+    assert "longer than the model's context" in p.stderr and "shorter" in p.stderr

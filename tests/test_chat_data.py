@@ -114,10 +114,26 @@ def test_template_that_drops_assistant_text_is_refused_naming_the_row(tok):
 
 def test_truncation_keeps_labels_aligned(tok):
     _, (full,), _ = _encode(tok, [{"messages": SYSTEM_CHAT}])
+    first = next(i for i, y in enumerate(full["labels"]) if y != -100)
     for L in (5, 20, 24, len(full["input_ids"]) - 1):
         _, (f,), truncated = _encode(tok, [{"messages": SYSTEM_CHAT}], max_length=L)
         assert truncated == 1
-        assert f["input_ids"] == full["input_ids"][:L] and f["labels"] == full["labels"][:L]
+        # the head, unless it holds no trained token: then L//2 tokens of context before the first trained one
+        s = 0 if first < L else first - L // 2
+        assert f["input_ids"] == full["input_ids"][s:s + L] and f["labels"] == full["labels"][s:s + L]
+        assert any(y != -100 for y in f["labels"])  # a row with nothing to learn would give a NaN (0/0) loss
+
+
+def test_truncation_of_a_long_prompt_keeps_the_response(tok):
+    rows = [{"prompt": "word " * 80, "completion": "the answer"}]
+    _, (f,), truncated = _encode(tok, rows, max_length=16)
+    assert truncated == 1 and len(f["input_ids"]) == 16
+    trained = tok.decode([i for i, y in zip(f["input_ids"], f["labels"]) if y != -100])
+    assert trained.startswith("the answer")
+    _, (whole,), _ = _encode(tok, rows)
+    first = next(i for i, y in enumerate(whole["labels"]) if y != -100)
+    s = min(first - 8, len(whole["input_ids"]) - 16)  # L//2 tokens of context, or the row's last L tokens
+    assert (f["input_ids"], f["labels"]) == (whole["input_ids"][s:s + 16], whole["labels"][s:s + 16])  # aligned
 
 
 def test_no_chat_template_needs_one_for_turns(tok):
@@ -163,3 +179,20 @@ def test_adapter_meta_from_before_the_formats_still_encodes(tok):
     (f,), _ = CausalLM(tok, 256, old).encode([row], "eval.jsonl")
     (g,), _ = CausalLM.from_data(tok, 256, [row], "eval.jsonl", {}).encode([row], "eval.jsonl")
     assert (f["input_ids"], f["labels"]) == (g["input_ids"], g["labels"])
+
+
+def test_conversational_prompt_completion_without_a_template_is_refused(tok):
+    """TRL's conversational prompt/completion (lists of turns) has no plain layout: without a chat template the
+    system/earlier turns would be dropped (only the first turn's text was kept as the prompt)."""
+    from transformers import AutoTokenizer
+
+    from unipeft.cli.embedded import embedded_path
+
+    t = AutoTokenizer.from_pretrained(str(embedded_path()))
+    t.chat_template = None
+    rows = [{"prompt": SYSTEM_CHAT[:4], "completion": SYSTEM_CHAT[4:]}]
+    with pytest.raises(CliError) as e:
+        _encode(t, rows)
+    assert "no chat template" in e.value.problem and "--chat-template chatml" in e.value.fix
+    _, (f,), _ = _encode(t, rows, {"chat_template": "chatml"})
+    assert (f["input_ids"], f["labels"]) == _expected(tok, EXPECTED)  # with a template: every turn, rendered

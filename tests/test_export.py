@@ -336,3 +336,17 @@ def test_gguf_of_an_ia3_adapter_without_model_flag(tmp_path, capsys):
     plain = AutoModelForCausalLM.from_pretrained(base).eval()
     assert (logits(ref, tok) - logits(plain, tok)).abs().max() > 1e-2
     torch.testing.assert_close(logits(model, tok), logits(ref, tok), atol=1e-5, rtol=0)
+
+
+def test_overwrite_never_replaces_the_adapter_or_the_base(tmp_path, capsys):
+    """--overwrite replaces an earlier export, never a folder the export reads from (the run, the adapter, the base)."""
+    base = save_base(tmp_path / "llama")
+    run = save_adapter(base, tmp_path / "run")
+    for out in (run, run / "adapter", base, tmp_path):
+        p = export(tmp_path, capsys, "--adapter", run, "--model", base, "--format", "peft", "--out", out,
+                   "--overwrite", ok=False)
+        fails(p, "holds the adapter or the base model", "--out")
+        assert (run / "adapter" / "adapter_model.safetensors").is_file() and (base / "config.json").is_file()
+    export(tmp_path, capsys, "--adapter", run, "--model", base, "--format", "peft", "--out", run / "served",
+           "--overwrite")
+    assert (run / "served" / "adapter_config.json").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from .chat_data import cut_at, stop_ids_and_text
 from .commands import adapter_dir, adapter_meta, load_base_and_adapter
 from .errors import CliError
 
@@ -29,7 +30,7 @@ def _turns(interactive: bool):
             return
 
 
-def _fit(tok, history: list, keep: int, room: int | None, max_new: int) -> list[int]:
+def _fit(tok, history: list, keep: int, room: int | None, max_new: int) -> tuple[str, list[int]]:
     """The rendered prompt's ids; the oldest exchanges are dropped (with a note) while it would overflow the context."""
     while True:
         text = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
@@ -41,9 +42,37 @@ def _fit(tok, history: list, keep: int, room: int | None, max_new: int) -> list[
               file=sys.stderr)
 
 
+def _streamer(tok, marker: str):
+    """transformers' TextStreamer, printing the reply only up to the end-of-turn marker (text held back while it
+    could be the marker's start)."""
+    from transformers import TextStreamer
+
+    class UntilMarker(TextStreamer):
+        def __init__(self):
+            super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+            self.seen, self.shown = "", 0
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.seen += text
+            k = self.seen.find(marker) if marker else -1
+            upto = k if k >= 0 else len(self.seen)
+            if k < 0 and marker and not stream_end:  # hold back a tail that may be the marker's beginning
+                upto -= next((n for n in range(min(len(marker) - 1, len(self.seen)), 0, -1)
+                              if marker.startswith(self.seen[-n:])), 0)
+            if k >= 0 or not stream_end:  # and whitespace that may be the last before the marker
+                upto = len(self.seen[:upto].rstrip())
+            if upto > self.shown:
+                print(self.seen[self.shown:upto], end="", flush=True)
+                self.shown = upto
+            if stream_end:
+                print(flush=True)
+
+    return UntilMarker()
+
+
 def chat_command(ns, opts: dict) -> int:
     import torch
-    from transformers import GenerationConfig, TextStreamer
+    from transformers import GenerationConfig
 
     adir = adapter_dir(ns.adapter) if ns.adapter else None
     meta = adapter_meta(adir)
@@ -61,12 +90,16 @@ def chat_command(ns, opts: dict) -> int:
     torch.manual_seed(ns.seed)
     base_gc = getattr(model, "generation_config", None)
     eos = getattr(base_gc, "eos_token_id", None)
+    # the template's end-of-turn marker ends a reply (training labels it, not EOS): a token id where it is one
+    # token, else a stop string
+    stop_ids, marker = stop_ids_and_text(tok)
     eos = list(dict.fromkeys((eos if isinstance(eos, list) else [eos] if eos is not None else [])
-                             + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+                             + ([tok.eos_token_id] if tok.eos_token_id is not None else []) + stop_ids))
+    stop_text = {"stop_strings": [marker]} if marker and not stop_ids else {}
     sample = {"do_sample": True, "temperature": ns.temperature, "top_p": ns.top_p} if ns.temperature > 0 \
         else {"do_sample": False}
     gc = GenerationConfig(max_new_tokens=ns.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos or None,
-                          **sample)
+                          **stop_text, **sample)
     room = getattr(model.config, "max_position_embeddings", None)
     system = [{"role": "system", "content": ns.system}] if ns.system else []
     history = list(system)
@@ -90,17 +123,26 @@ def chat_command(ns, opts: dict) -> int:
         except Exception as e:  # a template that refuses the roles (e.g. no system role)
             raise CliError(f"the chat template of {model_path} cannot render this conversation: {e}",
                            "drop --system if the model has no system role") from None
+        new_tokens = ns.max_new_tokens if room is None else min(ns.max_new_tokens, room - len(ids))
+        if new_tokens < 1:  # positions past the context are ones the model never saw: no reply is better than that
+            history.pop()
+            print(f"(this message is longer than the model's context of {room} tokens; send a shorter one)",
+                  file=sys.stderr, flush=True)
+            continue
+        if new_tokens < ns.max_new_tokens:
+            print(f"(the reply is capped at {new_tokens} tokens: the model's context of {room} tokens is full)",
+                  file=sys.stderr, flush=True)
         turn += 1
         if ns.show_prompt:
             print(f"--- prompt of turn {turn} ---\n{text}\n--- end of prompt ---", file=sys.stderr, flush=True)
         if interactive:
             print("assistant> ", end="", flush=True)
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         x = torch.tensor([ids], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc,
-                                 streamer=streamer)
-        reply = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+                                 max_new_tokens=new_tokens,
+                                 streamer=_streamer(tok, marker), **({"tokenizer": tok} if stop_text else {}))
+        reply = cut_at(tok.decode(out[0, len(ids):], skip_special_tokens=True), marker).strip()
         history.append({"role": "assistant", "content": reply})
         sys.stdout.flush()
     return 0

@@ -165,3 +165,34 @@ def assistant_segments(tok, messages: list[dict], where: str) -> list[tuple[str,
         pos = end
     pieces.append((full[pos:], False))
     return [(t, y) for t, y in pieces if t]
+
+
+_PROBE = "\x00reply\x00"
+
+
+def end_of_turn(tok) -> str:
+    """The text the chat template writes right after an assistant reply (ChatML: "<|im_end|>"), "" if none.
+    Training puts the loss on it, not on EOS, so generation must stop at it: where it is ordinary text (e.g.
+    --chat-template chatml on a tokenizer without those special tokens) the model never emits EOS after a reply."""
+    try:
+        text = render(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}])
+    except Exception:  # noqa: BLE001 — a template that refuses the probe: no marker known
+        return ""
+    k = text.find(_PROBE)
+    tail = text[k + len(_PROBE):].strip() if k >= 0 else ""
+    return tail.split()[0] if tail else ""
+
+
+def stop_ids_and_text(tok) -> tuple[list[int], str]:
+    """(token id of the end-of-turn marker where it is one token, else []; the marker text, to cut replies at)."""
+    marker = end_of_turn(tok)
+    if not marker:
+        return [], ""
+    ids = tok(marker, add_special_tokens=False)["input_ids"]
+    return (ids if len(ids) == 1 else []), marker
+
+
+def cut_at(text: str, marker: str) -> str:
+    """The reply before the end-of-turn marker (what follows it is the model inventing the next turns)."""
+    k = text.find(marker) if marker else -1
+    return text[:k] if k >= 0 else text

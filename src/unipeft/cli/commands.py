@@ -43,10 +43,10 @@ def load_base_and_adapter(opts: dict, adir: Path | None, meta: dict, task=None):
     """(model with the adapter loaded or the plain base, tokenizer, model path, task name)."""
     model_path = resolve_model(opts.get("model") or meta.get("model"))
     task_name = opts.get("task") or meta.get("task") or infer_task(model_path)
-    tok = load_tokenizer(model_path, task_name)
     if task is None:
+        tok = load_tokenizer(model_path, task_name)
         task = task_class(task_name)(tok, opts.get("max_length") or meta.get("max_length") or 256, meta)
-    task.tok = tok
+    tok = task.tok  # the one the data was encoded with (its chat template included)
     model = load_model(model_path, task, tok)
     if adir is not None:
         from .. import PeftModel
@@ -69,6 +69,8 @@ def eval_command(ns, opts: dict) -> int:
     model_path = resolve_model(opts.get("model") or meta.get("model"))
     task_name = opts.get("task") or meta.get("task") or infer_task(model_path)
     tok = load_tokenizer(model_path, task_name)
+    if meta.get("chat_template") and not opts.get("chat_template"):  # trained with --chat-template: render with it
+        tok.chat_template = meta["chat_template"]
     cls = task_class(task_name)
     if meta.get("columns") and not (opts.get("text_column") or opts.get("label_column")):
         task = cls(tok, opts.get("max_length") or meta.get("max_length"), meta)
@@ -118,7 +120,7 @@ def generate_command(ns, opts: dict) -> int:
         text = task.prompt(p) if chat else p
         ids.append(tok(text, add_special_tokens=not chat)["input_ids"])
     outs = generate_texts(model, tok, ids, opts["max_new_tokens"], opts["batch_size"], task.name == "seq2seq",
-                          temperature=ns.temperature)
+                          temperature=ns.temperature, chat=chat)
     for p, o in zip(prompts, outs):
         print(f"> {p}\n{o}\n")
     return 0

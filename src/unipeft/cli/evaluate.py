@@ -75,11 +75,14 @@ def run_eval(model, task, feats, batch_size: int, accelerator=None) -> dict:
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                    encoder_decoder: bool, temperature: float = 0.0, n_batches: int = 0,
-                   synced: bool = False, dummy: list[int] | None = None) -> list[str]:
+                   synced: bool = False, dummy: list[int] | None = None, chat: bool = False) -> list[str]:
     """Greedy continuations of token-id prompts (left-padded for decoder-only models). Sharded model on several
     processes: every process runs n_batches generate calls (dummy ones after its own prompts) and `synced`
-    keeps each call stepping until every process is done (transformers' synced_gpus), as forwards are collectives."""
+    keeps each call stepping until every process is done (transformers' synced_gpus), as forwards are collectives.
+    chat: prompts rendered by the chat template; a reply ends at its end-of-turn marker (chat_data.end_of_turn)."""
     from transformers import GenerationConfig
+
+    from .chat_data import cut_at, stop_ids_and_text
 
     was_training = model.training
     model.eval()
@@ -89,9 +92,12 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     eos = getattr(base, "eos_token_id", None)
     eos = list(dict.fromkeys((eos if isinstance(eos, list) else [eos] if eos is not None else [])
                              + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
+    stop_ids, marker = stop_ids_and_text(tokenizer) if chat else ([], "")
+    eos = list(dict.fromkeys(eos + stop_ids))
+    stop_text = {"stop_strings": [marker]} if marker and not stop_ids else {}
     sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     gc = GenerationConfig(max_new_tokens=max_new_tokens, **sample, pad_token_id=pad,
-                          eos_token_id=eos or None,
+                          eos_token_id=eos or None, **stop_text,
                           decoder_start_token_id=getattr(base, "decoder_start_token_id", None))
     outs = []
     chunks = [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
@@ -105,10 +111,11 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
             else:
                 ids[i, n - len(p):], mask[i, n - len(p):] = torch.tensor(p), 1
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc,
-                             **({"synced_gpus": True} if synced else {}))
+                             **({"synced_gpus": True} if synced else {}),
+                             **({"tokenizer": tokenizer} if stop_text else {}))
         new = out if encoder_decoder else out[:, n:]
         if real:
-            outs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            outs += [cut_at(t, marker).strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     model.train(was_training)
     return outs
 
@@ -122,6 +129,7 @@ def generation_eval(model, task, tokenizer, feats, n: int, max_new_tokens: int, 
     mine = _shard(with_ref, accelerator)
     preds = generate_texts(model, tokenizer, [f["prompt_ids"] for f in mine], max_new_tokens, batch_size,
                            task.name == "seq2seq", n_batches=_batches_each(len(with_ref), batch_size, accelerator),
-                           synced=_sharded(model, accelerator), dummy=with_ref[0]["prompt_ids"])
+                           synced=_sharded(model, accelerator), dummy=with_ref[0]["prompt_ids"],
+                           chat=bool(task.meta.get("chat")))
     pairs = _gather(list(zip(preds, [f["ref"] for f in mine])), accelerator)
     return metrics.generation([p for p, _ in pairs], [r for _, r in pairs]), pairs

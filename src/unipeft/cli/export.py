@@ -31,7 +31,12 @@ def _write_atomically(out: Path, overwrite: bool, fill) -> None:
         fill(tmp)
         if out.exists():
             os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # the earlier export goes back in place rather than being deleted below
+            if old.exists() and not out.exists():
+                os.rename(old, out)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -129,10 +134,20 @@ def _default_out(adapter: str, fmt: str) -> Path:
     return run / f"export-{fmt}"
 
 
+def _refuse_sources(out: Path, sources: list) -> None:
+    """The output may not be (or hold) a folder the export reads: replacing it would delete the adapter or the base."""
+    o = out.resolve()
+    for src in sources:
+        if src and Path(src).exists() and (o == Path(src).resolve() or o in Path(src).resolve().parents):
+            raise CliError(f"the output {out} holds the adapter or the base model ({src}); replacing it would delete "
+                           "them", "choose another --out (e.g. a new folder beside the run)")
+
+
 def export_command(ns, opts: dict) -> int:
     adir = adapter_dir(ns.adapter)
     meta = adapter_meta(adir)
     out = Path(ns.out) if ns.out else _default_out(ns.adapter, ns.format)
+    _refuse_sources(out, [adir, opts.get("model") or meta.get("model")])
     if ns.format == "merged":
         rows = export_merged(opts, adir, meta, out, ns.overwrite)
     elif ns.format == "gguf":

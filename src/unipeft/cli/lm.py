@@ -113,6 +113,11 @@ class CausalLM(_Generative):
             tc = self.meta["text_columns"]
             inp = row.get(tc[1]) if len(tc) > 1 else None
             prompt = self.prompt(_text(row.get(tc[0]), where, tc[0]), str(inp) if inp not in (None, "") else None)
+        elif [m["role"] for m in msgs] != ["user", "assistant"]:  # conversational prompt/completion: no plain layout
+            raise CliError(f"{where}: these prompt/completion turns need a chat template, but the tokenizer has no "
+                           "chat template (without one the system and earlier turns would be dropped)",
+                           "pass --chat-template chatml (a plain <|im_start|>role ... <|im_end|> layout) or "
+                           "--chat-template FILE.jinja, or use a model whose tokenizer has a chat template")
         else:
             prompt = msgs[0]["content"]
         return [(prompt, False), (ref + (self.tok.eos_token or ""), True)], prompt, ref
@@ -136,8 +141,19 @@ class CausalLM(_Generative):
             ids, labels = tokenize_pieces(self.tok, pieces, special)
             truncated += len(ids) > L
             p = self.prompt_ids(prompt)
-            feats.append({"input_ids": ids[:L], "labels": labels[:L], "prompt_ids": p[-L:], "ref": ref})
+            s = _window(labels, L)
+            feats.append({"input_ids": ids[s:s + L], "labels": labels[s:s + L], "prompt_ids": p[-L:], "ref": ref})
         return feats, truncated
+
+
+def _window(labels: list[int], L: int) -> int:
+    """Where a row longer than L tokens starts: its head, unless that holds no trained token (a prompt of L tokens or
+    more): then L//2 tokens of context before the first trained one. A row with nothing to learn would be dropped
+    silently, and a batch of such rows gives a NaN (0/0) loss."""
+    if len(labels) <= L or any(y != -100 for y in labels[:L]):
+        return 0
+    first = next((i for i, y in enumerate(labels) if y != -100), None)
+    return 0 if first is None else min(first - L // 2, len(labels) - L)
 
 
 def tokenize_pieces(tok, pieces: list[tuple[str, bool]], add_special_tokens: bool) -> tuple[list[int], list[int]]:
