@@ -50,7 +50,7 @@ def _count_lora_calls():
     """Every use of a LoRA delta on a host ends in add_scaled (sites call the delta module, which adds through it)."""
     calls = []
     add = LowRankDelta.add_scaled
-    LowRankDelta.add_scaled = lambda self, *a: calls.append(self) or add(self, *a)
+    LowRankDelta.add_scaled = lambda self, *a, **kw: calls.append(self) or add(self, *a, **kw)
     try:
         yield calls
     finally:
