@@ -63,13 +63,13 @@ def close(a: dict, b: dict, rtol=1e-5):
 
 
 # -- command line --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def write_bert_workspace(root: Path, n_eval: int) -> Path:
+    """A tiny BERT classifier (MiniLM's tokenizer) and 20 sentiment rows under root; the first n_eval rows are the
+    eval set (an odd count splits unevenly over 2 processes)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from unipeft.cli.embedded import minilm_path
 
-    root = tmp_path_factory.mktemp("ddp")
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))
     torch.manual_seed(0)
     BertForSequenceClassification(BertConfig(
@@ -81,8 +81,13 @@ def ws(tmp_path_factory):
     rows = [{"text": f"a {(pos if i % 2 else neg)[i % 4]} {'movie' if i % 3 else 'film, truly'}",
              "label": "pos" if i % 2 else "neg"} for i in range(20)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:7]))  # odd: 4 + 3 rows
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_eval]))
     return root
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return write_bert_workspace(tmp_path_factory.mktemp("ddp"), 7)  # odd: 4 + 3 rows
 
 
 METHOD_FLAGS = {"lora": ["--lora-dropout", "0"], "houlsby": [], "prefix_tuning": ["--num-virtual-tokens", "4"],

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_distributed import ENV, PROGRAMS, close, final_weights, in_process, records, torchrun
+from test_distributed import ENV, PROGRAMS, close, final_weights, in_process, records, torchrun, write_bert_workspace
 
 METHOD_FLAGS = {"lora": ["--lora-dropout", "0"], "prefix_tuning": ["--num-virtual-tokens", "4"]}
 
@@ -37,25 +37,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from unipeft.cli.embedded import minilm_path
-
-    root = tmp_path_factory.mktemp("sharded_cli")
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, pad_token_id=0, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    pos, neg = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "sad"]
-    rows = [{"text": f"a {(pos if i % 2 else neg)[i % 4]} {'movie' if i % 3 else 'film, truly'}",
-             "label": "pos" if i % 2 else "neg"} for i in range(20)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))  # 3 + 2 rows: 2 and 1 batches
+    root = write_bert_workspace(tmp_path_factory.mktemp("sharded_cli"), 5)  # 3 + 2 rows: 2 and 1 batches
     # a causal LM: chunked training loss (no logits in the output FSDP2's hooks walk) and generation in the eval
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from unipeft.cli.embedded import embedded_path
 
