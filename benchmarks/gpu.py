@@ -137,6 +137,18 @@ def _worker(shape: str, label: str) -> dict:
             times.append(time.perf_counter() - t)
         losses.append(round(loss.item(), 4))
     step = statistics.median(times)
+    prof = os.environ.get("UNIPEFT_GPU_PROFILE")  # a folder: the CUDA kernel table of two more steps goes there
+    if prof:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(2):
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        Path(prof).mkdir(parents=True, exist_ok=True)
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+        Path(prof, f"profile_{shape}_{label}.txt").write_text(table)
     return {"shape": shape, "label": label, "row": row, "batch": BATCH[shape], "seq": SEQ,
             "step_s": step, "step_min_s": min(times), "step_max_s": max(times),
             "tok_s": BATCH[shape] * SEQ / step, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -39,8 +39,10 @@ def stackable(site) -> bool:
             and sharding_of(d.A) is None and sharding_of(d.B) is None)
 
 
-def _stacks(cache: dict, sites: list, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (n+1, in, r_max) and B (n+1, r_max, out) for `sites` (slot i+1 = sites[i]), B scaled; slot 0 zero."""
+def _stacks(cache: dict, sites: list, idx: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors each row uses, A[idx] (N, in, r_max) and B[idx] (N, r_max, out), for `sites` (slot i+1 =
+    sites[i]; slot 0 zero), B scaled. Gathered once per mixed-batch call when the factors cannot change in it, so
+    a cached host costs two kernels, as a single adapter's LoRA does (the gathers and casts are launch-bound)."""
     params = [p for s in sites for p in (s.delta.A, s.delta.B)]
     cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
     if cacheable and dtype in cache:
@@ -52,7 +54,7 @@ def _stacks(cache: dict, sites: list, dtype) -> tuple[torch.Tensor, torch.Tensor
     As = [zA] + [nn.functional.pad(s.delta.A.to(dtype).t(), (0, r - s.delta.r)) for s in sites]
     Bs = [zB] + [nn.functional.pad((s.delta.B.t() * float(s.s)).to(dtype), (0, 0, 0, r - s.delta.r))
                  for s in sites]
-    out = torch.stack(As), torch.stack(Bs)
+    out = torch.stack(As)[idx], torch.stack(Bs)[idx]
     if cacheable:
         cache[dtype] = out
     return out
@@ -70,11 +72,10 @@ class StackedHost:
 
     def _add(self, module, args, out):
         x = args[0]
-        A, B = _stacks(self.cache, self.sites, x.dtype)
+        A, B = _stacks(self.cache, self.sites, self.idx, out.dtype)
         n = x.shape[0]
-        z = torch.bmm(x.reshape(n, -1, x.shape[-1]), A[self.idx])  # (N, T, r_max)
-        dh = torch.bmm(z, B[self.idx].to(out.dtype))  # (N, T, out)
-        return out + dh.view(out.shape)
+        z = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(out.dtype), A)  # (N, T, r_max)
+        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), z, B).view(out.shape)  # h + z·B[idx], one kernel
 
     def remove(self) -> None:
         self._hook.remove()
