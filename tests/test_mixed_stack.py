@@ -134,3 +134,21 @@ def test_adapter_names_with_gradient_checkpointing_is_refused():
     peft.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         peft(input_ids=IDS, adapter_names=NAMES)
+
+
+@torch.no_grad()
+def test_rows_gathered_per_host_when_a_group_gather_would_be_large(monkeypatch):
+    """Large batches gather each host's rows at use instead of the whole group's at once: same answers."""
+    from unipeft import mixed_stack
+
+    peft = _model()
+    once = peft(input_ids=IDS, adapter_names=NAMES).logits
+    monkeypatch.setattr(mixed_stack, "_GATHER_ONCE_BYTES", 0)
+    built = []
+    build = mixed_stack.StackGroup._build
+    monkeypatch.setattr(mixed_stack.StackGroup, "_build", lambda self, dt: built.append(b := build(self, dt)) or b)
+    per_host = peft(input_ids=IDS, adapter_names=NAMES).logits
+    assert built and not any(gathered for _, _, gathered in built)
+    torch.testing.assert_close(per_host, once, rtol=0, atol=1e-6)
+    for i, n in enumerate(NAMES):
+        torch.testing.assert_close(per_host[i], _single(peft, n, IDS)[i], rtol=0, atol=1e-5)

@@ -11,10 +11,10 @@ host whatever the number of adapters. Those sites are told `served_elsewhere` fo
 themselves. Anything else (DoRA, dropout in training, fused parts, learned scales, IA3, bottlenecks, conv or
 embedding LoRA) keeps the grouped path; a host where any active site is such stays grouped as a whole.
 
-The stacks are cached per host for one mixed-batch call (a forward, or a whole generate(), during which the factors
-cannot change), so generate() does not restack each token; with grad enabled on trainable factors they are rebuilt
-each forward so gradients reach every A, B. Factors sharded by FSDP2 or DeepSpeed ZeRO-3 keep the grouped path (it
-calls the delta modules, whose engine hooks gather them).
+Hosts of the same shape serving the same adapters (q_proj of every layer, say) build their stacks together, once
+per mixed-batch call (a forward, or a whole generate(): generate() does not restack each token), so the setup
+costs a constant number of kernels per kind of host, not per host. Factors sharded by FSDP2 or DeepSpeed ZeRO-3
+keep the grouped path (it calls the delta modules, whose engine hooks gather them).
 """
 
 from __future__ import annotations
@@ -39,43 +39,73 @@ def stackable(site) -> bool:
             and sharding_of(d.A) is None and sharding_of(d.B) is None)
 
 
-def _stacks(cache: dict, sites: list, idx: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors each row uses, A[idx] (N, in, r_max) and B[idx] (N, r_max, out), for `sites` (slot i+1 =
-    sites[i]; slot 0 zero), B scaled. Gathered once per mixed-batch call when the factors cannot change in it, so
-    a cached host costs two kernels, as a single adapter's LoRA does (the gathers and casts are launch-bound)."""
-    params = [p for s in sites for p in (s.delta.A, s.delta.B)]
-    cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-    if cacheable and dtype in cache:
-        return cache[dtype]
-    r = max(s.delta.r for s in sites)
-    A0, B0 = sites[0].delta.A, sites[0].delta.B
-    zA = A0.new_zeros(A0.shape[1], r, dtype=dtype)
-    zB = B0.new_zeros(r, B0.shape[0], dtype=dtype)
-    As = [zA] + [nn.functional.pad(s.delta.A.to(dtype).t(), (0, r - s.delta.r)) for s in sites]
-    Bs = [zB] + [nn.functional.pad((s.delta.B.t() * float(s.s)).to(dtype), (0, 0, 0, r - s.delta.r))
-                 for s in sites]
-    out = torch.stack(As)[idx], torch.stack(Bs)[idx]
-    if cacheable:
-        cache[dtype] = out
-    return out
+_GATHER_ONCE_BYTES = 64 * 2**20  # rows' factors gathered for a whole group at once up to this size
+
+
+class StackGroup:
+    """Hosts of one shape (in, out, adapters, ranks): their stacks are built together, once per mixed-batch call and
+    dtype, with a constant number of kernels for the whole group (one stack of every layer's factors, the scales
+    folded into B by one multiply, one gather by row) instead of a dozen small ops per host: a per-host build made
+    a mixed forward twice a single-adapter one on a GPU, all of it launch overhead. Each host then reads its layer.
+
+        A (L, n+1, in, r_max)[:, idx]   B (L, n+1, r_max, out)[:, idx]   — row i gets slot idx[i] of its layer
+
+    The gather by row happens once for the group when the result is small (the launch-bound case: few rows), else
+    per host at use (large batches: the memory held stays the adapters'). Stacks never outlive the call (one
+    forward, or one generate()): writes that move no version counter (`.data`, fused optimizer kernels) must be seen
+    by the next call. Under grad they are built inside the forward, so gradients reach every A and B."""
+
+    def __init__(self, hosts: list, idx: torch.Tensor):
+        self.hosts, self.idx = hosts, idx  # hosts: [[site, ...] per host], the same adapters in the same order
+        self.cache: dict = {}  # dtype -> (A, B, gathered)
+
+    def _build(self, dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        first = self.hosts[0]
+        r = max(s.delta.r for s in first)
+        A0, B0 = first[0].delta.A, first[0].delta.B
+        zA, zB = A0.new_zeros(r, A0.shape[1]), B0.new_zeros(B0.shape[0], r)
+
+        def pad_rank(t, dim):  # zero-pad a factor's rank dim to r_max (no op when it is r_max)
+            extra = r - t.shape[dim]
+            return t if extra == 0 else nn.functional.pad(t, (0, extra) if dim == 1 else (0, 0, 0, extra))
+
+        A = torch.stack([torch.stack([zA] + [pad_rank(s.delta.A, 0) for s in sites]) for sites in self.hosts])
+        B = torch.stack([torch.stack([zB] + [pad_rank(s.delta.B, 1) for s in sites]) for sites in self.hosts])
+        scale = torch.tensor([[0.0] + [float(s.s) for s in sites] for sites in self.hosts], dtype=B.dtype,
+                             device=B.device)  # (L, n+1)
+        B = B * scale[:, :, None, None]  # (L, n+1, out, r)
+        n_rows = len(self.idx)
+        gather = n_rows * (A[0, 0].numel() + B[0, 0].numel()) * len(self.hosts) * A.element_size() <= _GATHER_ONCE_BYTES
+        if gather:
+            A, B = A[:, self.idx], B[:, self.idx]
+        return A.to(dtype).transpose(-1, -2), B.to(dtype).transpose(-1, -2), gather  # (L, ·, in, r), (L, ·, r, out)
+
+    def factors(self, layer: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (N, in, r_max), B (N, r_max, out)): the factors of each row of this call at host `layer`."""
+        key = (dtype, torch.is_grad_enabled())  # built under grad, the stacks are one graph node every layer uses
+        built = self.cache.get(key)
+        if built is None:
+            built = self.cache[key] = self._build(dtype)
+        A, B, gathered = built
+        return (A[layer], B[layer]) if gathered else (A[layer][self.idx], B[layer][self.idx])
 
 
 class StackedHost:
-    """One forward hook on a host linear adding every served adapter's low-rank delta in one gathered bmm pair."""
+    """One forward hook on a host linear adding every served adapter's low-rank delta: h + (x·A[idx])·B[idx] as one
+    bmm and one baddbmm, the kernels one adapter's LoRA costs (a projection and an add-into GEMM)."""
 
-    def __init__(self, host, sites: list, idx: torch.Tensor):
-        self.host, self.sites, self.idx = host, sites, idx
-        self.cache: dict = {}  # dtype -> stacks, for this mixed-batch call only
+    def __init__(self, host, sites: list, group: StackGroup, layer: int):
+        self.host, self.sites, self.group, self.layer = host, sites, group, layer
         for s in sites:
             s.served_elsewhere = True
         self._hook = host.register_forward_hook(self._add)
 
     def _add(self, module, args, out):
         x = args[0]
-        A, B = _stacks(self.cache, self.sites, self.idx, out.dtype)
+        A, B = self.group.factors(self.layer, out.dtype)  # (N, in, r_max), (N, r_max, out)
         n = x.shape[0]
         z = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(out.dtype), A)  # (N, T, r_max)
-        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), z, B).view(out.shape)  # h + z·B[idx], one kernel
+        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), z, B).view(out.shape)
 
     def remove(self) -> None:
         self._hook.remove()
@@ -92,18 +122,20 @@ def stacked_low_rank(handles: dict, names: list, device):
         for s in h.sites:
             if s.active:
                 by_host.setdefault(id(s.host), []).append(s)
-    idx_cache: dict[tuple, torch.Tensor] = {}
+    groups: dict[tuple, list] = {}  # hosts computing the same shapes for the same adapters -> stacked together
+    for sites in by_host.values():
+        adapters = [s.switch.adapter for s in sites]
+        if not all(stackable(s) for s in sites) or len(set(adapters)) != len(adapters):
+            continue  # grouped path for the whole host
+        d = sites[0].delta
+        key = (tuple(adapters), tuple(s.delta.r for s in sites), d.A.shape[1], d.B.shape[0], d.A.dtype, d.A.device)
+        groups.setdefault(key, []).append(sites)
     stacked = []
     try:
-        for sites in by_host.values():
-            adapters = [s.switch.adapter for s in sites]
-            if not all(stackable(s) for s in sites) or len(set(adapters)) != len(adapters):
-                continue  # grouped path for the whole host
-            slot = {a: i + 1 for i, a in enumerate(adapters)}
-            k = tuple(adapters)
-            if k not in idx_cache:
-                idx_cache[k] = torch.tensor([slot.get(n, 0) for n in names], device=device)
-            stacked.append(StackedHost(sites[0].host, sites, idx_cache[k]))
+        for key, hosts in groups.items():
+            slot = {a: i + 1 for i, a in enumerate(key[0])}
+            group = StackGroup(hosts, torch.tensor([slot.get(n, 0) for n in names], device=device))
+            stacked += [StackedHost(sites[0].host, sites, group, i) for i, sites in enumerate(hosts)]
         yield
     finally:
         for st in stacked:
