@@ -52,6 +52,8 @@ ROWS = {
     "ours_prefix_explicit": dict(lib="ours", method="prefix", mask_path="explicit"),  # the dense-mask reference
     "ours_prefix_proj": dict(lib="ours", method="prefix_proj"),  # MLP reparameterization, once per forward
     "ours_prompt": dict(lib="ours", method="prompt"),
+    "ours_prompt_liger": dict(lib="ours", method="prompt", liger=True),  # our frozen-backbone floor
+    "ours_houlsby_liger": dict(lib="ours", method="houlsby", liger=True),
     # with gradient checkpointing (the 8B memory rows)
     "hf_lora_bf16_liger_gc": dict(lib="hf", method="lora", adapter_bf16=True, liger=True, gc=True),
     "hf_lora_defaults_gc": dict(lib="hf", method="lora", gc=True),
@@ -70,12 +72,15 @@ def _build(shape: str, row: dict):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if row.get("liger"):
-        _liger(row["lib"] == "ours")
+    if row.get("liger") and row["lib"] == "hf":
+        _liger(ours=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa")
+    if row.get("liger") and row["lib"] == "ours":  # the library's opt-in: liger on this instance, our loss kept
+        from unipeft.kernels import apply_liger
+        apply_liger(model)
     model.config.use_cache = False
     if row.get("gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from .errors import TrainingStopped
 from .evaluate import run_eval
 from .optim import make_optimizer
+from .step_stats import StepStats
 
 CKPT = "checkpoint"
 SAME_CTRL_C_S = 3.0  # SIGINTs this close together are one Ctrl-C (delivered directly and forwarded by the launcher)
@@ -109,7 +110,8 @@ class Trainer:
         # after prepare: FSDP2 swaps parameters for sharded ones, so a list taken before would be stale
         self.named = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
         self.state = State(global_batch=self.global_batch)
-        self._rng = rng_snapshot()
+        self._rng, self._rng_step = rng_snapshot(), 0  # taken again only where a checkpoint follows (see run)
+        self._stats = StepStats(accelerator.device)
         self._stop, self._stop_at = False, 0.0  # this process saw Ctrl-C, and when
         self._agreed_stop = False  # some process saw it, as of the last step (every process agrees)
 
@@ -216,6 +218,7 @@ class Trainer:
         # each process its own RNG; a process the saving run did not have continues from the main one's
         rng = folder / f"rng_{self.acc.process_index}.pt"
         self._rng = torch.load(rng if rng.is_file() else folder / "rng_0.pt", weights_only=True)
+        self._rng_step = self.state.step
         rng_restore(self._rng)
 
     # evaluation ----------------------------------------------------------------------------------------------
@@ -247,11 +250,15 @@ class Trainer:
                   flush=True)
 
     def run(self, bar) -> State:
+        """Per-step values stay on the device (StepStats); the host reads them only at a logging, evaluation or
+        checkpoint boundary, on an interrupt and at the end, and each read first stops on a non-finite step, so
+        nothing (checkpoint, best adapter, final adapter) is written after one."""
         st, acc, args = self.state, self.acc, self.args
         self.model.train()
         stop_at = int(os.environ.get("UNIPEFT_STOP_AT_STEP", "0") or 0)  # tests: an interrupt at a known step
         old = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
-        t0, tokens, window = time.time(), 0, []
+        t0, tokens = time.time(), 0
+        self._stats = StepStats(acc.device)
         try:
             while st.step < self.total:
                 epoch, groups = st.epoch, self.global_batches(st.epoch)
@@ -259,32 +266,41 @@ class Trainer:
                     loss, ntok = self.train_step(self.my_micro_batches(groups[st.batch]))
                     st.step += 1
                     st.batch += 1
-                    self._rng = rng_snapshot()
+                    self._stats.add(loss)
                     tokens += ntok
-                    window.append(loss)
-                    st.train_loss = loss
-                    rate = tokens / max(time.time() - t0, 1e-9)
-                    lr = self.sched.get_last_lr()[0]
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-                    if st.step % args["log_every"] == 0 or st.step == self.total:
-                        if acc.is_main_process:
-                            self.log.write({"step": st.step, "epoch": round(st.epoch + st.batch / len(groups), 4),
-                                            "loss": sum(window) / len(window), "lr": lr, "tokens_per_s": rate,
-                                            "elapsed_s": round(st.elapsed_s + time.time() - t0, 2)})
-                        window = []
+                    stopping = self._agreed_stop or (stop_at and st.step == stop_at)
+                    saving = st.step % args["save_every"] == 0 and st.step < self.total
+                    if saving or stopping or st.step == self.total:  # a checkpoint follows: the RNG as of now
+                        self._snapshot_rng()
+                    logging = st.step % args["log_every"] == 0 or st.step == self.total
+                    epoch_pos = round(st.epoch + st.batch / len(groups), 4)
                     if st.batch >= len(groups):
                         st.epoch, st.batch = st.epoch + 1, 0
                     ev = args["eval_every"]
-                    if self.eval_feats and ((ev and st.step % ev == 0) or (not ev and st.batch == 0)
-                                            or st.step == self.total):
+                    evaluating = self.eval_feats and ((ev and st.step % ev == 0) or (not ev and st.batch == 0)
+                                                      or st.step == self.total)
+                    bar.update(1)
+                    if logging or evaluating or saving or stopping:
+                        r = self._read_stats()  # one host sync; raises on a non-finite step
+                        rate = tokens / max(time.time() - t0, 1e-9)
+                        lr = self.sched.get_last_lr()[0]
+                        bar.set_postfix(loss=f"{r.last:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                        if logging:
+                            if acc.is_main_process:
+                                self.log.write({"step": st.step, "epoch": epoch_pos, "loss": r.window_mean,
+                                                "lr": lr, "tokens_per_s": rate,
+                                                "elapsed_s": round(st.elapsed_s + time.time() - t0, 2)})
+                    if evaluating:
                         self.evaluate()
-                    if st.step % args["save_every"] == 0 and st.step < self.total:
+                    if saving:
                         self.save_checkpoint()
-                    if self._agreed_stop or (stop_at and st.step == stop_at):
+                    if stopping:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             st.elapsed_s += time.time() - t0
+            self._read_stats()  # a non-finite step since the last read: stop with it, write nothing
+            if self._rng_step != st.step:  # a second Ctrl-C (an abort) mid-step: the RNG as of now
+                self._snapshot_rng()
             self.save_checkpoint()
             if not self.eval_feats:
                 self.save_adapter(self.out / "adapter")
@@ -295,55 +311,84 @@ class Trainer:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
         st.elapsed_s += time.time() - t0
+        self._read_stats()
         if not self.eval_feats:
             self.save_adapter(self.out / "adapter")
         self.save_checkpoint()
         return st
 
-    def train_step(self, micro: list[tuple[list[int], float]]) -> tuple[float, int]:
+    def _snapshot_rng(self) -> None:
+        self._rng, self._rng_step = rng_snapshot(), self.state.step
+
+    def _read_stats(self):
+        """The device-side step values on the host (one sync); stops training on a non-finite loss or gradient
+        norm, naming its step, before anything is written."""
+        r = self._stats.read()
+        if r.last is not None:
+            self.state.train_loss = r.last
+        if r.bad_step is not None:
+            self._nonfinite(r.bad_value, what=r.bad_what, step=r.bad_step)
+        return r
+
+    def train_step(self, micro: list[tuple[list[int], float]]) -> tuple[torch.Tensor, int]:
         """One optimizer step over this process's weighted micro-batches; gradients are reduced across processes
-        only in the last backward (no_sync before it)."""
-        acc, total_loss, ntok, losses = self.acc, 0.0, 0, []
+        only in the last backward (no_sync before it). Returns the step's loss as a device tensor (no host read
+        with one process) and the run's tokens of the step."""
+        acc, ntok, losses, step_loss = self.acc, 0, [], None
         for i, (idx, weight) in enumerate(micro):
-            batch = self.collate([self.train_feats[j] for j in idx])
-            real = batch.pop("num_tokens", None)  # packed rows: no attention_mask, the collate counts the tokens
-            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            feats = [self.train_feats[j] for j in idx]
+            batch = self.collate(feats)
+            batch.pop("num_tokens", None)  # packed rows (no attention_mask): counted from the features below
+            batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = i == len(micro) - 1
             acc.sync_gradients = sync  # DeepSpeed steps at a boundary only; Accelerate's optimizer steps likewise
             with (nullcontext() if sync else _no_sync(acc, self.model)), acc.autocast():
                 loss = self.model(**batch).loss
                 acc.backward(loss * weight)
-            losses.append(float(loss.detach()))
-            total_loss += losses[-1] * weight
-            ntok += int(real if real is not None else batch["attention_mask"].sum()) if weight else 0
-        # one check per step, before the optimizer moves anything (a collective only with several processes)
-        if not _all_finite(acc, torch.tensor(losses)):
-            self._nonfinite(next((x for x in losses if not math.isfinite(x)), float("nan")))
+            losses.append(loss.detach().float())
+            step_loss = losses[-1] * weight if step_loss is None else step_loss + losses[-1] * weight
+            # every collate's attention mask (or packed row) covers exactly the features' tokens: counted on the host
+            ntok += sum(len(f["input_ids"]) for f in feats) if weight else 0
+        step = self.state.step + 1
+        if acc.num_processes > 1:
+            # one collective (and one host read) per step for what every process must agree on: the step's loss
+            # (the mean of its micro-batch losses; the weights sum to N over the processes), the tokens of all
+            # processes (the logged rate is the run's), whether any process saw Ctrl-C (all stop after the same
+            # step, or one would wait in a collective forever), and whether any loss was not finite (all stop)
+            own = torch.stack(losses)
+            bad = (~torch.isfinite(own)).any().to(torch.float64)
+            t = torch.stack([step_loss.to(torch.float64), _full(ntok, acc.device), _full(float(self._stop), acc.device),
+                             bad])
+            t = acc.reduce(t, "sum")
+            total, ntok, stop, nbad = t.tolist()
+            self._agreed_stop = stop > 0
+            if nbad > 0:
+                self._nonfinite(next((x for x in own.tolist() if not math.isfinite(x)), float("nan")), step=step)
+            step_loss, ntok = t[0] / acc.num_processes, int(ntok)
+        else:
+            self._stats.check(step, torch.stack(losses), "loss")
+            self._agreed_stop = self._stop
         if self.args["max_grad_norm"]:
             norm = acc.clip_grad_norm_([p for _, p in self.named], self.args["max_grad_norm"])
             # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal
-            # (DeepSpeed clips inside its own step and returns no norm here)
+            # (DeepSpeed clips inside its own step and returns no norm here). The norm is the same on every
+            # process (reduced gradients, or FSDP2's norm over all shards), so the deferred check agrees.
             if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm over every shard
                 norm = norm.full_tensor()
-            if norm is not None and acc.scaler is None and not _all_finite(acc, torch.as_tensor(norm)):
-                self._nonfinite(float(norm), what="gradient norm")
+            if norm is not None and acc.scaler is None:
+                self._stats.check(step, torch.as_tensor(norm, device=acc.device), "gradient norm")
+        # a non-finite loss or norm no longer stops this step's update (that would need a host read): the step's
+        # parameters are never written, since every boundary reads the flags first and stops (see run)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        # one collective for what every process must agree on: the step's loss (the mean of its micro-batch losses;
-        # the weights sum to N over the processes), the tokens of all processes (the logged rate is the run's), and
-        # whether any process saw Ctrl-C (all stop after the same step, or one would wait in a collective forever)
-        t = torch.tensor([total_loss, float(ntok), float(self._stop)], dtype=torch.float64, device=acc.device)
-        if acc.num_processes > 1:
-            t = acc.reduce(t, "sum")
-        self._agreed_stop = self._stop if acc.num_processes == 1 else bool(t[2] > 0)
-        return float(t[0]) / acc.num_processes, int(t[1])
+        return step_loss, ntok
 
-    def _nonfinite(self, value: float, what: str = "loss"):
+    def _nonfinite(self, value: float, what: str = "loss", step: int | None = None):
         st = self.state
         kept = (f"the last good checkpoint is step {st.last_saved_step} in {self.out / CKPT}"
                 if st.last_saved_step is not None else "no checkpoint had been saved yet")
-        raise TrainingStopped(f"the {what} became {value} at step {st.step + 1}; training stopped and {kept}"
+        raise TrainingStopped(f"the {what} became {value} at step {step or st.step + 1}; training stopped and {kept}"
                               + (f"; the best adapter (step {st.best_step}) is in {self.out / 'adapter'}"
                                  if st.best_step is not None else ""),
                               "lower --lr (or raise --warmup, or use --precision fp32), then rerun "
@@ -427,11 +472,10 @@ def _load_optimizer_state(model, opt, state: dict) -> None:
     set_optimizer_state_dict(model, opt.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _all_finite(acc, t) -> bool:
-    bad = torch.tensor(0.0 if torch.isfinite(t.detach().float()).all() else 1.0, device=acc.device)
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, "sum")
-    return bad.item() == 0
+def _full(value: float, device) -> torch.Tensor:
+    """A float64 scalar made on the device by a fill kernel (torch.tensor(x, device=cuda) copies from pageable host
+    memory, which waits for the stream)."""
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 def _main_thread() -> bool:

@@ -78,12 +78,13 @@ def load_tokenizer(path: str, task: str):
     return tok
 
 
-def load_model(path: str, task, tokenizer):
+def load_model(path: str, task, tokenizer, dtype: str = "float32"):
+    """`dtype`: the frozen base's storage dtype (train.base_dtype picks it); trainable tensors are fp32 either way."""
     import transformers
 
     cls = getattr(transformers, task.auto_class)
     try:
-        model = cls.from_pretrained(path, dtype="float32", ignore_mismatched_sizes=True, **task.model_kwargs())
+        model = cls.from_pretrained(path, dtype=dtype, ignore_mismatched_sizes=True, **task.model_kwargs())
     except Exception as e:
         raise CliError(f"cannot load {path} as a {task.name} model ({task.auto_class}): {_short(e)}",
                        "check --model and --task (a decoder-only model cannot do seq2seq, for instance)") from None

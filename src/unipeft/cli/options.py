@@ -100,6 +100,14 @@ OPTIONS: tuple[Opt, ...] = (
         "memory and visit the GPU one layer at a time (a 70B QLoRA step in 7.7 GiB of GPU memory; slower)"),
     Opt("precision", str, "auto", "auto: bf16 on GPUs that support it, else fp32", choices=("auto", "fp32", "bf16", "fp16"),
         commands=_GEN),
+    # the GPU fast path (cli/fast_path.py)
+    Opt("base_dtype", str, "auto", "storage dtype of the frozen base: auto (the compute dtype, bf16/fp16, when "
+        "training in it on an accelerator with one process or DDP; else fp32), compute (the same, also on CPU), or "
+        "fp32 (autocast then re-casts frozen weights per matmul); trainable tensors are fp32 either way",
+        choices=("auto", "compute", "fp32")),
+    Opt("liger", str, "auto", "liger-kernel's RMSNorm/RoPE/SwiGLU on the model (architectures liger supports): auto "
+        "(on CUDA when liger-kernel is installed), on (required), off; the loss stays ours (chunked)",
+        choices=("auto", "on", "off")),
     Opt("max_train_samples", int, None, "use only the first N training rows"),
     Opt("max_eval_samples", int, None, "use only the first N evaluation rows", commands=_EVAL),
     Opt("gen_samples", int, 32, "eval rows to generate for exact-match/BLEU/ROUGE (causal-lm with responses, "

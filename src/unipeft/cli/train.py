@@ -15,6 +15,7 @@ from . import options as O
 from .data import read_rows
 from .errors import CliError
 from .evaluate import generation_eval, run_eval
+from .fast_path import apply_liger_or_explain, base_dtype, trainable_in_fp32
 from .loop import CKPT, Trainer
 from .modeling import infer_task, load_model, load_quantized_model, load_tokenizer, resolve_model
 from .packing import check_isolation, collate_packed, pack, refuse_virtual_tokens
@@ -263,8 +264,13 @@ def train_command(opts: dict) -> int:
         model, built = load_quantized_model(model_path, task, tok, opts["quantize"], dtype, acc.device,
                                             stream=bool(opts.get("stream_layers")))
     else:
+        sharded = bool(acc.is_fsdp2 or acc.state.deepspeed_plugin is not None
+                       or opts.get("distributed") in ("fsdp", "zero2", "zero3"))
+        built = base_dtype(opts.get("base_dtype") or "auto", acc.mixed_precision, acc.device.type, sharded)
         with _whole_base(acc):
-            model = load_model(model_path, task, tok)
+            model = load_model(model_path, task, tok, dtype=built)
+        built = "" if built == "float32" else f"{built} base"
+    liger = apply_liger_or_explain(model, opts.get("liger") or "auto", acc.device.type)
     if opts.get("host_embeddings"):
         from .. import embeddings_on_host
         try:
@@ -279,6 +285,9 @@ def train_command(opts: dict) -> int:
     except (ValueError, KeyError, TypeError) as e:
         raise CliError(f"cannot apply {opts['method']} to {model_path}: {e}",
                        "adjust the method options (e.g. --target-modules) or pick another --method") from None
+    upcast = trainable_in_fp32(peft)  # fp32 masters for whatever trains, also on a half-precision base
+    if upcast:
+        logger.info("%d trainable tensor(s) stored in half precision were made fp32", upcast)
     collate, n_examples = None, len(train_feats)
     if opts.get("packing"):
         check_isolation(peft, len(tok))
@@ -329,6 +338,7 @@ def train_command(opts: dict) -> int:
             ("device", f"{acc.device} x{acc.num_processes} ({_engine(acc, trainer.model)}), precision {acc.mixed_precision}"
                        + (", gradient checkpointing" if opts["gradient_checkpointing"] else "")
                        + (f", {opts['quantize']} base ({built})" if opts.get("quantize") else "")
+                       + (f", {built}" if built and not opts.get("quantize") else "") + f", {liger}"
                        + (", embeddings on host" if opts.get("host_embeddings") else "")
                        + (f", {opts['optimizer']}" if (opts.get("optimizer") or "adamw") != "adamw" else "")),
             ("output", str(out) + (f"  (resuming at step {trainer.state.step})" if opts["resume"] else "")),

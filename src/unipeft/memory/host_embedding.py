@@ -29,9 +29,19 @@ class HostEmbedding(ConvertsItself, nn.Embedding):
         self.compute_dtype = table.dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids.to("cpu"), self.weight, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
-        return rows.to(self.compute_device, self.compute_dtype, non_blocking=True)
+        # ids on an accelerator must come to the host first (a wait for the stream); pass host ids to avoid it
+        host_ids = ids.to("cpu")
+        if self.max_norm is not None or not self.weight.is_pinned():  # renorm writes the table; CPU-only runs
+            rows = F.embedding(host_ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                               self.scale_grad_by_freq, self.sparse)
+            return rows.to(self.compute_device, self.compute_dtype, non_blocking=True)
+        # a frozen lookup is a row gather (padding_idx, scale_grad_by_freq and sparse act on gradients only);
+        # gathered into pinned memory, the copy to the device is asynchronous (from pageable memory it would
+        # be staged synchronously), and the host allocator keeps the buffer until the copy has run
+        rows = torch.empty((host_ids.numel(), self.embedding_dim), dtype=self.weight.dtype, pin_memory=True)
+        torch.index_select(self.weight, 0, host_ids.reshape(-1), out=rows)
+        rows = rows.to(self.compute_device, non_blocking=True).to(self.compute_dtype)
+        return rows.reshape(*host_ids.shape, self.embedding_dim)
 
     def convert(self, fn) -> None:
         # .to()/.cuda()/.half() on the model: lookups follow the device and dtype; the table stays on the host

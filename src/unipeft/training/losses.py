@@ -33,7 +33,8 @@ def default_chunk(vocab: int) -> int:
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, b, y, n, chunk, grads):  # h (N, d) valid rows, W (V, d), b (V,) or None, y (N,)
+    def forward(ctx, h, W, b, y, n, chunk, grads, valid=None):
+        # h (N, d) rows, W (V, d), b (V,) or None, y (N,); valid (N,) bool: rows that count (None: all of them)
         need_h, need_W = grads and h.requires_grad, grads and W.requires_grad
         need_b = grads and b is not None and b.requires_grad
         grads = need_h or need_W or need_b
@@ -44,17 +45,21 @@ class _FusedLinearCE(torch.autograd.Function):
         gb = torch.zeros(b.shape, dtype=wide, device=b.device) if need_b else None
         for i in range(0, h.shape[0], chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
+            vc = None if valid is None else valid[i:i + chunk, None].to(wide)
             z = F.linear(hc, W, b)  # (c, V)
             z = z if z.dtype in (torch.float32, torch.float64) else z.float()
             target = z.gather(1, yc[:, None]).squeeze(1)  # (c,), read before z is overwritten
             m = z.amax(-1, keepdim=True)
             e = z.sub_(m).exp_()  # exp(z − max), in place of the logits: one exp pass and no temporary
             s = e.sum(-1, keepdim=True)
-            loss += (m + s.log()).squeeze(1).sub_(target).sum()  # logsumexp − target logit
+            terms = (m + s.log()).sub_(target[:, None])  # logsumexp − target logit
+            loss += (terms if vc is None else terms.mul_(vc)).sum()
             if not grads:
                 continue
             p = e.div_(s)  # softmax
             p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0  # ∂/∂z of the summed loss
+            if vc is not None:
+                p.mul_(vc)  # ignored rows: no gradient
             if need_h and gh.dtype == W.dtype == p.dtype:
                 torch.mm(p, W, out=gh[i:i + chunk])  # straight into its rows
             elif need_h:
@@ -74,7 +79,7 @@ class _FusedLinearCE(torch.autograd.Function):
         dh = gh * s.to(gh.dtype) if gh is not None else None
         dW = (gW * s).to(ctx.dtypes[0]) if gW is not None else None
         db = (gb * s).to(ctx.dtypes[1]) if gb is not None else None
-        return dh, dW, db, None, None, None, None
+        return dh, dW, db, None, None, None, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
@@ -91,12 +96,23 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
     y = labels.reshape(-1).to(hidden.device)
     keep = y != ignore_index
+    chunk = chunk or default_chunk(weight.shape[0])
+    if not reads_are_free(h.device):
+        # an accelerator: no host read (dropping the ignored rows needs their count on the host), so they are
+        # computed and masked out, and the divisor stays a device tensor
+        n = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
+        n = n.to(h.device, torch.float32) if torch.is_tensor(n) else float(n)
+        return _FusedLinearCE.apply(h, weight, bias, torch.where(keep, y, 0), n, chunk, torch.is_grad_enabled(), keep)
     if not bool(keep.all()):
         h, y = h[keep], y[keep]
     n = num_items_in_batch if num_items_in_batch is not None else max(int(y.numel()), 1)
     n = float(n.item() if torch.is_tensor(n) else n)
-    chunk = chunk or default_chunk(weight.shape[0])
     return _FusedLinearCE.apply(h, weight, bias, y, n, chunk, torch.is_grad_enabled())
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value of a tensor on `device` costs no wait (the CPU): then the loss drops ignored rows."""
+    return device.type == "cpu"
 
 
 def _inner_and_head(model: nn.Module):

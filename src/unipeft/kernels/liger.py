@@ -1,0 +1,70 @@
+"""liger-kernel's fused RMSNorm, RoPE and SwiGLU (Triton, CUDA) on one model, through liger's public
+`apply_liger_kernel_to_<model_type>(..., model=instance)`.
+
+The loss stays ours: liger is called with cross_entropy=False and fused_linear_cross_entropy=False, so the model's
+forward (and with it unipeft's chunked causal-LM loss, training/losses.py) is untouched; this is checked after the
+call, and a liger release that replaced it anyway is refused rather than trained through. Our deltas are hooks on
+the model's own modules, which liger keeps (it rebinds `forward` of the norm and MLP instances), so they still run.
+
+liger also patches module-level names of the architecture's modeling file (RoPE is a module function there, the
+norm and MLP classes are replaced for models built later): every model of that architecture made afterwards in
+the same process gets the kernels too. liger-kernel and Triton are imported only when this is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+
+LIGER_KERNELS = ("rms_norm", "rope", "swiglu")
+# liger's call must accept all of these: the kernels we ask for, both loss switches (to keep them off) and the instance
+_NEEDED = (*LIGER_KERNELS, "cross_entropy", "fused_linear_cross_entropy", "model")
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _base(model):
+    """The transformers model under a PeftModel (liger reads `base_model_prefix`, `.layers` and `.norm`)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def liger_function(model):
+    """liger's public function for `model`'s architecture; ValueError naming why when there is none we can use."""
+    try:
+        lt = importlib.import_module("liger_kernel.transformers")
+    except ImportError as e:
+        raise ImportError(f"liger-kernel is not importable ({e}): pip install liger-kernel (needs CUDA and Triton)") \
+            from None
+    model_type = getattr(getattr(_base(model), "config", None), "model_type", None)
+    fn = getattr(lt, f"apply_liger_kernel_to_{model_type}", None)
+    if fn is None:
+        raise ValueError(f"liger-kernel has no kernels for model type {model_type!r} (it patches e.g. llama, "
+                         "mistral, qwen2, gemma): train without them")
+    params = inspect.signature(fn).parameters
+    missing = [k for k in _NEEDED if k not in params]
+    if missing:
+        raise ValueError(f"liger-kernel's {fn.__name__} takes no {', '.join(missing)} argument(s): it cannot be "
+                         "applied to one model with its loss left to unipeft; train without liger kernels")
+    return fn
+
+
+def apply_liger(model, rms_norm: bool = True, rope: bool = True, swiglu: bool = True):
+    """Apply liger-kernel's RMSNorm / RoPE / SwiGLU to `model` (a transformers model or a PeftModel) in place and
+    return it. The loss path and the model's forward are left as they are (checked)."""
+    import torch
+
+    base = _base(model)
+    fn = liger_function(base)
+    own_forward, class_forward, ce = base.__dict__.get("forward"), type(base).forward, torch.nn.functional.cross_entropy
+    fn(rms_norm=rms_norm, rope=rope, swiglu=swiglu, cross_entropy=False, fused_linear_cross_entropy=False, model=base)
+    if (base.__dict__.get("forward") is not own_forward or type(base).forward is not class_forward
+            or torch.nn.functional.cross_entropy is not ce):
+        raise RuntimeError(f"liger-kernel's {fn.__name__} replaced the model's forward or the cross-entropy although "
+                           "asked not to: unipeft's loss would not run; pin a liger-kernel release that honours "
+                           "cross_entropy=False, fused_linear_cross_entropy=False, or train without it")
+    base._unipeft_liger = tuple(k for k, on in zip(LIGER_KERNELS, (rms_norm, rope, swiglu)) if on)
+    return model

@@ -1,0 +1,113 @@
+"""unipeft.kernels.apply_liger's decisions, with a stand-in for liger-kernel (not installed here; it needs CUDA):
+which function is called with what, that the model's forward and our chunked loss stay, and the refusals."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+import unipeft
+from unipeft.cli.errors import CliError
+from unipeft.cli.fast_path import apply_liger_or_explain
+from unipeft.kernels import apply_liger, liger_available
+
+
+def _fake_liger(monkeypatch, fn_name="apply_liger_kernel_to_llama", honour_flags=True, params=None):
+    """Install a fake `liger_kernel.transformers` whose function records its arguments and, as liger does for an
+    instance, rebinds `forward` of the decoder's RMSNorm modules (to an equal computation that counts calls)."""
+    calls, norm_calls = [], []
+
+    def apply(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True,
+              model=None):
+        calls.append(dict(rope=rope, cross_entropy=cross_entropy, fused_linear_cross_entropy=fused_linear_cross_entropy,
+                          rms_norm=rms_norm, swiglu=swiglu, model=model))
+        if fused_linear_cross_entropy or not honour_flags:
+            model.forward = types.MethodType(lambda self, *a, **k: None, model)
+        base = getattr(model, model.base_model_prefix, model)
+        for m in base.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                orig = m.forward
+
+                def fwd(x, __orig=orig):
+                    norm_calls.append(1)
+                    return __orig(x)
+                m.forward = fwd
+
+    if params is not None:  # a release whose function lacks some arguments
+        exec_ns = {}
+        exec(f"def apply({', '.join(params)}): pass", exec_ns)
+        apply = exec_ns["apply"]  # noqa: F811
+    pkg = types.ModuleType("liger_kernel")
+    pkg.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None, is_package=True)
+    sub = types.ModuleType("liger_kernel.transformers")
+    sub.__spec__ = importlib.machinery.ModuleSpec("liger_kernel.transformers", None)
+    setattr(sub, fn_name, apply)
+    pkg.transformers = sub
+    monkeypatch.setitem(sys.modules, "liger_kernel", pkg)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+    return calls, norm_calls
+
+
+def _lora(model):
+    cfg = unipeft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False)
+    return unipeft.get_peft_model(model, cfg)
+
+
+def test_applied_to_the_instance_with_our_loss_kept(monkeypatch):
+    calls, norm_calls = _fake_liger(monkeypatch)
+    assert liger_available()
+    ids = torch.randint(3, 100, (2, 9))
+    ref = _lora(tiny_llama()).train()
+    peft = _lora(tiny_llama()).train()
+    want = ref(input_ids=ids, labels=ids).loss
+    forward = peft.get_base_model().forward
+    assert apply_liger(peft) is peft
+    (call,) = calls
+    assert call["model"] is peft.get_base_model()  # the transformers model, not our wrapper
+    assert call["cross_entropy"] is False and call["fused_linear_cross_entropy"] is False
+    assert call["rope"] and call["rms_norm"] and call["swiglu"]
+    assert peft.get_base_model().forward == forward
+    out = peft(input_ids=ids, labels=ids)
+    assert norm_calls  # liger's (here: stand-in) norms ran
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-6)  # LoRA hooks and our loss still in the path
+    with pytest.raises(AttributeError, match="logits"):
+        out.logits  # noqa: B018 -- training mode: the chunked loss computed no logits, so it is ours that ran
+
+
+def test_a_release_that_replaces_the_forward_anyway_is_refused(monkeypatch):
+    _fake_liger(monkeypatch, honour_flags=False)
+    with pytest.raises(RuntimeError, match="replaced the model's forward"):
+        apply_liger(tiny_llama())
+    _fake_liger(monkeypatch, honour_flags=False)
+    with pytest.raises(CliError, match="replaced the model's forward"):
+        apply_liger_or_explain(tiny_llama(), "auto", "cuda")
+
+
+def test_refusals(monkeypatch):
+    _fake_liger(monkeypatch)
+    with pytest.raises(ValueError, match="no kernels for model type 'gpt2'"):
+        apply_liger(tiny_gpt2())
+    _fake_liger(monkeypatch, params=["rope=True", "rms_norm=True", "swiglu=True", "cross_entropy=False", "model=None"])
+    with pytest.raises(ValueError, match="takes no fused_linear_cross_entropy"):
+        apply_liger(tiny_llama())
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(ImportError, match="pip install liger-kernel"):
+        apply_liger(tiny_llama())
+
+
+def test_cli_words(monkeypatch):
+    calls, _ = _fake_liger(monkeypatch)
+    assert apply_liger_or_explain(tiny_llama(), "auto", "cuda") == "liger-kernel (rms_norm, rope, swiglu)"
+    assert len(calls) == 1
+    assert apply_liger_or_explain(tiny_llama(), "off", "cuda") == "liger off (--liger off)"
+    assert apply_liger_or_explain(tiny_gpt2(), "auto", "cuda").startswith("liger off (liger-kernel has no kernels")
+    with pytest.raises(CliError, match="--liger on: liger-kernel has no kernels"):
+        apply_liger_or_explain(tiny_gpt2(), "on", "cuda")
+    assert len(calls) == 1
