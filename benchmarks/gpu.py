@@ -54,6 +54,8 @@ ROWS = {
     "ours_prompt": dict(lib="ours", method="prompt"),
     "ours_prompt_liger": dict(lib="ours", method="prompt", liger=True),  # our frozen-backbone floor
     "ours_houlsby_liger": dict(lib="ours", method="houlsby", liger=True),
+    "ours_scaled_parallel_liger": dict(lib="ours", method="scaled_parallel", liger=True),
+    "ours_prefix_liger": dict(lib="ours", method="prefix", liger=True),
     # with gradient checkpointing (the 8B memory rows)
     "hf_lora_bf16_liger_gc": dict(lib="hf", method="lora", adapter_bf16=True, liger=True, gc=True),
     "hf_lora_defaults_gc": dict(lib="hf", method="lora", gc=True),
