@@ -8,6 +8,8 @@ the fast path against the plain one (and a step time where it is about speed). O
 - host_embedding: input embeddings on the host (pinned gather, asynchronous copy) vs on the GPU (logits).
 - chunked_loss: the accelerator path of the chunked causal-LM loss (ignored rows masked, no host read) vs full-logits
   cross-entropy (loss and gradients), with prompt-masked labels.
+- cli_syncs: `unipeft train` (tiny Llama, bf16) with torch's CUDA sync debug mode on inside each step: how many
+  synchronizing calls a step makes and where; the frozen/trainable dtypes and the start summary's device line.
 - liger: unipeft.kernels.apply_liger on a LoRA model vs the same model before (loss and LoRA gradients, bf16); skipped
   with a line when liger-kernel is not installed.
 """
@@ -144,8 +146,77 @@ def check_liger() -> dict:
     return {**_max_err(got, ref), "forward_kept": "forward" not in peft.get_base_model().__dict__}
 
 
+def _word_tokenizer(folder, words):
+    """A word-level fast tokenizer made in code (no hub, no embedded model needed on the GPU machine)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *words])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def check_cli_syncs() -> dict:
+    """`unipeft train` for 7 steps on the GPU with torch's sync debug mode on inside each training step: every
+    synchronizing CUDA call there is counted with where it came from (the CLI's own reads happen only between steps,
+    at logging/checkpoint boundaries). Also reports the frozen/trainable dtypes and the start summary's device line."""
+    import contextlib
+    import io
+    import random
+    import warnings
+    from collections import Counter
+
+    from unipeft.cli import loop, main
+
+    words = [f"w{i}" for i in range(200)]
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as d:
+        tok = _word_tokenizer(f"{d}/model", words)
+        m = _llama(layers=4, hidden=256, vocab=len(tok))
+        m.config.pad_token_id, m.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        m.save_pretrained(f"{d}/model")
+        with open(f"{d}/train.jsonl", "w") as f:
+            for _ in range(64):  # equal lengths: no padding, so transformers' own mask check is the only other read
+                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n")
+        sites, per_step, seen = Counter(), [], {}
+        orig = loop.Trainer.train_step
+
+        def train_step(self, micro):
+            seen.setdefault("frozen", sorted({str(p.dtype) for p in self.model.parameters() if not p.requires_grad}))
+            seen.setdefault("trainable", sorted({str(p.dtype) for p in self.model.parameters() if p.requires_grad}))
+            with warnings.catch_warnings(record=True) as ws:
+                warnings.simplefilter("always")
+                if DEV == "cuda":
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    out = orig(self, micro)
+                finally:
+                    if DEV == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in ws if "synchroniz" in str(w.message)]
+            per_step.append(len(syncs))
+            sites.update(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in syncs)
+            return out
+
+        loop.Trainer.train_step = train_step
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                code = main(["train", "--model", f"{d}/model", "--task", "causal-lm", "--train", f"{d}/train.jsonl",
+                             "--batch-size", "8", "--max-length", "64", "--max-steps", "7", "--log-every", "3",
+                             "--output", f"{d}/run"])
+        finally:
+            loop.Trainer.train_step = orig
+    device = next((x.strip() for x in buf.getvalue().splitlines() if "device" in x and "precision" in x), "")
+    return {"exit": code, "syncs_per_step": per_step, "sites": dict(sites.most_common(10)), **seen,
+            "device_line": device}
+
+
 CHECKS = {"stream": check_stream, "host_embedding": check_host_embedding, "chunked_loss": check_chunked_loss,
-          "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
+          "cli_syncs": check_cli_syncs, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
 
 
 def main(argv=None) -> None:

@@ -31,6 +31,8 @@ def ws(tmp_path_factory):
     tok.save_pretrained(root / "llama")
     (root / "text.jsonl").write_text("".join(json.dumps({"text": f"the {c} fox jumps over {d}"}) + "\n"
                                              for c in ("red", "brown", "quick") for d in ("it", "the dog", "a log")))
+    (root / "cls.jsonl").write_text("".join(json.dumps({"text": f"a {w} movie", "label": i % 2}) + "\n"
+                                            for i, w in enumerate(["good", "bad", "fine", "sad"] * 3)))
     return root
 
 
@@ -72,8 +74,10 @@ def _train_dtypes(ws, model, out, *extra):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}
+    task, data = ("seq-cls", "cls.jsonl") if "seq-cls" in extra else ("causal-lm", "text.jsonl")
+    extra = [x for x in extra if x != "seq-cls"]
     p = subprocess.run([sys.executable, "-c", _DTYPES_PROG, "train", "--model", str(ws / model), "--task",
-                        "causal-lm", "--train", str(ws / "text.jsonl"), "--batch-size", "3", "--max-length", "16",
+                        task, "--train", str(ws / data), "--batch-size", "3", "--max-length", "16",
                         "--output", str(ws / out), "--overwrite", *map(str, extra)], cwd=ws, env=env,
                        capture_output=True, text=True, timeout=300)
     line = next((x for x in p.stdout.splitlines() if x.startswith("DTYPES ")), "DTYPES {}")
@@ -97,7 +101,8 @@ def test_base_dtype_choice():
 
 def test_bf16_run_keeps_the_frozen_base_bf16_and_adapters_fp32(ws):
     code, out, err, seen = _train_dtypes(ws, "llama", "bf16", "--precision", "bf16", "--base-dtype", "compute",
-                                         "--max-steps", "2")
+                                         "--max-steps", "2", "--eval", ws / "text.jsonl", "--gen-samples", "2",
+                                         "--max-new-tokens", "3")
     assert code == 0, err[-3000:]
     assert seen == {"frozen": ["torch.bfloat16"], "trainable": ["torch.float32"]}, seen
     assert "bfloat16 base" in out
@@ -107,6 +112,13 @@ def test_bf16_run_keeps_the_frozen_base_bf16_and_adapters_fp32(ws):
     assert saved and {t.dtype for t in saved.values()} == {torch.float32}
     loss = [json.loads(x)["loss"] for x in (ws / "bf16/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert loss and all(torch.isfinite(torch.tensor(loss)))
+    assert "eval_loss" in json.loads((ws / "bf16/eval_results.json").read_text())
+    # a task head (trained as a copy) on a bf16 base, evaluated
+    code, out, err, seen = _train_dtypes(ws, "llama", "bf16_cls", "seq-cls", "--precision", "bf16", "--base-dtype",
+                                         "compute", "--max-steps", "2", "--eval", ws / "cls.jsonl")
+    assert code == 0, err[-3000:]
+    assert seen == {"frozen": ["torch.bfloat16"], "trainable": ["torch.float32"]}, seen
+    assert "accuracy" in json.loads((ws / "bf16_cls/eval_results.json").read_text())
     # the default on CPU: an fp32 base, as before
     code, out, err, seen = _train_dtypes(ws, "llama", "bf16_auto", "--precision", "bf16", "--max-steps", "1")
     assert code == 0, err[-3000:]

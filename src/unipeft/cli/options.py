@@ -103,7 +103,8 @@ OPTIONS: tuple[Opt, ...] = (
     # the GPU fast path (cli/fast_path.py)
     Opt("base_dtype", str, "auto", "storage dtype of the frozen base: auto (the compute dtype, bf16/fp16, when "
         "training in it on an accelerator with one process or DDP; else fp32), compute (the same, also on CPU), or "
-        "fp32 (autocast then re-casts frozen weights per matmul); trainable tensors are fp32 either way",
+        "fp32 (autocast then re-casts frozen weights per matmul); trainable tensors are fp32 either way (--quantize "
+        "builds its base in the compute dtype itself)",
         choices=("auto", "compute", "fp32")),
     Opt("liger", str, "auto", "liger-kernel's RMSNorm/RoPE/SwiGLU on the model (architectures liger supports): auto "
         "(on CUDA when liger-kernel is installed), on (required), off; the loss stays ours (chunked)",

@@ -56,10 +56,9 @@ class _FusedLinearCE(torch.autograd.Function):
             loss += (terms if vc is None else terms.mul_(vc)).sum()
             if not grads:
                 continue
-            p = e.div_(s)  # softmax
-            p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0  # ∂/∂z of the summed loss
-            if vc is not None:
-                p.mul_(vc)  # ignored rows: no gradient
+            # softmax; an ignored row (vc = 0) divides by s/0 = inf, so its gradient is 0 with no extra pass
+            p = e.div_(s if vc is None else s / vc)
+            p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0 if vc is None else vc[:, 0]  # ∂/∂z of the sum
             if need_h and gh.dtype == W.dtype == p.dtype:
                 torch.mm(p, W, out=gh[i:i + chunk])  # straight into its rows
             elif need_h:
