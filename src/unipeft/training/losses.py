@@ -53,6 +53,14 @@ class _FusedLinearCE(torch.autograd.Function):
             loss += (m + s.log()).squeeze(1).sub_(target).sum()  # logsumexp − target logit
             if not grads:
                 continue
+            if need_h and not (need_W or need_b):
+                # (softmax − onehot(y))·W = (e·W)/s − W[y]: the division and the −1 act on the (c, d) product, not on
+                # the (c, V) probabilities (two passes over them fewer; ~5 % of the loss's CPU time)
+                if gh.dtype == W.dtype == e.dtype:
+                    torch.mm(e, W, out=gh[i:i + chunk]).div_(s).sub_(W[yc])
+                else:
+                    gh[i:i + chunk] = ((e.to(W.dtype) @ W).to(wide).div_(s) - W[yc].to(wide)).to(h.dtype)
+                continue
             p = e.div_(s)  # softmax
             p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0  # ∂/∂z of the summed loss
             if need_h and gh.dtype == W.dtype == p.dtype:
