@@ -44,8 +44,9 @@ def build_hf():
     return peft.get_peft_model(_base(), peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
 
 
-def build_ours():
-    import unipeft
+def build_ours(package: str = "unipeft"):
+    import importlib
+    unipeft = importlib.import_module(package)
     return unipeft.get_peft_model(_base(), unipeft.LoraConfig(task_type="CAUSAL_LM", **LORA))
 
 
@@ -90,16 +91,20 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--profile", default=None, help="a variant to profile for one extra step (per-op CPU table)")
     ap.add_argument("--json", default=None, help="write the per-step records here")
+    ap.add_argument("--old", default=None, help="a folder holding another copy of the package renamed unipeft_old "
+                    "(git archive <commit> src/unipeft); variant 'old' trains with it, in the same process")
     a = ap.parse_args(argv)
+    if a.old:
+        sys.path.insert(0, a.old)
 
     import torch
     torch.set_num_threads(a.threads)
     models = {}
     for v in a.variants:
-        kind = "hf" if v == "hf" else "ours"
+        kind = v if v in ("hf", "old") else "ours"
         if kind not in models:
             torch.manual_seed(0)
-            m = build_hf() if kind == "hf" else build_ours()
+            m = build_hf() if kind == "hf" else build_ours("unipeft_old" if kind == "old" else "unipeft")
             m.train()
             opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
             models[kind] = (m, opt)
@@ -109,8 +114,8 @@ def main(argv=None) -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
     def step(v):
-        m, opt = models["hf" if v == "hf" else "ours"]
-        with ablation(v) if v != "hf" else contextlib.nullcontext():
+        m, opt = models[v if v in ("hf", "old") else "ours"]
+        with ablation(v) if v not in ("hf", "old") else contextlib.nullcontext():
             c0, w0 = time.process_time(), time.perf_counter()
             loss = m(**batch).loss
             c1 = time.process_time()
