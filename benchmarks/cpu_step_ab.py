@@ -7,9 +7,12 @@ attention_mask=..., labels=...).loss, backward, AdamW step, zero_grad(set_to_non
 
 Variants (--variants): hf (HF PEFT LoRA), ours (unipeft LoRA as shipped), and ablations of ours toggled on the
 same model before its step: ours_norecompute (activation recompute off), ours_noinplace (the LoRA add out of place),
-ours_viewinplace (the LoRA add as addmm_ on a view of the output, as before the fix).
+ours_viewinplace (the LoRA add as addmm_ on a view of the output, as before the fix); old (an earlier tree, see --old).
+Same config as benchmarks/memory.py's smollm2 rows (SmolLM2-135M, LoRA r=16 on the seven linear kinds, dropout 0.05).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_ab.py --threads 1 --rounds 6 --variants hf ours
+    PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_ab.py --threads 2 --rounds 5 --variants hf ours
+    git archive <commit> src/unipeft | tar -x -C /tmp/o && mv /tmp/o/src/unipeft /tmp/o/unipeft_old
+    PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_ab.py --old /tmp/o --variants hf old ours
 """
 
 from __future__ import annotations
