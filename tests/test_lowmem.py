@@ -177,6 +177,29 @@ def test_chunked_lm_loss_equals_the_full_loss_and_its_gradients(dtype, chunk):
                                chunked_lm_loss(h, W, labels, chunk=chunk) / 2, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_lm_loss_with_a_frozen_head_equals_the_full_loss_and_its_input_gradient(dtype, chunk):
+    """A frozen head (LoRA's case) takes the other branch: (e·W)/s − W[y] instead of (softmax − onehot)·W.
+    Expected: cross_entropy on the full logits in fp64 from the same (rounded) values."""
+    torch.manual_seed(0)
+    B, T, d, V = 3, 9, 16, 40
+    h = torch.randn(B, T, d).to(dtype).requires_grad_()
+    W = torch.randn(V, d).to(dtype)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :4] = -100
+    labels[2, 7] = -100
+    h64 = h.detach().double().requires_grad_()
+    full = F.cross_entropy(F.linear(h64, W.double())[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    (g_full,) = torch.autograd.grad(full, h64)
+    loss = chunked_lm_loss(h, W, labels, chunk=chunk)
+    (g,) = torch.autograd.grad(loss, h)
+    assert g.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(loss.double(), full, rtol=tol, atol=0)  # relative: fp32's eps at a loss of ~10
+    torch.testing.assert_close(g.double(), g_full, rtol=0, atol=tol * g_full.abs().max().item())
+
+
 def test_causal_lm_loss_equals_the_models_loss_for_lora_and_full_models():
     b = batch_for("llama")
     for model in (_lora(), tiny_llama().train()):  # full model: the tied head/embeddings get gradients too

@@ -28,6 +28,34 @@ def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return F.linear(F.linear(x, A), B)
 
 
+class _AddmmInto(torch.autograd.Function):
+    """h += alpha·z·Bᵀ written into h, as one autograd node on h itself. `h.view(-1, out).addmm_(...)` computes the
+    same, but an in-place op on a view makes autograd rebase it (CopySlices over an AsStrided node): in backward a
+    zero-filled copy of h's gradient, a strided copy and a clone per call, ~9 % of a CPU LoRA step on SmolLM2."""
+
+    @staticmethod
+    def forward(ctx, h, z, B, alpha):  # h (..., out) contiguous, z (N, r), B (out, r)
+        h.view(-1, h.shape[-1]).addmm_(z, B.t(), alpha=alpha)
+        ctx.mark_dirty(h)
+        ctx.save_for_backward(z, B)
+        ctx.alpha = alpha
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        z, B = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gz = g2 @ (B * ctx.alpha) if ctx.needs_input_grad[1] else None  # scale the (out, r) factor, not (N, r)
+        gB = (g2.t() @ z).mul_(ctx.alpha) if ctx.needs_input_grad[2] else None
+        return g, gz, gB, None
+
+
+def addmm_into(h: torch.Tensor, z: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """h + alpha·z·Bᵀ written into h and returned (h (..., out) contiguous and not a view, held by no one else: the
+    fresh output of a linear; z (N, r) with N = h.numel() // out; B (out, r)). Gradients as torch.addmm's."""
+    return _AddmmInto.apply(h, z, B, alpha)
+
+
 def compose(h: torch.Tensor, dh: torch.Tensor, s) -> torch.Tensor:
     """h + s·Δh (add / scaled add; s may be a learned 0-d tensor)."""
     return h + dh * s if not (isinstance(s, float) and s == 1.0) else h + dh

@@ -82,7 +82,7 @@ class LowRankDelta(DeltaModule):
         B = self.B.to(h.dtype)
         z2 = z.reshape(-1, self.r).to(h.dtype)
         if in_place and h._base is None and h.is_contiguous() and not (h.is_leaf and h.requires_grad):
-            return h.view(-1, h.shape[-1]).addmm_(z2, B.t(), alpha=s * c).view(h.shape)
+            return Fn.addmm_into(h, z2, B, s * c)
         out = torch.addmm(h.reshape(-1, h.shape[-1]), z2, B.t(), alpha=s * c)
         return out.view(h.shape)
 
