@@ -13,9 +13,10 @@ Built for a shared, loaded CPU (2 cores, other jobs beside it):
 - "within noise": a second packed run with another seed gives the seed-to-seed spread the packed - unpacked
   eval-loss difference is read against.
 
-    nice -n 10 python benchmarks/chat_packing.py            # all runs side by side, then the report
+    nice -n 10 python benchmarks/chat_packing.py            # unpacked, packed, packed seed 1 side by side; report
+    nice -n 10 python benchmarks/chat_packing.py --group steps_matched   # then unpacked at the packed step count
     python benchmarks/chat_packing.py --report              # report again from WORK
-    python benchmarks/chat_packing.py --padding             # positions computed per real token, whole 5k sample
+    nice -n 10 python benchmarks/chat_packing.py --padding  # positions computed per real token, whole 5k sample
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ ALPACA = Path("/work/shared/data/alpaca/train_subset5k.jsonl")
 # Sized for the shared 2-core CPU (load 5-12 from other jobs; ~95 positions per CPU second for a SmolLM2-135M
 # LoRA step on one thread): the unpacked run is ~20 min of wall time at nice 10 beside the others
 N_TRAIN, N_EVAL, MAX_LEN, LR = 80, 32, 512, 1e-3
-# unpacked: 8 examples per step; packed: 2 rows of up to 512 tokens (~4.6 examples each: ~9 examples per step)
+# unpacked: 8 examples per step; packed: 2 rows of up to 512 tokens (~4.6 examples each: 80 examples in 9 steps);
+# unpacked_b9 (run afterwards, alone): batch 9, the packed runs' 9 optimizer steps, for the eval-loss comparison
 RUNS = {"unpacked": (["--batch-size", "8"], 0), "packed": (["--packing", "--batch-size", "2"], 0),
-        "packed_seed1": (["--packing", "--batch-size", "2"], 1)}
+        "packed_seed1": (["--packing", "--batch-size", "2"], 1), "unpacked_b9": (["--batch-size", "9"], 0)}
+GROUPS = {"main": ("unpacked", "packed", "packed_seed1"), "steps_matched": ("unpacked_b9",)}
 POLL_S = 0.2
 
 
@@ -75,14 +78,15 @@ def _cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_side_by_side():
-    """Start every run at once; record (wall, CPU, step, cumulative real tokens) each time a step is logged."""
+def run_side_by_side(group: str):
+    """Start the group's runs at once; record (wall, CPU, step, cumulative real tokens) each time a step is logged."""
+    runs = GROUPS[group]
     write_rows()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    procs, seen, trace, loads = {}, {}, {r: [] for r in RUNS}, []
+    procs, seen, trace, loads = {}, {}, {r: [] for r in runs}, []
     t0 = time.monotonic()
-    for r in RUNS:
+    for r in runs:
         shutil.rmtree(WORK / r, ignore_errors=True)  # no metrics.jsonl of an earlier run may be read as this one's
         log = open(WORK / f"{r}.log", "w")
         procs[r] = subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -111,7 +115,7 @@ def run_side_by_side():
     bad = {r: p.returncode for r, p in procs.items() if p.returncode}
     if bad:
         raise SystemExit(f"runs failed: {bad}; see {WORK}/<run>.log")
-    (WORK / "trace.json").write_text(json.dumps({"trace": trace, "load_1min": loads,
+    (WORK / f"trace_{group}.json").write_text(json.dumps({"trace": trace, "load_1min": loads, "nice": os.nice(0),
                                                  "wall_s": round(time.monotonic() - t0, 1)}, indent=1))
 
 
@@ -127,12 +131,16 @@ def _rate(points: list[dict]) -> dict | None:
 
 
 def report():
-    saved = json.loads((WORK / "trace.json").read_text())
+    saved = json.loads((WORK / "trace_main.json").read_text())
     trace = saved["trace"]
-    start = max(tr[0]["t"] for tr in trace.values())
+    start = max(tr[0]["t"] for tr in trace.values())  # the window in which every run of the main group trained
     end = min(tr[-1]["t"] for tr in trace.values())
+    later = WORK / "trace_steps_matched.json"
+    extra = json.loads(later.read_text()) if later.is_file() else None
+    if extra:
+        trace = {**trace, **extra["trace"]}
     res = {"runs": {}}
-    for r in RUNS:
+    for r in [r for r in RUNS if r in trace]:
         ev = json.loads((WORK / r / "eval_results.json").read_text())
         tr = trace[r]
         res["runs"][r] = {
@@ -140,7 +148,7 @@ def report():
             "first_loss": round(tr[0]["loss"], 4), "train_loss_last": round(tr[-1]["loss"], 4),
             "eval_loss": round(ev["eval_loss"], 5),
             "steps_2_to_n": _rate(tr),
-            "common_window": _rate([p for p in tr if start <= p["t"] <= end]),
+            "common_window": _rate([p for p in tr if start <= p["t"] <= end]) if r in GROUPS["main"] else None,
             "command": " ".join(["unipeft"] + command(r)[3:])}
     R = res["runs"]
     u, p = R["unpacked"], R["packed"]
@@ -152,11 +160,16 @@ def report():
         if p["common_window"] and u["common_window"] else None)
     res["eval_loss_packed_minus_unpacked"] = round(p["eval_loss"] - u["eval_loss"], 5)
     res["eval_loss_seed_spread_packed"] = round(R["packed_seed1"]["eval_loss"] - p["eval_loss"], 5)
+    if "unpacked_b9" in R:
+        res["eval_loss_packed_minus_unpacked_same_steps"] = round(p["eval_loss"] - R["unpacked_b9"]["eval_loss"], 5)
+        ld = extra["load_1min"]
+        res["steps_matched_run"] = {"wall_s": extra["wall_s"], "load_1min": {"min": min(ld), "max": max(ld)} if ld
+                                    else None}
     loads = saved["load_1min"]
     res["machine"] = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                       "load_1min_during_runs": {"min": min(loads), "mean": round(sum(loads) / len(loads), 2),
                                                 "max": max(loads)} if loads else None,
-                      "threads_per_run": 1, "nice": os.nice(0), "wall_s_all_runs": saved["wall_s"]}
+                      "threads_per_run": 1, "nice": saved["nice"], "wall_s_all_runs": saved["wall_s"]}
     res["versions"] = _versions()
     res["setup"] = (f"SmolLM2-135M-Instruct (embedded), LoRA defaults (r 16; q/k/v/o/down), fp32, lr {LR:g}, linear "
                     f"schedule; first {N_TRAIN} Alpaca-sample rows as `messages`, 1 epoch; eval: the last {N_EVAL} "
@@ -174,8 +187,10 @@ def _markdown(res: dict) -> str:
     ld = m["load_1min_during_runs"]
     md = ["# --packing vs unpacked (CPU, through `unipeft train`)", "", res["setup"] + ".", "",
           f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs (1-min load {ld['min']:.1f}-{ld['max']:.1f}, "
-          f"mean {ld['mean']:.1f}, during the runs); the {len(R)} runs trained side by side, one torch thread each, "
-          f"nice {m['nice']}; {m['wall_s_all_runs'] / 60:.1f} min for all. Versions: "
+          f"mean {ld['mean']:.1f}, during the runs); the runs {', '.join(GROUPS['main'])} trained side by side, one "
+          f"torch thread each, nice {m['nice']}; {m['wall_s_all_runs'] / 60:.1f} min for all"
+          + ("; unpacked_b9 ran afterwards (alone, beside other jobs: its wall rate is not comparable, its CPU rate "
+             "is)" if "unpacked_b9" in R else "") + ". Versions: "
           + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
           "| run | seed | steps | real tokens | real tokens / CPU s | real tokens / wall s | same, common window "
           "| first → last train loss | eval loss |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -192,14 +207,18 @@ def _markdown(res: dict) -> str:
               if res["speedup_per_wall_s_common_window"] else "."),
            f"**Eval loss, packed - unpacked (seed 0): {res['eval_loss_packed_minus_unpacked']:+.4f}**; packed seed 1 - "
            f"seed 0: {res['eval_loss_seed_spread_packed']:+.4f} (the seed-to-seed spread the difference is read "
-           "against).", "",
+           "against)."
+           + (f" **Same 9 optimizer steps (unpacked batch 9, seed 0): packed - unpacked "
+              f"{res['eval_loss_packed_minus_unpacked_same_steps']:+.4f}.**"
+              if "eval_loss_packed_minus_unpacked_same_steps" in res else ""), "",
            "Rates cover training steps 2..N of each run (step 1's allocation warm-up, model loading and evaluation "
            "excluded), measured by a driver that reads each run's metrics.jsonl and /proc CPU seconds at every "
            "step; 'common window': the same, restricted to the time in which every run was still training "
            "(the packed runs finish first). Real tokens: the CLI's count of non-pad trained tokens. The two "
            "layouts see the same examples in one epoch, but in different groups per optimizer step (packed: "
            "~9 examples per step, unpacked 8), so their training trajectories differ like two seeds' would.", "",
-           "Commands (started together by `nice -n 10 python benchmarks/chat_packing.py`, OMP_NUM_THREADS=1):", ""]
+           "Commands (`nice -n 10 python benchmarks/chat_packing.py [--group steps_matched]` starts them, "
+           "OMP_NUM_THREADS=1):", ""]
     md += [f"    {x['command']}" for x in R.values()]
     if "padding_whole_sample" in res:
         p = res["padding_whole_sample"]
@@ -263,11 +282,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--padding", action="store_true")
+    ap.add_argument("--group", choices=list(GROUPS), default="main",
+                    help="main: unpacked, packed, packed seed 1 side by side; steps_matched: unpacked batch 9, after")
     a = ap.parse_args()
     if a.padding:
         padding()
     elif a.report:
         report()
     else:
-        run_side_by_side()
+        run_side_by_side(a.group)
         report()
