@@ -58,6 +58,8 @@ def test_bench_slice_end_to_end_and_resume(tmp_path, data_dir, minilm):
     assert list(phases) == ["setup", "probe", "train", "eval", "merged_eval"], phases
     assert all(v >= 0 for v in phases.values()) and 0 < sum(phases.values()) <= lora["cpu_s"] + 0.05
     assert phases["train"] > 0 and hf_prefix_cpu(cells) > 0
+    # our rows run without HF PEFT loaded (the cell records the versions of what its process imported)
+    assert "peft" not in lora["versions"] and hf_lora["versions"]["peft"]
     # LoRA merges (the no-latency claim is timed on the merged model), and merging changes no prediction
     for r in (lora, hf_lora):
         assert r["eval_merged_s"] > 0 and abs(r["merged_eval_loss_delta"]) < 1e-5 and r["merged_metric_delta"] == 0
@@ -131,6 +133,21 @@ def test_bad_names_and_a_missing_data_dir_are_clear_errors(tmp_path, capsys):
     assert main(["bench", "--tasks", "sst2", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "lacks sst2/" in err and "--data-dir" in err
+
+
+def test_a_cell_seeds_like_transformers_set_seed_without_importing_hf_peft():
+    """transformers.set_seed imports transformers.trainer_utils, which imports HF PEFT: our rows must run without it
+    (and without its ~1.8 CPU s per cell); the RNG states must be those of transformers.set_seed."""
+    code = ("import sys, random, numpy as np, torch, transformers\n"
+            "from unipeft.cli.bench_cell import seed_all\n"
+            "draw = lambda: (random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.randn(2).tolist())\n"
+            "seed_all(7); ours = draw()\n"
+            "assert 'peft' not in sys.modules, 'seed_all imported peft'\n"
+            "transformers.set_seed(7); theirs = draw()\n"
+            "assert ours == theirs, (ours, theirs)\n"
+            "seed_all(8); assert draw() != theirs\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 def test_the_bench_modules_do_not_import_hf_peft():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import resource
 import time
 import traceback
@@ -23,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleep at OpenMP barriers: the CPU is shared
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
@@ -51,6 +53,15 @@ def model_path(model: str) -> str:
     from .embedded import embedded_path, minilm_path
 
     return str({"minilm": minilm_path, "smollm2": embedded_path}[model]())
+
+
+def seed_all(seed: int) -> None:
+    """random, numpy and torch (every device) seeded, the RNGs transformers.set_seed seeds. Not that function: its
+    first call imports transformers.trainer_utils, which imports HF PEFT when installed (so every cell, ours too,
+    ran with HF PEFT loaded) and costs ~1.8 CPU seconds per cell."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _rss_mb() -> float:
@@ -261,7 +272,7 @@ def run(spec: dict, phases: _Phases | None = None) -> dict:
                                                   {"train": train_src})
     train_feats, _ = encoder.encode(train_rows, "train")
     eval_feats, _ = encoder.encode(eval_rows, "eval")
-    transformers.set_seed(seed)
+    seed_all(seed)
     model = load_model(path, encoder, tok)
     total = sum(p.numel() for p in model.parameters())
     model, options = _build(plan, impl, task, model)
@@ -269,7 +280,7 @@ def run(spec: dict, phases: _Phases | None = None) -> dict:
     phases.done("setup")  # tokenizer, rows, encoding, model load, method wrapping
     _probe(model, encoder, train_feats, task.cli_task, impl)
     phases.done("probe")
-    transformers.set_seed(seed)
+    seed_all(seed)
     lr = plan.lr_for(task.name)
     out = {"status": "ok", "trainable": trainable, "base_params": total, "trainable_pct": 100 * trainable / total,
            "lr": lr, "options": options}
