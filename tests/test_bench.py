@@ -150,6 +150,26 @@ def test_a_cell_seeds_like_transformers_set_seed_without_importing_hf_peft():
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+def test_the_cells_linear_schedule_is_transformers_linear_schedule():
+    import torch
+    from transformers import get_scheduler
+
+    from unipeft.cli.bench_cell import linear_schedule
+
+    for warmup, total in ((1, 2), (1, 8), (4, 63), (0, 5), (3, 3)):
+        lrs = []
+        for make in (lambda o: linear_schedule(o, warmup, total),
+                     lambda o: get_scheduler("linear", o, num_warmup_steps=warmup, num_training_steps=total)):
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+            sched, seq = make(opt), []
+            for _ in range(total + 2):
+                seq.append(sched.get_last_lr()[0])
+                opt.step()
+                sched.step()
+            lrs.append(seq)
+        assert lrs[0] == pytest.approx(lrs[1], abs=1e-12), (warmup, total, lrs)
+
+
 def test_the_bench_modules_do_not_import_hf_peft():
     code = ("import sys, unipeft.cli.bench, unipeft.cli.bench_plan, unipeft.cli.bench_report, unipeft.cli.bench_cell; "
             "assert 'peft' not in sys.modules, 'peft imported'")

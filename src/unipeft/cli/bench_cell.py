@@ -191,13 +191,23 @@ def _probe(model, task, feats, cli_task, impl: str):
     model.zero_grad(set_to_none=True)
 
 
-def train(model, task, feats, budget: BP.Budget, lr: float, seed: int, cli_task: str) -> dict:
-    from transformers import get_scheduler
+def linear_schedule(opt, warmup: int, total: int):
+    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total`: the schedule of transformers'
+    get_scheduler("linear"), written out because importing that (transformers.optimization) imports
+    transformers.trainer_utils and with it HF PEFT, ~1.7 CPU s in every cell and HF PEFT loaded in our rows."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
 
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train(model, task, feats, budget: BP.Budget, lr: float, seed: int, cli_task: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, eps=BP.ADAM_EPS, weight_decay=0.0)
     steps = budget.steps
-    sched = get_scheduler("linear", opt, num_warmup_steps=math.ceil(BP.WARMUP_RATIO * steps), num_training_steps=steps)
+    sched = linear_schedule(opt, math.ceil(BP.WARMUP_RATIO * steps), steps)
     perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed)).tolist()
     aligned = Aligned(model).train()
     losses, t0 = [], time.perf_counter()
