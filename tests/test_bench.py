@@ -53,6 +53,13 @@ def test_bench_slice_end_to_end_and_resume(tmp_path, data_dir, minilm):
     assert all(0 < r[k] < 5 for r in (lora, hf_lora) for k in ("first_loss", "last_loss"))
     assert 0.0 <= lora["metric"] <= 1.0 and lora["metric"] == lora["metrics"]["accuracy"]
     assert lora["steps"] == 2 and lora["s_per_step"] > 0 and lora["peak_mem_mb"] > 0
+    # the cell's own CPU seconds (its process, all threads), and their split over the phases of the cell
+    phases = lora["cpu_phases_s"]
+    assert list(phases) == ["setup", "probe", "train", "eval", "merged_eval"], phases
+    assert all(v >= 0 for v in phases.values()) and 0 < sum(phases.values()) <= lora["cpu_s"] + 0.05
+    assert phases["train"] > 0 and hf_prefix_cpu(cells) > 0
+    # our rows run without HF PEFT loaded (the cell records the versions of what its process imported)
+    assert "peft" not in lora["versions"] and hf_lora["versions"]["peft"]
     # LoRA merges (the no-latency claim is timed on the merged model), and merging changes no prediction
     for r in (lora, hf_lora):
         assert r["eval_merged_s"] > 0 and abs(r["merged_eval_loss_delta"]) < 1e-5 and r["merged_metric_delta"] == 0
@@ -78,6 +85,10 @@ def test_bench_slice_end_to_end_and_resume(tmp_path, data_dir, minilm):
     p = bench(*args, cwd=tmp_path)
     assert p.returncode == 0 and "4 already done" in p.stdout and "0 to run" in p.stdout, p.stdout
     assert (out / "cells" / "sst2__lora__s0.json").stat().st_mtime_ns == stamp
+
+
+def hf_prefix_cpu(cells):  # a cell that HF PEFT refuses still reports what it cost
+    return cells["prefix_tuning", "peft"]["cpu_s"]
 
 
 def test_bench_reruns_a_cell_that_was_cut_off_or_whose_plan_changed(tmp_path):
@@ -124,6 +135,41 @@ def test_bad_names_and_a_missing_data_dir_are_clear_errors(tmp_path, capsys):
     assert "lacks sst2/" in err and "--data-dir" in err
 
 
+def test_a_cell_seeds_like_transformers_set_seed_without_importing_hf_peft():
+    """transformers.set_seed imports transformers.trainer_utils, which imports HF PEFT: our rows must run without it
+    (and without its ~1.8 CPU s per cell); the RNG states must be those of transformers.set_seed."""
+    code = ("import sys, random, numpy as np, torch, transformers\n"
+            "from unipeft.cli.bench_cell import seed_all\n"
+            "draw = lambda: (random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.randn(2).tolist())\n"
+            "seed_all(7); ours = draw()\n"
+            "assert 'peft' not in sys.modules, 'seed_all imported peft'\n"
+            "transformers.set_seed(7); theirs = draw()\n"
+            "assert ours == theirs, (ours, theirs)\n"
+            "seed_all(8); assert draw() != theirs\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_the_cells_linear_schedule_is_transformers_linear_schedule():
+    import torch
+    from transformers import get_scheduler
+
+    from unipeft.cli.bench_cell import linear_schedule
+
+    for warmup, total in ((1, 2), (1, 8), (4, 63), (0, 5), (3, 3)):
+        lrs = []
+        for make in (lambda o: linear_schedule(o, warmup, total),
+                     lambda o: get_scheduler("linear", o, num_warmup_steps=warmup, num_training_steps=total)):
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+            sched, seq = make(opt), []
+            for _ in range(total + 2):
+                seq.append(sched.get_last_lr()[0])
+                opt.step()
+                sched.step()
+            lrs.append(seq)
+        assert lrs[0] == pytest.approx(lrs[1], abs=1e-12), (warmup, total, lrs)
+
+
 def test_the_bench_modules_do_not_import_hf_peft():
     code = ("import sys, unipeft.cli.bench, unipeft.cli.bench_plan, unipeft.cli.bench_report, unipeft.cli.bench_cell; "
             "assert 'peft' not in sys.modules, 'peft imported'")
@@ -148,3 +194,56 @@ def test_doc_section_is_replaced_and_the_claims_around_it_stay(tmp_path):
     doc.write_text("no markers")
     with pytest.raises(ValueError, match="no generated section"):
         fill_doc(doc, "# t\n", [])
+
+
+def _record(task, row, impl, metric, transformers="5.24.0", cpu_s=10.0):
+    return {"status": "ok", "metric": metric, "trainable": 10, "trainable_pct": 0.5, "s_per_step": 1.0, "eval_s": 1.0,
+            "peak_mem_mb": 100.0, "wall_s": 3 * cpu_s, "cpu_s": cpu_s, "versions": {"transformers": transformers},
+            "cpu_phases_s": {"setup": cpu_s / 3, "train": cpu_s / 2},
+            "spec": {"task": task, "row": row, "impl": impl, "seed": 0}}
+
+
+def _report(records, budget="quick"):
+    from unipeft.cli import bench as B
+    from unipeft.cli import bench_report as R
+
+    cells = [B.Cell(r["spec"]["task"], r["spec"]["row"], r["spec"]["impl"], 0) for r in records]
+    return R.markdown(R.flat(records, cells), ["e2e", "alpaca"], ["lora", "prefix_tuning", "p_tuning_v2"], budget,
+                      "bench", 0.0)
+
+
+def test_hf_prefix_generation_cells_are_marked_as_not_hf_quality():
+    """HF PEFT 0.21.2's generate drops the prefix under transformers 5.x (design note 23): its BLEU is the base
+    model's. Such reference cells carry a dagger and a footnote naming the cause; its losses (Alpaca's eval loss),
+    our own rows and HF PEFT rows of other methods are not marked."""
+    recs = [_record(t, r, i, m) for t, m in (("e2e", 8.3014), ("alpaca", 1.8307))
+            for r, i in (("lora", "peft"), ("prefix_tuning", "unipeft"), ("prefix_tuning", "peft"),
+                         ("p_tuning_v2", "peft"))]
+    md = _report(recs)
+    table = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ")}  # by first column
+    assert table["prefix_tuning (HF PEFT)"] == "| prefix_tuning (HF PEFT) | 8.3014 † (0.5%) | 1.8307 (0.5%) |"
+    assert table["p_tuning_v2 (HF PEFT)"] == "| p_tuning_v2 (HF PEFT) | 8.3014 † (0.5%) | 1.8307 (0.5%) |"
+    assert table["lora (HF PEFT)"] == "| lora (HF PEFT) | 8.3014 (0.5%) | 1.8307 (0.5%) |"
+    assert table["prefix_tuning"] == "| prefix_tuning | 8.3014 (0.5%) | 1.8307 (0.5%) |"
+    foot = [ln for ln in md.splitlines() if ln.startswith("† ")]
+    assert len(foot) == 1 and "drops the prefix under transformers 5.x" in foot[0] and "note 23" in foot[0]
+    assert "| e2e | prefix_tuning (HF PEFT) | 8.3014 † |" in md and "| alpaca | prefix_tuning (HF PEFT) | 1.8307 |" in md
+    # the defect comes with transformers 5's cache argument: under 4.x the same cells are HF PEFT's own numbers
+    md4 = _report([_record("e2e", "prefix_tuning", "peft", 8.3, transformers="4.57.1")])
+    assert "†" not in md4
+    # a budget that generates nothing has no generated metric to mark (the smoke budget generates one row: marked)
+    assert "†" in _report([_record("e2e", "prefix_tuning", "peft", 8.3)], budget="smoke")
+
+
+def test_the_report_estimates_the_idle_wall_time_from_the_cells_cpu_seconds():
+    from unipeft.cli.bench_report import cpu_summary
+
+    md = _report([_record("e2e", "lora", "unipeft", 1.0, cpu_s=300.0), _record("alpaca", "lora", "unipeft", 1.0,
+                                                                                cpu_s=60.0)])
+    # 360 CPU s (120 of it in the one-core setups): 120 + 240 / 2 = 240 s = 4 min; floor 360 / 2 = 3 min
+    assert "CPU time of the 2 cells: 6.0 min (2.0 min of it in the cells' one-core setup), i.e. about 4.0 min of " \
+           "wall time on an idle 2-core machine (at least 3.0); this run's cells took 18.0 min of wall time." in md
+    assert "| e2e | lora | 1.0000 | 10 | 0.5 | 1.000 | 1.00 | – | 300.0 | 100 |" in md
+    old = {"task": "e2e", "cpu_s": None, "wall_s": 5.0}  # a cell from before CPU times were recorded
+    assert "1 cell(s) without a CPU time" in cpu_summary([old, {"task": "e2e", "cpu_s": 120.0, "wall_s": 5.0}])
+    assert cpu_summary([old]) == ""

@@ -149,7 +149,8 @@ def bench_command(ns) -> int:
         rec = run_one(ctx, c, spec, f, budget.cell_timeout_s)
         shown = (f"{BP.TASKS[c.task].metric} {rec['metric']:.4f}, {rec['trainable_pct']:.3g}% trainable, "
                  f"{rec['s_per_step']:.2f} s/step" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason'][:160]}")
-        print(f"[{i}/{len(todo)}] {c.key}: {shown} ({rec.get('wall_s', '?')} s; {time.time() - t0:.0f} s so far)",
+        print(f"[{i}/{len(todo)}] {c.key}: {shown} ({rec.get('wall_s', '?')} s, CPU {rec.get('cpu_s', '?')} s; "
+              f"{time.time() - t0:.0f} s so far)",
               flush=True)
     records = [_record(out / "cells" / f"{c.key}.json") for c in cells]
     files = bench_report.write_all(out, records, cells, tasks, rows, ns.budget, command=" ".join(sys.argv[1:]) or None,

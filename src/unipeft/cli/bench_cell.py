@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import resource
 import time
 import traceback
@@ -23,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleep at OpenMP barriers: the CPU is shared
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
@@ -51,6 +53,15 @@ def model_path(model: str) -> str:
     from .embedded import embedded_path, minilm_path
 
     return str({"minilm": minilm_path, "smollm2": embedded_path}[model]())
+
+
+def seed_all(seed: int) -> None:
+    """random, numpy and torch (every device) seeded, the RNGs transformers.set_seed seeds. Not that function: its
+    first call imports transformers.trainer_utils, which imports HF PEFT when installed (so every cell, ours too,
+    ran with HF PEFT loaded) and costs ~1.8 CPU seconds per cell."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _rss_mb() -> float:
@@ -180,13 +191,23 @@ def _probe(model, task, feats, cli_task, impl: str):
     model.zero_grad(set_to_none=True)
 
 
-def train(model, task, feats, budget: BP.Budget, lr: float, seed: int, cli_task: str) -> dict:
-    from transformers import get_scheduler
+def linear_schedule(opt, warmup: int, total: int):
+    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total`: the schedule of transformers'
+    get_scheduler("linear"), written out because importing that (transformers.optimization) imports
+    transformers.trainer_utils and with it HF PEFT, ~1.7 CPU s in every cell and HF PEFT loaded in our rows."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
 
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train(model, task, feats, budget: BP.Budget, lr: float, seed: int, cli_task: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, eps=BP.ADAM_EPS, weight_decay=0.0)
     steps = budget.steps
-    sched = get_scheduler("linear", opt, num_warmup_steps=math.ceil(BP.WARMUP_RATIO * steps), num_training_steps=steps)
+    sched = linear_schedule(opt, math.ceil(BP.WARMUP_RATIO * steps), steps)
     perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed)).tolist()
     aligned = Aligned(model).train()
     losses, t0 = [], time.perf_counter()
@@ -228,7 +249,29 @@ def _merged_eval(model, encoder, feats, budget, before: dict, metric: str) -> di
     return out
 
 
-def run(spec: dict) -> dict:
+def _cpu_s() -> float:
+    """CPU seconds of this process, all its threads, user + system. A cell's process is forked from the forkserver
+    and the kernel starts a child's counts at zero, so this is the cell's own cost (the preloaded imports are not
+    in it). CPU seconds, unlike wall seconds, do not grow when other jobs share the cores."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class _Phases:
+    """CPU seconds per phase of a cell (setup, probe, train, eval, gen, merged_eval), to show fixed costs."""
+
+    def __init__(self):
+        self.cpu: dict[str, float] = {}
+        self._t = _cpu_s()
+
+    def done(self, name: str) -> None:
+        t = _cpu_s()
+        self.cpu[name] = round(self.cpu.get(name, 0.0) + t - self._t, 3)
+        self._t = t
+
+
+def run(spec: dict, phases: _Phases | None = None) -> dict:
+    phases = phases or _Phases()
     task, plan = BP.TASKS[spec["task"]], BP.METHODS[spec["row"]]
     budget, impl, seed = task.budgets[spec["budget"]], spec["impl"], spec["seed"]
     torch.set_num_threads(spec.get("threads") or 2)
@@ -239,20 +282,24 @@ def run(spec: dict) -> dict:
                                                   {"train": train_src})
     train_feats, _ = encoder.encode(train_rows, "train")
     eval_feats, _ = encoder.encode(eval_rows, "eval")
-    transformers.set_seed(seed)
+    seed_all(seed)
     model = load_model(path, encoder, tok)
     total = sum(p.numel() for p in model.parameters())
     model, options = _build(plan, impl, task, model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    phases.done("setup")  # tokenizer, rows, encoding, model load, method wrapping
     _probe(model, encoder, train_feats, task.cli_task, impl)
-    transformers.set_seed(seed)
+    phases.done("probe")
+    seed_all(seed)
     lr = plan.lr_for(task.name)
     out = {"status": "ok", "trainable": trainable, "base_params": total, "trainable_pct": 100 * trainable / total,
            "lr": lr, "options": options}
     out.update(train(model, encoder, train_feats, budget, lr, seed, task.cli_task))
+    phases.done("train")
     t0 = time.perf_counter()
     metrics = run_eval(Aligned(model), encoder, eval_feats, budget.batch_size * 2)
     out["eval_s"] = round(time.perf_counter() - t0, 3)
+    phases.done("eval")
     if budget.gen_rows and encoder.generates:
         t0 = time.perf_counter()
         g, pairs = generation_eval(Aligned(model), encoder, tok, eval_feats, budget.gen_rows, budget.max_new_tokens,
@@ -260,7 +307,9 @@ def run(spec: dict) -> dict:
         metrics.update(g)
         out["gen_s"] = round(time.perf_counter() - t0, 3)
         out["samples"] = [{"prediction": p, "reference": r} for p, r in pairs[:2]]
+        phases.done("gen")
     out.update(_merged_eval(model, encoder, eval_feats, budget, dict(metrics), task.metric))
+    phases.done("merged_eval")
     out["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     out["metric"] = metrics.get(task.metric)
     if out["metric"] is None:
@@ -272,15 +321,16 @@ def run_cell(spec: dict, out_file: str) -> None:
     """Process entry point: run the cell and write its record atomically (a killed cell leaves no file)."""
     from ..io.atomic import write_text
 
-    rss0, t0 = _rss_mb(), time.time()
+    rss0, t0, phases = _rss_mb(), time.time(), _Phases()
     try:
-        rec = run(spec)
+        rec = run(spec, phases)
     except Refused as e:
         rec = {"status": "n/a", "reason": str(e)}
     except Exception as e:  # a failure, not a cell that cannot exist: reported as such, rerun on resume
         rec = {"status": "failed", "reason": _msg(e), "traceback": traceback.format_exc()[-3000:]}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rec.update(spec=spec, fingerprint=spec.get("fingerprint"), wall_s=round(time.time() - t0, 2), peak_rss_mb=round(peak, 1),
+    rec.update(spec=spec, fingerprint=spec.get("fingerprint"), wall_s=round(time.time() - t0, 2),
+               cpu_s=round(_cpu_s(), 2), cpu_phases_s=phases.cpu, peak_rss_mb=round(peak, 1),
                peak_mem_mb=round(peak - rss0, 1), versions=_versions())
     write_text(Path(out_file), json.dumps(rec, indent=1, default=str) + "\n")
 

@@ -177,6 +177,31 @@ METHODS: dict[str, MethodPlan] = {m.row: m for m in (
 
 IMPLS = ("unipeft", "peft")  # "peft": HF PEFT's implementation of the same method, a reference row
 
+# Reference cells whose generated metric is not HF PEFT's quality, for a traced cause in HF PEFT: keyed by its config
+# class, with the first transformers major version it applies to. Kept out of MethodPlan so that the plan
+# fingerprints (and the finished cells of a running bench) do not change with a footnote.
+HF_GENERATION_DEFECTS: dict[str, tuple[int, str]] = {
+    "PrefixTuningConfig": (5, (
+        "HF PEFT 0.21.2's generate() drops the prefix under transformers 5.x (transformers passes its cache as "
+        "`cache`, HF PEFT injects the prefix as the deprecated `past_key_values`, the model keeps `cache`): it "
+        "generates with the base model alone, so this generated metric is the base model's, not HF PEFT's prefix "
+        "tuning / P-tuning v2 quality; its losses are right (docs/design-notes.md note 23, "
+        "tests/test_prefix_generate_hf.py)")),
+}
+
+
+def reference_caveat(plan: MethodPlan, impl: str, budget: Budget, transformers_version: str | None) -> str | None:
+    """The known defect behind an HF PEFT reference cell's generated metric, or None. Unknown transformers version:
+    the caveat is kept (a mark too many beats a wrong number read as HF PEFT's)."""
+    if impl != "peft" or not budget.gen_rows or plan.hf_config not in HF_GENERATION_DEFECTS:
+        return None
+    since, text = HF_GENERATION_DEFECTS[plan.hf_config]
+    try:
+        major = int(str(transformers_version).split(".")[0])
+    except ValueError:
+        return text
+    return text if major >= since else None
+
 
 def row_key(plan: MethodPlan, impl: str) -> str:
     return plan.row if impl == "unipeft" or plan.method is None else f"{plan.row}@peft"

@@ -14,7 +14,7 @@ from . import bench_plan as BP
 CSV_FIELDS = ("task", "row", "impl", "seed", "status", "metric_name", "metric", "trainable", "trainable_pct",
               "steps", "s_per_step", "train_s", "eval_s", "eval_merged_s", "merged_eval_loss_delta",
               "merged_metric_delta", "gen_s",
-              "peak_mem_mb", "peak_rss_mb", "lr", "reason")
+              "wall_s", "cpu_s", "peak_mem_mb", "peak_rss_mb", "lr", "reason")
 
 
 def _row_label(row: str, impl: str) -> str:
@@ -29,7 +29,9 @@ def flat(records, cells) -> list[dict]:
         task = BP.TASKS[c.task]
         out.append({"task": c.task, "row": BP.row_key(BP.METHODS[c.row], c.impl), "impl": c.impl, "seed": c.seed,
                     "status": r.get("status"), "metric_name": task.metric, "metric": r.get("metric"),
-                    **{k: r.get(k) for k in CSV_FIELDS[7:-1]}, "reason": r.get("reason")})
+                    **{k: r.get(k) for k in CSV_FIELDS[7:-1]}, "reason": r.get("reason"),
+                    "transformers": (r.get("versions") or {}).get("transformers"),
+                    "setup_cpu_s": (r.get("cpu_phases_s") or {}).get("setup")})
     return out
 
 
@@ -46,15 +48,53 @@ def aggregate(lines: list[dict]) -> dict[tuple[str, str], dict]:
             out[key] = {"status": "ok", "n": len(ok), "metric": mean("metric"), "trainable": ok[0]["trainable"],
                         "trainable_pct": ok[0]["trainable_pct"], "s_per_step": mean("s_per_step"),
                         "eval_s": mean("eval_s"), "peak_mem_mb": mean("peak_mem_mb"), "impl": g[0]["impl"],
-                        "eval_merged_s": ok[0].get("eval_merged_s"),
+                        "eval_merged_s": ok[0].get("eval_merged_s"), "cpu_s": _mean_known(ok, "cpu_s"),
+                        "transformers": ok[0].get("transformers"),
                         "failed": len(g) - len(ok)}
         else:
             out[key] = {"status": g[0]["status"], "reason": g[0]["reason"], "impl": g[0]["impl"]}
     return out
 
 
+def _mean_known(group: list[dict], key: str) -> float | None:
+    vals = [x[key] for x in group if x.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def cpu_summary(lines: list[dict], cores: int = 2) -> str:
+    """The bench's cost on an idle machine, estimated from the cells' CPU seconds (which do not grow with other
+    jobs' load, unlike wall seconds): their sum over `cores` is the wall time of the cells with the cores to
+    themselves (each cell runs `cores` threads), a floor; a cell's setup (tokenizer, rows, model load) runs on one
+    core, so the estimate counts it whole. The forkserver's one-off imports and the report come on top."""
+    known = [ln for ln in lines if ln.get("cpu_s") is not None]
+    if not known:
+        return ""
+    cpu = sum(ln["cpu_s"] for ln in known)
+    serial = sum(min(ln.get("setup_cpu_s") or 0.0, ln["cpu_s"]) for ln in known)
+    wall = sum(ln["wall_s"] for ln in lines if ln.get("wall_s") is not None)
+    missing = len(lines) - len(known)
+    return (f"CPU time of the {len(known)} cells: {cpu / 60:.1f} min ({serial / 60:.1f} min of it in the cells' "
+            f"one-core setup), i.e. about {(serial + (cpu - serial) / cores) / 60:.1f} min of wall time on an idle "
+            f"{cores}-core machine (at least {cpu / cores / 60:.1f}); this run's cells took {wall / 60:.1f} min of "
+            "wall time" + (f"; {missing} cell(s) without a CPU time (from an older run) not counted" if missing else "")
+            + ".")
+
+
+def caveats(agg: dict, budget: str) -> dict[tuple[str, str], str]:
+    """(task, row) -> the known defect behind a reference cell's number (bench_plan.reference_caveat)."""
+    out = {}
+    for (t, rk), a in agg.items():
+        if a["status"] == "ok":
+            text = BP.reference_caveat(BP.METHODS[rk.split("@")[0]], a["impl"], BP.TASKS[t].budgets[budget],
+                                       a.get("transformers"))
+            if text:
+                out[t, rk] = text
+    return out
+
+
 def markdown(lines, tasks, rows, budget, command, wall_s) -> str:
     agg = aggregate(lines)
+    marked = caveats(agg, budget)
     row_keys = list(dict.fromkeys(ln["row"] for ln in lines))
     L = [f"# unipeft bench — budget `{budget}`", "",
          f"Command: `unipeft {command}`" if command else "", "",
@@ -62,7 +102,7 @@ def markdown(lines, tasks, rows, budget, command, wall_s) -> str:
          "with the implementation's own reason; `failed`: it should exist but did not finish (a bug or a limit).", "",
          "| method | " + " | ".join(BP.TASKS[t].title for t in tasks) + " |",
          "|---|" + "---:|" * len(tasks)]
-    notes, k = [], 0
+    notes, k, daggers = [], 0, {}
     for rk in row_keys:
         impl = "peft" if rk.endswith("@peft") else "unipeft"
         cells = []
@@ -71,7 +111,11 @@ def markdown(lines, tasks, rows, budget, command, wall_s) -> str:
             if a is None:
                 cells.append("")
             elif a["status"] == "ok":
-                cells.append(f"{a['metric']:.4f} ({a['trainable_pct']:.3g}%)" + (f" n={a['n']}" if a["n"] > 1 else ""))
+                mark = ""
+                if (t, rk) in marked:  # one dagger per distinct cause, numbered in the order they appear
+                    mark = " " + "†" * daggers.setdefault(marked[t, rk], len(daggers) + 1)
+                cells.append(f"{a['metric']:.4f}{mark} ({a['trainable_pct']:.3g}%)"
+                             + (f" n={a['n']}" if a["n"] > 1 else ""))
             else:
                 k += 1
                 notes.append(f"{k}. {BP.TASKS[t].name} × {_row_label(rk.split('@')[0], impl)}: {a['reason']}")
@@ -81,16 +125,20 @@ def markdown(lines, tasks, rows, budget, command, wall_s) -> str:
     if no_ref:
         L += ["", f"No HF PEFT reference row for {', '.join(no_ref)}: HF PEFT 0.21 has no such method "
                   "(bottleneck adapters live in AdapterHub `adapters`: benchmarks/results/sst2.md compares them)."]
+    if daggers:
+        L += [""] + [f"{'†' * n} Not HF PEFT's quality: {text}." for text, n in daggers.items()]
     if notes:
         L += ["", "Cells without a number:", ""] + notes
     L += ["", "## Details", "", "| task | method | metric | trainable | trainable % | s/step | eval s | eval s merged "
-          "| peak MB (cell) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+          "| cell CPU s | peak MB (cell) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (t, rk), a in agg.items():
         if a["status"] != "ok":
             continue
-        L.append(f"| {t} | {_row_label(rk.split('@')[0], a['impl'])} | {a['metric']:.4f} | {a['trainable']:,} | "
+        mark = " " + "†" * daggers[marked[t, rk]] if (t, rk) in marked else ""
+        L.append(f"| {t} | {_row_label(rk.split('@')[0], a['impl'])} | {a['metric']:.4f}{mark} | {a['trainable']:,} | "
                  f"{a['trainable_pct']:.4g} | {a['s_per_step']:.3f} | {a['eval_s']:.2f} | "
                  + (f"{a['eval_merged_s']:.2f}" if a.get("eval_merged_s") is not None else "–")
+                 + " | " + (f"{a['cpu_s']:.1f}" if a.get("cpu_s") is not None else "–")
                  + f" | {a['peak_mem_mb']:.0f} |")
     L += ["", "## Plan", ""]
     for t in tasks:
@@ -106,10 +154,12 @@ def markdown(lines, tasks, rows, budget, command, wall_s) -> str:
     L += ["", f"Protocol: AdamW (eps {BP.ADAM_EPS:g}, no weight decay), linear warmup over {BP.WARMUP_RATIO:.0%} of "
               f"the steps then linear decay, gradient clipping {BP.MAX_GRAD_NORM:g}, fp32, CPU. s/step: training "
               "wall time per optimizer step; eval s: the evaluation forward passes (no generation); eval s merged: the same "
-              "after merge_and_unload() where the implementation merges the method (–: it does not); peak MB: the "
+              "after merge_and_unload() where the implementation merges the method (–: it does not); cell CPU s: the "
+              "cell process's CPU seconds (all threads; setup, training, evaluation); peak MB: the "
               "cell process's peak RSS above its start (the preloaded runtime excluded). Times come from a "
               "shared machine: compare within a run only.",
-          f"Wall time of this invocation: {wall_s / 60:.1f} min (cells resumed from an earlier run not counted)."]
+          f"Wall time of this invocation: {wall_s / 60:.1f} min (cells resumed from an earlier run not counted).",
+          cpu_summary(lines)]
     return "\n".join(x for x in L) + "\n"
 
 
@@ -122,13 +172,14 @@ def csv_text(lines) -> str:
     return buf.getvalue()
 
 
-def plots(out: Path, lines, tasks) -> list[Path]:
+def plots(out: Path, lines, tasks, budget: str | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     agg = aggregate(lines)
+    marked = caveats(agg, budget) if budget else {}
     files = []
     for t in tasks:
         tp = BP.TASKS[t]
@@ -138,7 +189,9 @@ def plots(out: Path, lines, tasks) -> list[Path]:
             hf = rk.endswith("@peft")
             ax.scatter(a["trainable_pct"], a["metric"], marker="s" if hf else "o", color="tab:orange" if hf else
                        ("black" if BP.METHODS[rk.split("@")[0]].method is None else "tab:blue"))
-            ax.annotate(_row_label(rk.split("@")[0], "peft" if hf else "unipeft"), (a["trainable_pct"], a["metric"]),
+            label = _row_label(rk.split("@")[0], "peft" if hf else "unipeft") + (" † base model's" if (t, rk) in marked
+                                                                                 else "")
+            ax.annotate(label, (a["trainable_pct"], a["metric"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (% of the base model, log scale)")
@@ -178,7 +231,7 @@ def write_all(out: Path, records, cells, tasks, rows, budget, command=None, wall
                                                   "methods": rows, "cells": records}, indent=1, default=str) + "\n")
     write_text(out / "results.csv", csv_text(lines))
     write_text(out / "results.md", markdown(lines, tasks, rows, budget, command, wall_s))
-    return [out / "results.md", out / "results.csv", out / "results.json"] + plots(out, lines, tasks)
+    return [out / "results.md", out / "results.csv", out / "results.json"] + plots(out, lines, tasks, budget)
 
 
 BEGIN, END = "<!-- bench:begin (generated by unipeft bench --doc; edits here are overwritten) -->", "<!-- bench:end -->"
