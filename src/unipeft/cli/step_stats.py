@@ -46,7 +46,8 @@ class StepStats:
         v = values.detach().reshape(-1).to(torch.float64)
         bad = ~torch.isfinite(v)
         first = bad.any() & (self._bad_step == 0)
-        value = v[bad.to(torch.uint8).argmax()]  # the first non-finite value (any value when none is)
+        # the first non-finite value (any value when none is); gathered, since indexing by a 0-dim tensor reads it
+        value = v.gather(0, bad.to(torch.uint8).argmax().reshape(1)).squeeze(0)
         self._bad_step = torch.where(first, float(step), self._bad_step)
         self._bad_value = torch.where(first, value, self._bad_value)
         self._bad_what = torch.where(first, float(WHAT.index(what)), self._bad_what)
