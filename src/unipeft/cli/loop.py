@@ -54,13 +54,19 @@ class State:
     global_batch: int | None = None  # rows per optimizer step, fixed for the whole run (any number of processes)
 
 
-def rng_snapshot() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    py = random.getstate()
+def rng_state() -> tuple:
+    """Every RNG's state as its library returns it (taken after each step: an abort mid-step saves the state as of
+    the last finished step, which a snapshot taken later could not give); rng_snapshot makes it saveable."""
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def rng_snapshot(state: tuple | None = None) -> dict:
+    py, (name, keys, pos, has_gauss, cached), cpu, cuda = state or rng_state()
     snap = {"python": [py[0], list(py[1]), py[2]], "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
-            "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        snap["cuda"] = torch.cuda.get_rng_state_all()
+            "torch": cpu}
+    if cuda is not None:
+        snap["cuda"] = cuda
     return snap
 
 
@@ -110,7 +116,7 @@ class Trainer:
         # after prepare: FSDP2 swaps parameters for sharded ones, so a list taken before would be stale
         self.named = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
         self.state = State(global_batch=self.global_batch)
-        self._rng, self._rng_step = rng_snapshot(), 0  # taken again only where a checkpoint follows (see run)
+        self._rng = rng_state()  # as of the end of the last finished step (see run)
         self._stats = StepStats(accelerator.device)
         self._stop, self._stop_at = False, 0.0  # this process saw Ctrl-C, and when
         self._agreed_stop = False  # some process saw it, as of the last step (every process agrees)
@@ -157,7 +163,7 @@ class Trainer:
         if stage in (1, 2):  # ZeRO-1/2 load only these: each process its partition of the optimizer state
             torch.save(self.opt.optimizer.state_dict(), tmp / f"optimizer_{acc.process_index}.pt")
         self.save_adapter(tmp / "adapter")
-        torch.save(self._rng, tmp / f"rng_{acc.process_index}.pt")
+        torch.save(rng_snapshot(self._rng), tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.state.last_saved_step = self.state.step
@@ -217,9 +223,8 @@ class Trainer:
         self.state.global_batch = self.global_batch
         # each process its own RNG; a process the saving run did not have continues from the main one's
         rng = folder / f"rng_{self.acc.process_index}.pt"
-        self._rng = torch.load(rng if rng.is_file() else folder / "rng_0.pt", weights_only=True)
-        self._rng_step = self.state.step
-        rng_restore(self._rng)
+        rng_restore(torch.load(rng if rng.is_file() else folder / "rng_0.pt", weights_only=True))
+        self._rng = rng_state()
 
     # evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -266,12 +271,11 @@ class Trainer:
                     loss, ntok = self.train_step(self.my_micro_batches(groups[st.batch]))
                     st.step += 1
                     st.batch += 1
+                    self._rng = rng_state()  # each step (host only): a mid-step abort must save this one
                     self._stats.add(loss)
                     tokens += ntok
                     stopping = self._agreed_stop or (stop_at and st.step == stop_at)
                     saving = st.step % args["save_every"] == 0 and st.step < self.total
-                    if saving or stopping or st.step == self.total:  # a checkpoint follows: the RNG as of now
-                        self._snapshot_rng()
                     logging = st.step % args["log_every"] == 0 or st.step == self.total
                     epoch_pos = round(st.epoch + st.batch / len(groups), 4)
                     if st.batch >= len(groups):
@@ -290,6 +294,7 @@ class Trainer:
                                 self.log.write({"step": st.step, "epoch": epoch_pos, "loss": r.window_mean,
                                                 "lr": lr, "tokens_per_s": rate,
                                                 "elapsed_s": round(st.elapsed_s + time.time() - t0, 2)})
+                            self._stats.new_window()
                     if evaluating:
                         self.evaluate()
                     if saving:
@@ -299,8 +304,6 @@ class Trainer:
         except KeyboardInterrupt:
             st.elapsed_s += time.time() - t0
             self._read_stats()  # a non-finite step since the last read: stop with it, write nothing
-            if self._rng_step != st.step:  # a second Ctrl-C (an abort) mid-step: the RNG as of now
-                self._snapshot_rng()
             self.save_checkpoint()
             if not self.eval_feats:
                 self.save_adapter(self.out / "adapter")
@@ -316,9 +319,6 @@ class Trainer:
             self.save_adapter(self.out / "adapter")
         self.save_checkpoint()
         return st
-
-    def _snapshot_rng(self) -> None:
-        self._rng, self._rng_step = rng_snapshot(), self.state.step
 
     def _read_stats(self):
         """The device-side step values on the host (one sync); stops training on a non-finite loss or gradient

@@ -18,7 +18,7 @@ WHAT = ("loss", "gradient norm")  # what the first non-finite value was, by code
 
 @dataclass(frozen=True)
 class Reading:
-    window_mean: float | None  # mean step loss since the previous read (None: no step since)
+    window_mean: float | None  # mean step loss since the window last restarted (None: no step since)
     last: float | None  # the last step's loss
     bad_step: int | None  # the first step with a non-finite loss or gradient norm, None if none
     bad_value: float
@@ -46,16 +46,21 @@ class StepStats:
         v = values.detach().reshape(-1).to(torch.float64)
         bad = ~torch.isfinite(v)
         first = bad.any() & (self._bad_step == 0)
-        value = v[bad.to(torch.uint8).argmax()]  # the first non-finite value (any value when none is)
+        # the first non-finite value (any value when none is); gathered, since indexing by a 0-dim tensor reads it
+        value = v.gather(0, bad.to(torch.uint8).argmax().reshape(1)).squeeze(0)
         self._bad_step = torch.where(first, float(step), self._bad_step)
         self._bad_value = torch.where(first, value, self._bad_value)
         self._bad_what = torch.where(first, float(WHAT.index(what)), self._bad_what)
 
     def read(self) -> Reading:
-        """One device-to-host copy of everything; starts a new loss window."""
+        """One device-to-host copy of everything; the loss window runs on (see new_window)."""
         s, last, step, value, what = torch.stack([self._sum, self._last, self._bad_step, self._bad_value,
                                                   self._bad_what]).tolist()
-        n, self._n = self._n, 0
-        self._sum = torch.zeros_like(self._sum)
+        n = self._n
         return Reading(s / n if n else None, last if self._steps else None, int(step) or None, value,
                        WHAT[int(what)])
+
+    def new_window(self) -> None:
+        """Restart the loss window: after a log line only, so evaluation and checkpoint reads between two log lines
+        do not cut the window the next one averages."""
+        self._n, self._sum = 0, torch.zeros_like(self._sum)

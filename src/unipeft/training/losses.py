@@ -115,6 +115,9 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         # computed and masked out, and the divisor stays a device tensor
         n = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
         n = n.to(h.device, torch.float32) if torch.is_tensor(n) else float(n)
+        # ignored rows zeroed first: a non-finite one (padding overflowing in half precision) would otherwise make
+        # the loss and gradients NaN through 0·inf, where the dropping path never sees it
+        h = torch.where(keep[:, None], h, h.new_zeros(()))
         return _FusedLinearCE.apply(h, weight, bias, torch.where(keep, y, 0), n, chunk, torch.is_grad_enabled(), keep)
     if not bool(keep.all()):
         h, y = h[keep], y[keep]
