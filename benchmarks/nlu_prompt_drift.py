@@ -46,8 +46,8 @@ def main(argv=None) -> int:
                 base, tt, n = AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=2), "SEQ_CLS", 2
             else:
                 base, tt, n = AutoModelForTokenClassification.from_pretrained(mdir, num_labels=9), "TOKEN_CLS", 9
-            model = unipeft.get_peft_model(base, unipeft.methods()[name].factory(task_type=tt, **opts,
-                                                                                 **extra.get(key, {})))
+            model = unipeft.get_peft_model(base, unipeft.methods()[name].factory(task_type=tt,
+                                                                                 **{**opts, **extra.get(key, {})}))
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=lrs[task], eps=1e-8, weight_decay=0.0)
             inputs, _ = data.val.batch(list(range(8)))

