@@ -154,7 +154,7 @@ def test_the_cells_linear_schedule_is_transformers_linear_schedule():
     import torch
     from transformers import get_scheduler
 
-    from unipeft.cli.bench_cell import linear_schedule
+    from unipeft.cli.schedule import linear_schedule
 
     for warmup, total in ((1, 2), (1, 8), (4, 63), (0, 5), (3, 3)):
         lrs = []
