@@ -154,7 +154,7 @@ def test_the_cells_linear_schedule_is_transformers_linear_schedule():
     import torch
     from transformers import get_scheduler
 
-    from unipeft.cli.bench_cell import linear_schedule
+    from unipeft.cli.schedule import linear_schedule
 
     for warmup, total in ((1, 2), (1, 8), (4, 63), (0, 5), (3, 3)):
         lrs = []
@@ -242,8 +242,22 @@ def test_the_report_estimates_the_idle_wall_time_from_the_cells_cpu_seconds():
                                                                                 cpu_s=60.0)])
     # 360 CPU s (120 of it in the one-core setups): 120 + 240 / 2 = 240 s = 4 min; floor 360 / 2 = 3 min
     assert "CPU time of the 2 cells: 6.0 min (2.0 min of it in the cells' one-core setup), i.e. about 4.0 min of " \
-           "wall time on an idle 2-core machine (at least 3.0); this run's cells took 18.0 min of wall time." in md
+           "wall time on an idle machine (cells of 2 threads; at least 3.0); this run's cells took 18.0 min of wall time." in md
     assert "| e2e | lora | 1.0000 | 10 | 0.5 | 1.000 | 1.00 | – | 300.0 | 100 |" in md
     old = {"task": "e2e", "cpu_s": None, "wall_s": 5.0}  # a cell from before CPU times were recorded
     assert "1 cell(s) without a CPU time" in cpu_summary([old, {"task": "e2e", "cpu_s": 120.0, "wall_s": 5.0}])
     assert cpu_summary([old]) == ""
+
+
+def test_the_idle_estimate_uses_the_cells_thread_count():
+    """A bench run with --threads 1 has no parallel part: its idle wall time is its CPU time, not half of it (the
+    estimate once divided by 2 cores whatever the cells' thread count)."""
+    recs = [_record("e2e", "lora", "unipeft", 1.0, cpu_s=300.0), _record("alpaca", "lora", "unipeft", 1.0, cpu_s=60.0)]
+    for r in recs:
+        r["spec"]["threads"] = 1
+    md = _report(recs)
+    assert "i.e. about 6.0 min of wall time on an idle machine (cells of 1 thread; at least 6.0)" in md, md[-600:]
+    for r in recs:
+        r["spec"]["threads"] = 4
+    # 120 s of setup on one core + 240 / 4
+    assert "i.e. about 3.0 min of wall time on an idle machine (cells of 4 threads; at least 1.5)" in _report(recs)

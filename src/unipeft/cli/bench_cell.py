@@ -36,6 +36,7 @@ from . import options as O  # noqa: E402
 from .data import read_rows  # noqa: E402
 from .evaluate import generation_eval, run_eval  # noqa: E402
 from .modeling import load_model, load_tokenizer  # noqa: E402
+from .schedule import linear_schedule  # noqa: E402
 from .task_table import task_class  # noqa: E402
 
 
@@ -189,18 +190,6 @@ def _probe(model, task, feats, cli_task, impl: str):
             raise
         raise Refused(f"HF PEFT fails in its first forward: {_msg(e)}") from None
     model.zero_grad(set_to_none=True)
-
-
-def linear_schedule(opt, warmup: int, total: int):
-    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total`: the schedule of transformers'
-    get_scheduler("linear"), written out because importing that (transformers.optimization) imports
-    transformers.trainer_utils and with it HF PEFT, ~1.7 CPU s in every cell and HF PEFT loaded in our rows."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def train(model, task, feats, budget: BP.Budget, lr: float, seed: int, cli_task: str) -> dict:

@@ -31,7 +31,8 @@ def flat(records, cells) -> list[dict]:
                     "status": r.get("status"), "metric_name": task.metric, "metric": r.get("metric"),
                     **{k: r.get(k) for k in CSV_FIELDS[7:-1]}, "reason": r.get("reason"),
                     "transformers": (r.get("versions") or {}).get("transformers"),
-                    "setup_cpu_s": (r.get("cpu_phases_s") or {}).get("setup")})
+                    "setup_cpu_s": (r.get("cpu_phases_s") or {}).get("setup"),
+                    "threads": (r.get("spec") or {}).get("threads") or 2})  # bench_cell's default
     return out
 
 
@@ -61,23 +62,28 @@ def _mean_known(group: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def cpu_summary(lines: list[dict], cores: int = 2) -> str:
+def cpu_summary(lines: list[dict]) -> str:
     """The bench's cost on an idle machine, estimated from the cells' CPU seconds (which do not grow with other
-    jobs' load, unlike wall seconds): their sum over `cores` is the wall time of the cells with the cores to
-    themselves (each cell runs `cores` threads), a floor; a cell's setup (tokenizer, rows, model load) runs on one
-    core, so the estimate counts it whole. The forkserver's one-off imports and the report come on top."""
+    jobs' load, unlike wall seconds): a cell's setup (tokenizer, rows, model load) runs on one core, the rest on at
+    most its `threads` torch threads, so setup + rest / threads is its wall time with the cores to itself, a floor
+    (perfect scaling of the rest); total / threads is a floor of that. The forkserver's one-off imports and the
+    report come on top."""
     known = [ln for ln in lines if ln.get("cpu_s") is not None]
     if not known:
         return ""
+    threads = [ln.get("threads") or 2 for ln in known]
     cpu = sum(ln["cpu_s"] for ln in known)
-    serial = sum(min(ln.get("setup_cpu_s") or 0.0, ln["cpu_s"]) for ln in known)
+    serial = [min(ln.get("setup_cpu_s") or 0.0, ln["cpu_s"]) for ln in known]
+    idle = sum(s + (ln["cpu_s"] - s) / n for ln, s, n in zip(known, serial, threads))
+    floor = sum(ln["cpu_s"] / n for ln, n in zip(known, threads))
+    shown = (f"{threads[0]} thread{'s' if threads[0] > 1 else ''}" if len(set(threads)) == 1
+             else f"{min(threads)}-{max(threads)} threads")
     wall = sum(ln["wall_s"] for ln in lines if ln.get("wall_s") is not None)
     missing = len(lines) - len(known)
-    return (f"CPU time of the {len(known)} cells: {cpu / 60:.1f} min ({serial / 60:.1f} min of it in the cells' "
-            f"one-core setup), i.e. about {(serial + (cpu - serial) / cores) / 60:.1f} min of wall time on an idle "
-            f"{cores}-core machine (at least {cpu / cores / 60:.1f}); this run's cells took {wall / 60:.1f} min of "
-            "wall time" + (f"; {missing} cell(s) without a CPU time (from an older run) not counted" if missing else "")
-            + ".")
+    return (f"CPU time of the {len(known)} cells: {cpu / 60:.1f} min ({sum(serial) / 60:.1f} min of it in the cells' "
+            f"one-core setup), i.e. about {idle / 60:.1f} min of wall time on an idle machine (cells of {shown}; at "
+            f"least {floor / 60:.1f}); this run's cells took {wall / 60:.1f} min of wall time"
+            + (f"; {missing} cell(s) without a CPU time (from an older run) not counted" if missing else "") + ".")
 
 
 def caveats(agg: dict, budget: str) -> dict[tuple[str, str], str]:

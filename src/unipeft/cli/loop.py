@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from .errors import TrainingStopped
 from .evaluate import run_eval
 from .optim import make_optimizer
+from .schedule import make_schedule
 from .step_stats import StepStats
 
 CKPT = "checkpoint"
@@ -103,10 +104,7 @@ class Trainer:
         # name-keyed optimizer state lists them as torch's full optimizer state dict does
         by_id = {id(p): n for n, p in peft.named_parameters()}
         self._group_names = [[by_id[id(p)] for p in g["params"]] for g in opt.param_groups]
-        from transformers import get_scheduler
-
-        name = {"constant": "constant_with_warmup"}.get(args["scheduler"], args["scheduler"])
-        self.sched = get_scheduler(name, opt, num_warmup_steps=self.warmup, num_training_steps=self.total)
+        self.sched = make_schedule(args["scheduler"], opt, self.warmup, self.total)
         if _is_fsdp2(peft) and not accelerator.is_fsdp2:
             # sharded by torch's FSDP2 already (a CPU launch, where Accelerate would wrap it in DDP): the optimizer
             # only (it was built on the sharded parameters)
