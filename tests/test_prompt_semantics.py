@@ -80,9 +80,10 @@ def test_unshifted_prefix_file_is_refused_by_hf_and_loads_here(tmp_path):
         torch.testing.assert_close(ours(**b, position_ids=pos).logits, shifted(**b).logits, rtol=0, atol=1e-5)
 
 
-def test_position_shift_must_be_a_bool():
+def test_position_shift_must_be_a_bool_or_unset():
     with pytest.raises(ValueError, match="position_shift must be True"):
-        unipeft.PrefixTuningConfig(position_shift=None)
+        unipeft.PrefixTuningConfig(position_shift="yes")
+    assert unipeft.PrefixTuningConfig().position_shift is None  # resolved at injection (test_prefix_position_default)
 
 
 # ---------------------------------------------------------------- 2. GQA shape fields

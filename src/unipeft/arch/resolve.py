@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -11,6 +12,13 @@ from ..names import matches, pattern_layer_index
 from ..spec import AtLinear, AtSublayer, Sublayer
 from .fused import FusedSlice, fused_slices
 from .spec import ARCHS, ArchSpec
+
+
+def takes_past_key_values(model: nn.Module) -> bool:
+    """Whether the model's forward, or its backbone's, takes `past_key_values` (a KV cache): where HF PEFT runs prefix
+    tuning (it refuses a model whose task model and backbone forwards both lack it)."""
+    backbone = getattr(model, "base_model", model)
+    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
 
 
 def linear_dims(module: nn.Module):

@@ -6,9 +6,14 @@ reparameterization) or is a flat table. Encoder-decoders get separate prefixes f
 decoder self-attention and cross-attention, as in the paper. `init_text` starts the flat table from the
 keys/values of real tokens — the paper's best initialisation.
 
-Positions (`position_shift`): by default HF PEFT's semantics — its prefix is a KV cache of P entries, so real
-tokens sit at positions P..P+T-1 and the prefix keys are never rotated. `position_shift=False` keeps real tokens
-at 0..T-1 (ours; a prefix then acts like a pure memory, independent of P). Such a file is not HF's: it is written
+Positions (`position_shift`): by default HF PEFT's semantics wherever HF PEFT runs prefix tuning — its prefix is a
+KV cache of P entries, so real tokens sit at positions P..P+T-1 and the prefix keys are never rotated.
+`position_shift=False` keeps real tokens at 0..T-1 (ours; a prefix then acts like a pure memory, independent of P).
+Unset (None), it resolves per model and task: True where HF PEFT computes prefix tuning, False where HF PEFT refuses
+it — a classification, tagging or QA task whose model and backbone forwards take no `past_key_values` (BERT/RoBERTa
+under transformers 5) — since there no file or result is shared with HF, and shifting the real tokens' absolute
+positions by P only hurts (SST-2, MiniLM: one of three seeds collapsed; nlu_prompt.md). The saved config records
+the resolved value. Such a file is not HF's: it is written
 without HF's `prompt_embeddings` tensor, so HF PEFT refuses it (KeyError 'prompt_embeddings') instead of
 silently computing something else; unipeft loads it from its own keys.
 Encoder-decoders: with HF's semantics a single prefix serves the decoder's self-attention (HF PEFT gives the
@@ -24,7 +29,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from ..config import PromptLearningConfig, tokenize_init_text
+from ..arch.resolve import takes_past_key_values
+from ..config import PromptLearningConfig, TaskType, tokenize_init_text
 from ..registry import register_config, register_method
 from ..spec import AtAttentionKV, Compose, Form, Insertion, Prefix
 
@@ -38,7 +44,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     encoder_hidden_size: Union[int, None] = None  # the MLP's width (default: the model's hidden size)
     init_text: Union[str, None] = None
     tokenizer_name_or_path: Union[str, None] = None
-    position_shift: bool = True  # True: HF PEFT's positions (real tokens start at P); False: ours (0..T-1)
+    # True: HF PEFT's positions (real tokens start at P); False: ours (0..T-1); None: True where HF PEFT runs prefix
+    # tuning on the model, else False (resolved at injection)
+    position_shift: Union[bool, None] = None
     init_weights: Union[str, None] = None  # HF PEFT's field: None (random) is what unipeft does; "zero" is not
 
     @property
@@ -52,15 +60,17 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ValueError(f"init_weights={self.init_weights!r} is not supported: unipeft starts prefixes at random "
                              f"(init_weights=None) or from real tokens (init_text=...)")
         Prefix(length=self.num_virtual_tokens, projection=self.encoder_hidden_size if self.prefix_projection else None)
-        if not isinstance(self.position_shift, bool):
-            raise ValueError(f"position_shift must be True (HF PEFT's positions) or False (real tokens keep 0..T-1), "
-                             f"got {self.position_shift!r}")
+        if self.position_shift is not None and not isinstance(self.position_shift, bool):
+            raise ValueError(f"position_shift must be True (HF PEFT's positions), False (real tokens keep 0..T-1) or "
+                             f"None (HF's where HF PEFT runs prefix tuning on the model), got {self.position_shift!r}")
         if self.init_text is not None and self.prefix_projection:
             raise ValueError("init_text initialises the flat prefix table; use prefix_projection=False with it")
 
     def resolved(self, model, arch):
         """HF PEFT's shape fields: on a GQA model the prefix has the key/value heads (token_dim = kv_heads·head_dim)."""
         cfg = self._resolved_dims(super().resolved(model, arch), model)
+        if cfg.position_shift is None:
+            cfg = dataclasses.replace(cfg, position_shift=hf_runs_prefix_tuning(model, cfg.task_type))
         # HF PEFT records the MLP's width too (the token dim when unset; a recorded token_dim is what made it)
         return dataclasses.replace(cfg, encoder_hidden_size=cfg.encoder_hidden_size or self.token_dim or cfg.token_dim)
 
@@ -103,6 +113,14 @@ class PrefixTuningConfig(PromptLearningConfig):
 
         ids = tokenize_init_text(self.init_text, self.tokenizer_name_or_path, self.num_virtual_tokens, "init_text")
         init_prefix_from_tokens(model, handle, ids)
+
+
+def hf_runs_prefix_tuning(model, task_type) -> bool:
+    """Whether HF PEFT computes prefix tuning on this model for this task: its classification, tagging and QA models
+    refuse one whose forward and backbone forward take no `past_key_values`; its other tasks pass the prefix as the
+    model's cache without that check."""
+    checked = {TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS}
+    return task_type not in checked or takes_past_key_values(model)
 
 
 register_method("prefix_tuning", PrefixTuningConfig, "prefix K/V (MLP reparam) @ every attention · gate",
