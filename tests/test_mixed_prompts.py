@@ -160,7 +160,11 @@ def test_cut_virtual_logits_and_refusals():
         torch.testing.assert_close(out[0], peft(input_ids=ids).logits[0], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="keep_virtual_logits"):
         peft(input_ids=ids, adapter_names=["b", "keep", "default"])
-    rob = build("roberta", ["prefix", "lora"])  # a shifted prefix beside rows numbered from padding_idx + 1
+    # a shifted prefix (forced: on RoBERTa classification the default resolves unshifted, as HF PEFT has no prefix
+    # tuning there) beside rows numbered from padding_idx + 1
+    rob = unipeft.get_peft_model(BUILDERS["roberta"](), config("prefix", "roberta", random=True, position_shift=True))
+    rob.add_adapter("a0", config("lora", "roberta", random=True))
+    rob.eval()
     with pytest.raises(ValueError, match="padding index"):
         rob(input_ids=ids, adapter_names=["default", "a0", "__base__"])
 
