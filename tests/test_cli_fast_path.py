@@ -16,13 +16,12 @@ from unipeft.cli.fast_path import base_dtype, liger_wanted
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def write_llama_workspace(root: Path) -> Path:
+    """A tiny Llama with the embedded tokenizer, and a few text rows (text.jsonl): a causal-LM CLI workspace."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from unipeft.cli.embedded import embedded_path
 
-    root = tmp_path_factory.mktemp("fast")
     tok = AutoTokenizer.from_pretrained(str(embedded_path()))
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -31,19 +30,26 @@ def ws(tmp_path_factory):
     tok.save_pretrained(root / "llama")
     (root / "text.jsonl").write_text("".join(json.dumps({"text": f"the {c} fox jumps over {d}"}) + "\n"
                                              for c in ("red", "brown", "quick") for d in ("it", "the dog", "a log")))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = write_llama_workspace(tmp_path_factory.mktemp("fast"))
     (root / "cls.jsonl").write_text("".join(json.dumps({"text": f"a {w} movie", "label": i % 2}) + "\n"
                                             for i, w in enumerate(["good", "bad", "fine", "sad"] * 3)))
     return root
 
 
-def _train(ws, capsys, out, *extra):
+def _train(ws, capsys, out, *extra, batch_size: int = 3):
     from unipeft.cli import main
 
     old = os.getcwd()
     os.chdir(ws)
     try:
         code = main(["train", "--model", str(ws / "llama"), "--task", "causal-lm", "--train", str(ws / "text.jsonl"),
-                     "--batch-size", "3", "--max-length", "16", "--output", str(ws / out), "--overwrite", *extra])
+                     "--batch-size", str(batch_size), "--max-length", "16", "--output", str(ws / out), "--overwrite",
+                     *extra])
     finally:
         os.chdir(old)
     return code, capsys.readouterr()

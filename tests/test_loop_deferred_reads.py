@@ -4,42 +4,23 @@ kept in a checkpoint must be what they were when every step was read on the host
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+from test_cli_fast_path import _train as train_cli
+from test_cli_fast_path import write_llama_workspace
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from unipeft.cli.embedded import embedded_path
-
-    root = tmp_path_factory.mktemp("deferred")
-    tok = AutoTokenizer.from_pretrained(str(embedded_path()))
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 tie_word_embeddings=True)).save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    rows = [{"text": f"the {c} fox jumps over {d}"} for c in ("red", "brown", "quick") for d in ("it", "the dog", "a log")]
-    (root / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    root = write_llama_workspace(tmp_path_factory.mktemp("deferred"))
+    rows = (root / "text.jsonl").read_text().splitlines(keepends=True)
+    (root / "eval.jsonl").write_text("".join(rows[:3]))
     return root
 
 
 def _train(ws, capsys, out, *extra):
-    from unipeft.cli import main
-
-    old = os.getcwd()
-    os.chdir(ws)
-    try:
-        code = main(["train", "--model", str(ws / "llama"), "--task", "causal-lm", "--train", str(ws / "text.jsonl"),
-                     "--batch-size", "2", "--max-length", "16", "--output", str(ws / out), "--overwrite", *extra])
-    finally:
-        os.chdir(old)
-    return code, capsys.readouterr()
+    return train_cli(ws, capsys, out, *extra, batch_size=2)
 
 
 def _step_losses(monkeypatch):

@@ -3,14 +3,11 @@ the copy itself stood in for; the CUDA copies are checked on the GPU by benchmar
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import batch_for, tiny_llama
 
 from unipeft import LoraConfig, get_peft_model
 from unipeft.memory.stream import LayerStream
-
-pytest.importorskip("bitsandbytes")
 
 
 def test_prefetch_follows_the_direction_of_travel(tmp_path, monkeypatch):
