@@ -55,6 +55,9 @@ SUITES = {
         ("full", dict(_SMOL, method="full")),
         ("hf_lora", dict(_SMOL, method="hf_lora")),
         ("ours_lora", dict(_SMOL, method="lora")),
+        # the floor of any adapter step on this base: the frozen model's forward, every layer's input-gradient
+        # backward and the loss, with one trained virtual token (LoRA's step is this plus its own terms)
+        ("floor_prompt1", dict(_SMOL, method="prompt", tokens=1)),
         # diagnostic, a special call: model(..., labels=..., skip_logits=False) builds the full logits and HF's loss
         ("ours_lora_call_skip_logits_false", dict(_SMOL, method="lora", skip_logits=False)),
         ("hf_lora_lean_heap", dict(_SMOL, method="hf_lora", lean_heap=True)),  # fairness: same heap setting
@@ -154,6 +157,9 @@ def _build(cfg: dict):
         pm = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
         return pm, pm
     import unipeft
+    if method == "prompt":
+        return (pm := unipeft.get_peft_model(model, unipeft.PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=cfg["tokens"]))), pm
     pm = unipeft.get_peft_model(model, unipeft.LoraConfig(task_type="CAUSAL_LM", **LORA))
     if cfg.get("gc"):
         pm.gradient_checkpointing_enable(offload_activations=bool(cfg.get("offload")))
