@@ -70,8 +70,10 @@ class StackGroup:
             extra = r - t.shape[dim]
             return t if extra == 0 else nn.functional.pad(t, (0, extra) if dim == 1 else (0, 0, 0, extra))
 
-        A = torch.stack([torch.stack([zA] + [pad_rank(s.delta.A, 0) for s in sites]) for sites in self.hosts])
-        B = torch.stack([torch.stack([zB] + [pad_rank(s.delta.B, 1) for s in sites]) for sites in self.hosts])
+        L, n1 = len(self.hosts), len(first) + 1  # one stack (one kernel) per factor for the whole group
+        A = torch.stack([t for sites in self.hosts for t in [zA] + [pad_rank(s.delta.A, 0) for s in sites]])
+        B = torch.stack([t for sites in self.hosts for t in [zB] + [pad_rank(s.delta.B, 1) for s in sites]])
+        A, B = A.view(L, n1, *A.shape[1:]), B.view(L, n1, *B.shape[1:])
         scale = torch.tensor([[0.0] + [float(s.s) for s in sites] for sites in self.hosts], dtype=B.dtype,
                              device=B.device)  # (L, n+1)
         B = B * scale[:, :, None, None]  # (L, n+1, out, r)
@@ -94,7 +96,8 @@ class StackGroup:
 
 class StackedHost:
     """One forward hook on a host linear adding every served adapter's low-rank delta: h + (x·A[idx])·B[idx] as one
-    bmm and one baddbmm, the kernels one adapter's LoRA costs (a projection and an add-into GEMM)."""
+    bmm and one baddbmm, the kernels one adapter's LoRA costs (a projection and an add-into GEMM). Without grad the
+    add goes into the linear's output in place (an out-of-place baddbmm copies h first: one more kernel per host)."""
 
     def __init__(self, host, sites: list, group: StackGroup, layer: int):
         self.host, self.sites, self.group, self.layer = host, sites, group, layer
@@ -107,6 +110,9 @@ class StackedHost:
         A, B = self.group.factors(self.layer, out.dtype)  # (N, in, r_max), (N, r_max, out)
         n = x.shape[0]
         z = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(out.dtype), A)  # (N, T, r_max)
+        if not torch.is_grad_enabled() and out.is_contiguous():  # serving: into the linear's fresh output, no copy
+            out.view(n, -1, out.shape[-1]).baddbmm_(z, B)
+            return out
         return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), z, B).view(out.shape)
 
     def remove(self) -> None:
