@@ -115,6 +115,12 @@ def test_the_plan_covers_every_registered_method_with_documented_settings():
     assert BP.METHODS["full"].method is None
     for m in BP.METHODS.values():
         assert m.source and all(m.lr_for(t) > 0 for t in BP.TASKS), m.row
+        # an lr key is a task or a model name (a key neither names is never read)
+        keys = set(BP.TASKS) | {t.model for t in BP.TASKS.values()} | {"*"}
+        assert set(m.lr) <= keys, (m.row, set(m.lr) - keys)
+    # a model-keyed lr reaches that model's tasks, a task key wins over it
+    assert BP.METHODS["prefix_tuning"].lr_for("e2e") == BP.METHODS["prefix_tuning"].lr["smollm2"] != \
+        BP.METHODS["prefix_tuning"].lr_for("sst2")
     for t in BP.TASKS.values():
         assert set(t.budgets) == set(BP.BUDGETS), t.name
     # the HF PEFT reference rows name classes HF PEFT has
