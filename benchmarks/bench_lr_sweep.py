@@ -37,7 +37,8 @@ def main(argv=None) -> None:
         t0 = time.time()
         try:
             rec = bench_cell.run(spec)
-            line = {"metric": rec["metric"], "metrics": rec["metrics"], "first_loss": rec.get("first_loss"),
+            line = {"cell_lr": rec["lr"], "metric": rec["metric"], "metrics": rec["metrics"],
+                    "first_loss": rec.get("first_loss"),
                     "last_loss": rec.get("last_loss")}
         except Exception as e:  # a diverged lr is a result, not a crash of the sweep
             line = {"error": f"{type(e).__name__}: {e}"[:300]}

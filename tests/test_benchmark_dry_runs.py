@@ -1,0 +1,57 @@
+"""The benchmark scripts whose real runs need a GPU or minutes of CPU, run on the smallest shapes: they must still
+parse their flags, build what they claim to build and write their records, so a device call is not spent finding a
+typo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_memory_floor_row_trains_one_virtual_token_through_the_standard_call():
+    memory = _load("memory")
+    cfg = dict(memory.SUITES["smollm2"])["floor_prompt1"]
+    assert cfg["method"] == "prompt" and cfg["tokens"] == 1 and cfg["model"] == "smollm2"
+    out = memory.worker(dict(cfg, model="tiny", batch=1, seq=16, warmup=1, steps=1, threads=1))
+    assert out["trainable"] == memory.LLAMA_TINY["hidden_size"]  # one virtual token, nothing else
+    assert all(math.isfinite(x) for x in out["losses"]) and len(out["steps"]) == 1
+
+
+def test_cli_gpu_dry_run_reads_tokens_per_second_from_the_cli_log(tmp_path):
+    cli_gpu = _load("cli_gpu")
+    out = tmp_path / "cli.json"
+    cli_gpu.main(["--dry-run", "--steps", "4", "--liger", "off", "--out", str(out)])
+    rec = json.loads(out.read_text())["records"][0]
+    assert rec["exit"] == 0, rec.get("error")
+    assert rec["tok_s"] > 0 and len(rec["losses"]) == 4 and all(math.isfinite(x) for x in rec["losses"])
+    assert any("liger off" in line for line in rec["start_summary"]), rec["start_summary"]
+
+
+def test_bench_lr_sweep_runs_the_plan_cell_at_the_given_lr_and_restores_the_plan(tmp_path):
+    from unipeft.cli import bench_plan as BP
+
+    sweep = _load("bench_lr_sweep")
+    plan = BP.METHODS["lora"]
+    out = tmp_path / "sweep.jsonl"
+    sweep.main(["--task", "sst2", "--row", "lora", "--lrs", "3e-3", "--budget", "smoke", "--out", str(out)])
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "error" not in line, line
+    assert line["lr"] == line["cell_lr"] == 3e-3 and line["budget"] == "smoke"  # the cell trained at that lr
+    assert 0.0 <= line["metric"] <= 1.0
+    assert BP.METHODS["lora"] is plan  # the module's plan is left as it was
