@@ -30,25 +30,27 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     plan = BP.METHODS[args.row]
-    for lr in args.lrs:
-        BP.METHODS[args.row] = dataclasses.replace(plan, lr={**plan.lr, args.task: lr})
-        spec = {"task": args.task, "row": args.row, "impl": args.impl, "seed": args.seed, "budget": args.budget,
-                "data_dir": str(default_data_dir()), "threads": 2}
-        t0 = time.time()
-        try:
-            rec = bench_cell.run(spec)
-            line = {"cell_lr": rec["lr"], "metric": rec["metric"], "metrics": rec["metrics"],
-                    "first_loss": rec.get("first_loss"),
-                    "last_loss": rec.get("last_loss")}
-        except Exception as e:  # a diverged lr is a result, not a crash of the sweep
-            line = {"error": f"{type(e).__name__}: {e}"[:300]}
-        line = {"task": args.task, "row": args.row, "impl": args.impl, "budget": args.budget, "seed": args.seed,
-                "lr": lr, "wall_s": round(time.time() - t0, 1), **line,
-                "date": time.strftime("%Y-%m-%d %H:%M")}
-        print(json.dumps(line), flush=True)
-        with open(Path(args.out), "a") as f:
-            f.write(json.dumps(line) + "\n")
-    BP.METHODS[args.row] = plan
+    try:
+        for lr in args.lrs:
+            BP.METHODS[args.row] = dataclasses.replace(plan, lr={**plan.lr, args.task: lr})
+            spec = {"task": args.task, "row": args.row, "impl": args.impl, "seed": args.seed, "budget": args.budget,
+                    "data_dir": str(default_data_dir()), "threads": 2}
+            t0 = time.time()
+            try:
+                rec = bench_cell.run(spec)
+                line = {"cell_lr": rec["lr"], "metric": rec["metric"], "metrics": rec["metrics"],
+                        "first_loss": rec.get("first_loss"),
+                        "last_loss": rec.get("last_loss")}
+            except Exception as e:  # a diverged lr is a result, not a crash of the sweep
+                line = {"error": f"{type(e).__name__}: {e}"[:300]}
+            line = {"task": args.task, "row": args.row, "impl": args.impl, "budget": args.budget, "seed": args.seed,
+                    "lr": lr, "wall_s": round(time.time() - t0, 1), **line,
+                    "date": time.strftime("%Y-%m-%d %H:%M")}
+            print(json.dumps(line), flush=True)
+            with open(Path(args.out), "a") as f:
+                f.write(json.dumps(line) + "\n")
+    finally:  # the module's plan as it was, whatever stopped the sweep
+        BP.METHODS[args.row] = plan
 
 
 if __name__ == "__main__":

@@ -78,20 +78,25 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "cli_gpu.json"))
     ap.add_argument("--dry-run", action="store_true", help="a tiny Llama on the CPU: checks the flags, not speed")
     args = ap.parse_args(argv)
+    if args.steps < WARMUP + 1:
+        ap.error(f"--steps must be at least {WARMUP + 1}: tokens/s is read after {WARMUP} warm-up steps")
     global DEV
     DEV = "cpu" if args.dry_run else "cuda"
+    import torch
+    meta = {"versions": _versions(), "gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else None,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.cpu_count()} cpus",
+            "command": " ".join(["python3", "benchmarks/cli_gpu.py"] + (argv or sys.argv[1:]))}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         build(Path(d))
         recs = []
         for liger in args.liger:
-            recs.append(run(Path(d), liger, args.steps))
+            try:
+                recs.append(run(Path(d), liger, args.steps))
+            except (IndexError, KeyError, ValueError, ZeroDivisionError) as e:  # a short or odd log: keep the rest
+                recs.append({"liger": liger, "error": f"reading the CLI log: {type(e).__name__}: {e}"})
             print(json.dumps({k: v for k, v in recs[-1].items() if k != "losses"}), flush=True)
-    import torch
-    meta = {"versions": _versions(), "gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else None, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "command": " ".join(["python3", "benchmarks/cli_gpu.py"] + (argv or sys.argv[1:])),
-            "host": f"{os.cpu_count()} cpus"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+            Path(args.out).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))  # each run as it ends
 
 
 if __name__ == "__main__":

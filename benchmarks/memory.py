@@ -157,10 +157,9 @@ def _build(cfg: dict):
         pm = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
         return pm, pm
     import unipeft
-    if method == "prompt":
-        return (pm := unipeft.get_peft_model(model, unipeft.PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=cfg["tokens"]))), pm
-    pm = unipeft.get_peft_model(model, unipeft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+    config = (unipeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg["tokens"]) if method == "prompt"
+              else unipeft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+    pm = unipeft.get_peft_model(model, config)
     if cfg.get("gc"):
         pm.gradient_checkpointing_enable(offload_activations=bool(cfg.get("offload")))
     return pm, pm

@@ -152,3 +152,44 @@ def test_rows_gathered_per_host_when_a_group_gather_would_be_large(monkeypatch):
     torch.testing.assert_close(per_host, once, rtol=0, atol=1e-6)
     for i, n in enumerate(NAMES):
         torch.testing.assert_close(per_host[i], _single(peft, n, IDS)[i], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_serving_adds_in_place_and_a_users_hook_sees_the_adapted_output_unchanged_after(monkeypatch):
+    """Without grad the stacked delta goes into the linear's fresh output (no out-of-place baddbmm); a hook the user
+    added after injection sees the adapted output, as in a single-adapter batch, and nobody changes it afterwards."""
+    peft = _model()
+    seen = []
+    q = peft.get_base_model().model.layers[0].self_attn.q_proj
+    handle = q.register_forward_hook(lambda m, a, o: seen.append((o, o.clone())))
+    try:
+        def no_copy(*a, **kw):
+            raise AssertionError("out-of-place baddbmm used where the output was ours alone")
+        with monkeypatch.context() as m:
+            m.setattr(torch, "baddbmm", no_copy)
+            mixed = peft(input_ids=IDS, adapter_names=NAMES).logits
+        (held, at_hook), = seen
+        assert torch.equal(held, at_hook), "the output a user's hook holds was changed after it saw it"
+        for i, n in enumerate(NAMES):
+            if n == "__base__":
+                continue
+            peft.set_adapter(n)
+            seen.clear()
+            single = peft(input_ids=IDS[i:i + 1]).logits
+            torch.testing.assert_close(at_hook[i], seen[0][1][0], rtol=0, atol=1e-5)  # the hook saw the adapted h
+            torch.testing.assert_close(mixed[i], single[0], rtol=0, atol=1e-5)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def test_a_global_forward_hook_keeps_the_stacked_add_out_of_place():
+    peft = _model()
+    held = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: held.append((o, o.clone())) if isinstance(o, torch.Tensor) else None)
+    try:
+        peft(input_ids=IDS, adapter_names=NAMES)
+    finally:
+        handle.remove()
+    assert held and all(torch.equal(o, c) for o, c in held), "a tensor a global hook holds was changed in place"

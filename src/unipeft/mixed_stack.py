@@ -24,6 +24,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .compat import runs_first_after_forward
 from .deltas.low_rank import LowRankDelta
 from .distributed import sharding_of
 from .positions.weight import LinearDeltaSite
@@ -103,17 +104,25 @@ class StackedHost:
         self.host, self.sites, self.group, self.layer = host, sites, group, layer
         for s in sites:
             s.served_elsewhere = True
-        self._hook = host.register_forward_hook(self._add)
+        # first among the host's hooks, where its sites' own hooks (registered at injection) would add the delta:
+        # a hook the user added after injection sees the adapted output, as it does in a single-adapter batch
+        self._hook = host.register_forward_hook(self._add, prepend=True)
 
     def _add(self, module, args, out):
         x = args[0]
         A, B = self.group.factors(self.layer, out.dtype)  # (N, in, r_max), (N, r_max, out)
         n = x.shape[0]
         z = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(out.dtype), A)  # (N, T, r_max)
-        if not torch.is_grad_enabled() and out.is_contiguous():  # serving: into the linear's fresh output, no copy
+        if self._into(module, out):  # serving: into the linear's fresh output, no copy
             out.view(n, -1, out.shape[-1]).baddbmm_(z, B)
             return out
         return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), z, B).view(out.shape)
+
+    def _into(self, module, out) -> bool:
+        """In place only where nobody else can hold the output yet: no grad, a fresh contiguous tensor, our hook the
+        first code to see it (no global hooks), not under torch.compile."""
+        return (not torch.is_grad_enabled() and out._base is None and out.is_contiguous()
+                and not torch.compiler.is_compiling() and runs_first_after_forward(module, self._hook.id))
 
     def remove(self) -> None:
         self._hook.remove()
