@@ -181,3 +181,14 @@ def test_a_prompt_adapter_added_later_still_gets_the_right_loss():
     chunked = peft(input_ids=ids, labels=ids).loss
     own = peft(input_ids=ids, labels=ids, skip_logits=False).loss
     torch.testing.assert_close(chunked, own, rtol=0, atol=1e-5)
+
+
+def test_chunk_rows_are_sized_per_device():
+    """The CPU keeps its measured 48 MB chunk; an accelerator gets 256 MiB of fp32 logits per chunk (the CPU size
+    made 98-row GEMMs at a 128k vocabulary on an H100). Equal losses whatever the chunk, so only the size is tested."""
+    from unipeft.training.losses import default_chunk
+
+    assert default_chunk(49152) == default_chunk(49152, torch.device("cpu")) == 256
+    assert default_chunk(128256, torch.device("cpu")) == 98
+    assert default_chunk(128256, torch.device("cuda")) == 523
+    assert default_chunk(10**9, torch.device("cuda")) == 16  # never fewer than 16 rows

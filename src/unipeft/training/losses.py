@@ -28,11 +28,17 @@ IGNORE_INDEX = -100
 # head's GEMMs with fewer rows per call run below MKL's rate. Peak RSS of a SmolLM2 LoRA step (4×256): 3583, 3547 MiB
 # with 256 rows, 3541, 3612 with 170 (the 16 MB more per chunk is within run-to-run noise).
 CHUNK_ELEMENTS = 12 << 20
+# on an accelerator: 64M fp32 = 256 MiB (523 rows of Llama-3's 128k vocabulary). The CPU size gave 98-row chunks there,
+# and an H100 kernel table of a 1B-shape step (benchmarks/results/gpu_h100_profiles/) showed the loss's GEMMs in
+# 104-row tiles at ~40% of the rate of liger's fused loss (123 vs 29 ms a step); not yet re-measured at this size.
+ACCELERATOR_CHUNK_ELEMENTS = 64 << 20
 
 
-def default_chunk(vocab: int) -> int:
-    """Rows per chunk so that one chunk of fp32 logits is about CHUNK_ELEMENTS (at least 16 rows)."""
-    return max(16, CHUNK_ELEMENTS // vocab)
+def default_chunk(vocab: int, device: torch.device | None = None) -> int:
+    """Rows per chunk so that one chunk of fp32 logits is about CHUNK_ELEMENTS on the CPU, ACCELERATOR_CHUNK_ELEMENTS
+    elsewhere (at least 16 rows)."""
+    budget = CHUNK_ELEMENTS if device is None or device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(16, budget // vocab)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -109,7 +115,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
     y = labels.reshape(-1).to(hidden.device)
     keep = y != ignore_index
-    chunk = chunk or default_chunk(weight.shape[0])
+    chunk = chunk or default_chunk(weight.shape[0], h.device)
     if not reads_are_free(h.device):
         # an accelerator: no host read (dropping the ignored rows needs their count on the host), so they are
         # computed and masked out, and the divisor stays a device tensor
