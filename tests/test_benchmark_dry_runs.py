@@ -4,7 +4,7 @@ typo."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -29,11 +29,8 @@ def _isolated(monkeypatch):
 
 
 def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, str(BENCH))  # as tests/test_chat_packing_bench.py imports its script (the fixture undoes it)
+    return importlib.import_module(name)
 
 
 def test_memory_floor_row_trains_one_virtual_token_through_the_standard_call():

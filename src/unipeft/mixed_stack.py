@@ -24,10 +24,9 @@ import contextlib
 import torch
 from torch import nn
 
-from .compat import runs_first_after_forward
 from .deltas.low_rank import LowRankDelta
 from .distributed import sharding_of
-from .positions.weight import LinearDeltaSite
+from .positions.weight import LinearDeltaSite, output_is_unshared
 from .spec import Compose, Form
 
 
@@ -122,7 +121,7 @@ class StackedHost:
         """In place only where nobody else can hold the output yet: no grad, a fresh contiguous tensor, our hook the
         first code to see it (no global hooks), not under torch.compile."""
         return (not torch.is_grad_enabled() and out._base is None and out.is_contiguous()
-                and not torch.compiler.is_compiling() and runs_first_after_forward(module, self._hook.id))
+                and output_is_unshared(module, self._hook.id))
 
     def remove(self) -> None:
         self._hook.remove()

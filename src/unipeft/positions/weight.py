@@ -27,6 +27,13 @@ from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
 from .base import ModuleSite, on_rows
 
+
+def output_is_unshared(module, hook_id: int) -> bool:
+    """Whether the forward hook `hook_id` may write into `module`'s output in place: it is the first code to see the
+    output (no global hooks, no earlier hook of the module) and torch.compile is not tracing (it schedules itself)."""
+    return not torch.compiler.is_compiling() and runs_first_after_forward(module, hook_id)
+
+
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
 
 
@@ -107,7 +114,7 @@ class LinearDeltaSite(ModuleSite):
         """Whether the delta may add into the host's output in place: every row is this adapter's, our hook is the
         first code to see the output (so nobody holds it yet), and not under torch.compile (it schedules itself)."""
         return (self._adds_in_place and self.switch.rows is None and torch.is_tensor(out)
-                and not torch.compiler.is_compiling() and runs_first_after_forward(module, self._hook_id))
+                and output_is_unshared(module, self._hook_id))
 
     def _sequential(self, module, args, out):
         return on_rows(self.switch, out, lambda h: Fn.compose(h, self.delta(h), self.s)) if self.active else out
