@@ -1,7 +1,7 @@
 """CUDA self-checks of the GPU fast paths whose CPU fallbacks the test suite covers: each prints the max error of
 the fast path against the plain one (and a step time where it is about speed). One GPU, a minute or two.
 
-    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss liger] [--json OUT.json]
+    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss loss_kernels liger] [--json OUT.json]
 
 - stream: NF4 layers streamed with the next layer prefetched on a side stream vs streamed without prefetch vs
   resident (loss and LoRA gradients; s/step of each; how many loads the prefetch served).
@@ -12,6 +12,9 @@ the fast path against the plain one (and a step time where it is about speed). O
   synchronizing calls a step makes and where; the frozen/trainable dtypes and the start summary's device line.
 - liger: unipeft.kernels.apply_liger on a LoRA model vs the same model before (loss and LoRA gradients, bf16); skipped
   with a line when liger-kernel is not installed.
+- loss_kernels: at the 1B and 8B heads (bf16, 128k vocabulary, a quarter of the rows ignored), the chunked loss's torch
+  path and liger's fused linear cross-entropy (as apply_liger has the loss call it) against fp32 full-logits
+  cross-entropy: loss error, max relative error of the hidden-state gradient, and ms per forward + backward of each.
 """
 
 from __future__ import annotations
@@ -129,6 +132,51 @@ def check_chunked_loss() -> dict:
             "grad_W_max_abs_err": (gW - rW).abs().max().item()}
 
 
+def check_loss_kernels() -> dict:
+    import torch.nn.functional as F
+
+    from unipeft.kernels import liger_available
+    from unipeft.kernels.liger import liger_linear_cross_entropy
+    from unipeft.training.losses import chunked_lm_loss
+
+    out = {}
+    shapes = {"1b": (8 * 2048, 2048), "8b": (4 * 2048, 4096)} if DEV == "cuda" else {"tiny": (512, 64)}
+    vocab = 128256 if DEV == "cuda" else 1000
+    kernels = {"torch": None}
+    if liger_available() and DEV == "cuda":
+        kernels["liger"] = liger_linear_cross_entropy
+    for shape, (rows, d) in shapes.items():
+        torch.manual_seed(0)
+        dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+        h = (torch.randn(1, rows, d, device=DEV) * 2).to(dt).requires_grad_()
+        W = (torch.randn(vocab, d, device=DEV) / d ** 0.5).to(dt)
+        y = torch.randint(0, vocab, (1, rows), device=DEV)
+        y[:, : rows // 4] = -100
+        # reference: fp32 logits of the same bf16 operands, HF's shift
+        ref = F.cross_entropy((h.float() @ W.float().T)[0, :-1], y[0, 1:], ignore_index=-100)
+        (rh,) = torch.autograd.grad(ref, h)
+        rh = rh.float()
+        for name, kernel in kernels.items():
+            def step():
+                loss = chunked_lm_loss(h, W, y, kernel=kernel)
+                return loss, torch.autograd.grad(loss, h)[0]
+            for _ in range(2):
+                step()
+            times = []
+            for _ in range(5):
+                _sync()
+                t = time.perf_counter()
+                loss, gh = step()
+                _sync()
+                times.append(time.perf_counter() - t)
+            out[f"{shape}_{name}"] = {
+                "loss_abs_err": (loss.float() - ref).abs().item(),
+                "grad_h_max_rel_err": ((gh.float() - rh).abs().max() / rh.abs().max()).item(),
+                "ms": round(sorted(times)[2] * 1e3, 2)}
+        del h, W, ref, rh
+    return out
+
+
 def check_liger() -> dict:
     from unipeft import LoraConfig, get_peft_model
     from unipeft.kernels import apply_liger, liger_available
@@ -216,7 +264,7 @@ def check_cli_syncs() -> dict:
 
 
 CHECKS = {"stream": check_stream, "host_embedding": check_host_embedding, "chunked_loss": check_chunked_loss,
-          "cli_syncs": check_cli_syncs, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
+          "cli_syncs": check_cli_syncs, "loss_kernels": check_loss_kernels, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
 
 
 def main(argv=None) -> None:

@@ -9,12 +9,13 @@ import types
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import VOCAB, tiny_gpt2, tiny_llama
 
 import unipeft
 from unipeft.cli.errors import CliError
 from unipeft.cli.fast_path import apply_liger_or_explain
 from unipeft.kernels import apply_liger, liger_available
+from unipeft.kernels.liger import liger_linear_cross_entropy
 
 
 def _fake_liger(monkeypatch, fn_name="apply_liger_kernel_to_llama", honour_flags=True, params=None):
@@ -62,7 +63,7 @@ def _lora(model):
 def test_applied_to_the_instance_with_our_loss_kept(monkeypatch):
     calls, norm_calls = _fake_liger(monkeypatch)
     assert liger_available()
-    ids = torch.randint(3, 100, (2, 9))
+    ids = torch.randint(3, VOCAB, (2, 9))
     ref = _lora(tiny_llama()).train()
     peft = _lora(tiny_llama()).train()
     want = ref(input_ids=ids, labels=ids).loss
@@ -104,10 +105,68 @@ def test_refusals(monkeypatch):
 
 def test_cli_words(monkeypatch):
     calls, _ = _fake_liger(monkeypatch)
-    assert apply_liger_or_explain(tiny_llama(), "auto", "cuda") == "liger-kernel (rms_norm, rope, swiglu)"
+    assert apply_liger_or_explain(tiny_llama(), "auto", "cuda") == \
+        "liger-kernel (rms_norm, rope, swiglu, fused_linear_cross_entropy)"
     assert len(calls) == 1
     assert apply_liger_or_explain(tiny_llama(), "off", "cuda") == "liger off (--liger off)"
     assert apply_liger_or_explain(tiny_gpt2(), "auto", "cuda").startswith("liger off (liger-kernel has no kernels")
     with pytest.raises(CliError, match="--liger on: liger-kernel has no kernels"):
         apply_liger_or_explain(tiny_gpt2(), "on", "cuda")
     assert len(calls) == 1
+
+
+def _reference_kernel(calls):
+    """A stand-in for liger's fused loss: F.cross_entropy summed over the rows it is given, / n; records its inputs."""
+    def kernel(h, weight, bias, y, n, ignore_index):
+        calls.append(dict(h=h.detach().clone(), y=y.clone(), n=n, ignore_index=ignore_index))
+        logits = torch.nn.functional.linear(h, weight, bias).float()
+        return torch.nn.functional.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum") / n
+    return kernel
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_the_loss_kernel_gets_shifted_targets_and_the_divisor(monkeypatch, num_items):
+    """apply_liger makes the model's chunked loss call the fused kernel: with HF's shifted targets (prompt rows ignored),
+    ignored rows zeroed, and HF's divisor (valid targets, or num_items_in_batch); its value and gradients are the
+    model's own loss's."""
+    _fake_liger(monkeypatch)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    peft = _lora(tiny_llama()).train()
+    kw = {} if num_items is None else {"num_items_in_batch": num_items}
+    want = peft(input_ids=ids, labels=labels, skip_logits=False, **kw).loss  # HF's loss on full logits
+    want.backward()
+    want_g = {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+    peft.zero_grad()
+    apply_liger(peft)
+    calls = []
+    peft.get_base_model()._unipeft_loss_kernel = _reference_kernel(calls)
+    got = peft(input_ids=ids, labels=labels, **kw).loss
+    got.backward()
+    (call,) = calls
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1).reshape(-1)
+    assert torch.equal(call["y"], shifted) and call["ignore_index"] == -100
+    assert float(call["n"]) == (num_items or int((shifted != -100).sum()))
+    assert call["h"][shifted == -100].abs().max() == 0  # ignored rows reach the kernel as zeros
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for n, p in peft.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want_g[n], rtol=1e-4, atol=1e-7)
+
+
+def test_a_kernel_that_does_not_serve_leaves_the_torch_path():
+    peft = _lora(tiny_llama()).train()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    want = peft(input_ids=ids, labels=ids).loss
+    seen = []
+    peft.get_base_model()._unipeft_loss_kernel = lambda *a: seen.append(1)  # returns None: does not serve
+    torch.testing.assert_close(peft(input_ids=ids, labels=ids).loss, want, rtol=0, atol=0)
+    assert seen == [1]
+
+
+def test_liger_loss_serves_only_cuda_rows_in_the_heads_dtype(monkeypatch):
+    # liger-kernel is absent (None in sys.modules makes any import of it fail): None must come before the import
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    h, w, y = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
+    assert liger_linear_cross_entropy(h, w, None, y, 4.0, -100) is None

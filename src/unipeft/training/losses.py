@@ -103,18 +103,27 @@ class _FusedLinearCE(torch.autograd.Function):
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
                     chunk: int | None = None, ignore_index: int = IGNORE_INDEX, shift: bool = True,
-                    num_items_in_batch=None) -> torch.Tensor:
+                    num_items_in_batch=None, kernel=None) -> torch.Tensor:
     """Mean cross-entropy of the LM head `weight` (V, d) (+ `bias`) on `hidden` (B, T, d) against `labels` (B, T).
 
     `shift=True` follows HF: position t predicts labels[t + 1]. Rows whose target is `ignore_index` cost
     nothing. `num_items_in_batch` replaces the number of valid targets as the divisor (HF's gradient
     accumulation convention). Equal to HF's loss on full logits up to floating-point summation order.
+    `kernel(h, W, b, y, n, ignore_index)`, when given, is a fused kernel for the same sum / n over the (N, d) rows
+    (`unipeft.kernels.liger_linear_cross_entropy`); it returns None where it does not serve, and this path runs.
     """
     if shift:
         labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
     y = labels.reshape(-1).to(hidden.device)
     keep = y != ignore_index
+    if kernel is not None:
+        n = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
+        n = n.to(h.device, torch.float32) if torch.is_tensor(n) else float(n)
+        # ignored rows zeroed for the reason given below
+        loss = kernel(torch.where(keep[:, None], h, h.new_zeros(())), weight, bias, y, n, ignore_index)
+        if loss is not None:
+            return loss
     chunk = chunk or default_chunk(weight.shape[0], h.device)
     if not reads_are_free(h.device):
         # an accelerator: no host read (dropping the ignored rows needs their count on the host), so they are
@@ -171,7 +180,7 @@ def causal_lm_loss(model: nn.Module, input_ids, attention_mask=None, labels=None
     out = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return chunked_lm_loss(hidden, head.weight, labels, bias=head.bias, chunk=chunk,
-                           num_items_in_batch=num_items_in_batch)
+                           num_items_in_batch=num_items_in_batch, kernel=getattr(base, "_unipeft_loss_kernel", None))
 
 
 # -------------------------------------------------------------------------- the default path: model(..., labels=...)
@@ -300,7 +309,7 @@ class ChunkedLoss:
             raise RuntimeError(f"{type(module).__name__}: {labels.shape[-1]} labels per row for {hidden.shape[-2]} "
                                f"positions; pass skip_logits=False to use the model's own loss")
         loss = chunked_lm_loss(hidden, head.weight, labels, bias=head.bias, shift=state["shift"],
-                               num_items_in_batch=state["n"])
+                               num_items_in_batch=state["n"], kernel=getattr(module, "_unipeft_loss_kernel", None))
         aux = out.get("aux_loss") if hasattr(out, "get") else None
         if aux is not None:  # mixture-of-experts load balancing, as the model adds it to its own loss
             loss = loss + module.config.router_aux_loss_coef * aux.to(loss.device)
