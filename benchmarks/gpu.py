@@ -60,6 +60,7 @@ ROWS = {
     "hf_lora_bf16_liger_gc": dict(lib="hf", method="lora", adapter_bf16=True, liger=True, gc=True),
     "hf_lora_defaults_gc": dict(lib="hf", method="lora", gc=True),
     "ours_lora_gc": dict(lib="ours", method="lora", gc=True),
+    "ours_lora_liger_gc": dict(lib="ours", method="lora", liger=True, gc=True),
 }
 
 
