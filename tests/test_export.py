@@ -8,11 +8,13 @@ GGUF files are read back with transformers (`gguf_file=`), which undoes llama.cp
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from test_cli import cli_in_process, fails
 
@@ -266,10 +268,17 @@ def test_peft_folder_loads_in_hf_peft_with_our_logits(tmp_path, capsys, lora):
     export(tmp_path, capsys, "--adapter", run, "--model", base, "--format", "peft", "--out", out)
     assert sorted(x.name for x in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((out / "adapter_config.json").read_text())
-    if lora == {"use_rslora": True}:  # folded for runtimes that ignore the flag: α' = α·√r
-        assert cfg["use_rslora"] is False and cfg["lora_alpha"] == pytest.approx(8 * 2.0)
-    else:
-        assert cfg["use_rslora"] == lora.get("use_rslora", False) and cfg["lora_alpha"] == 8
+    assert cfg["use_rslora"] is False  # folded for runtimes that ignore the flag
+    if lora == {"use_rslora": True}:  # into α: α' = α·√r
+        assert cfg["lora_alpha"] == pytest.approx(8 * 2.0)
+    else:  # per-module ranks: into each lora_B (×√r_m), α and the patterns as saved
+        assert cfg["lora_alpha"] == 8 and (cfg.get("rank_pattern") or {}) == lora.get("rank_pattern", {})
+        saved = load_file(run / "adapter" / "adapter_model.safetensors")
+        served = load_file(out / "adapter_model.safetensors")
+        for k, v in saved.items():
+            r = saved[k.replace("lora_B", "lora_A")].shape[0] if "lora_B" in k else None
+            want_k = v * math.sqrt(r) if "lora_B" in k and lora.get("use_rslora") else v
+            torch.testing.assert_close(served[k], want_k, rtol=1e-6, atol=0)
 
     tok = AutoTokenizer.from_pretrained(base)
     ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..io.peft_export import lora_blockers, runtime_table, serving_config
+from ..io.peft_export import lora_blockers, rslora_into_B, runtime_table, serving_config
 from .commands import adapter_dir, adapter_meta, load_base_and_adapter
 from .errors import CliError
 from .report import box, human, size_of
@@ -114,16 +114,22 @@ def export_peft(opts: dict, adir: Path, meta: dict, out: Path, overwrite: bool) 
     weights = adir / "adapter_model.safetensors"
     if not weights.is_file():
         raise CliError(f"{adir} holds no adapter_model.safetensors", "save the adapter with safetensors (the default)")
-    served = serving_config(cfg)
+    served, scale_B = serving_config(cfg)
     if not served.get("base_model_name_or_path") and (opts.get("model") or meta.get("model")):
         served["base_model_name_or_path"] = opts.get("model") or meta.get("model")  # runtimes show/check it
 
     def fill(tmp):
         (Path(tmp) / "adapter_config.json").write_text(json.dumps(served, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(weights, Path(tmp) / "adapter_model.safetensors")
+        if scale_B:
+            from safetensors.torch import load_file, save_file
+            save_file(rslora_into_B(load_file(weights)), Path(tmp) / "adapter_model.safetensors",
+                      metadata={"format": "pt"})
+        else:
+            shutil.copyfile(weights, Path(tmp) / "adapter_model.safetensors")
 
     _write_atomically(out, overwrite, fill)
-    note = "; rsLoRA scale folded into lora_alpha" if cfg.get("use_rslora") and not served.get("use_rslora") else ""
+    note = ("" if not cfg.get("use_rslora") else "; rsLoRA scale folded into each lora_B" if scale_B
+            else "; rsLoRA scale folded into lora_alpha")
     return [("peft", f"{out}  (HF PEFT LoRA folder{note}; vllm serve BASE --enable-lora --lora-modules "
                      f"NAME={out}, or peft.PeftModel.from_pretrained)")]
 

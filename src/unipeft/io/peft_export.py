@@ -4,6 +4,8 @@ Our save is already HF PEFT's layout (adapter_config.json + adapter_model.safete
 they load plain LoRA only (no DoRA, no trained heads or biases, no residual-base inits like PiSSA), and not every
 runtime reads `use_rslora`. So rsLoRA's scale α/√r is folded into `lora_alpha` (α' = α·√r with use_rslora off
 gives α'/r = α/√r): the same numbers under HF PEFT's LoraConfig semantics and under a runtime that ignores the flag.
+With per-module ranks or alphas (`rank_pattern`, `alpha_pattern`) one α' cannot serve every module, so each module's
+lora_B is multiplied by √r_m instead (α_m/r_m·√r_m = α_m/√r_m) and the patterns stay as they are.
 """
 
 from __future__ import annotations
@@ -44,13 +46,26 @@ def lora_blockers(cfg: dict) -> list[str]:
     return out
 
 
-def serving_config(cfg: dict) -> dict:
-    """The adapter config with rsLoRA's scale folded into lora_alpha (see the module docstring)."""
+def serving_config(cfg: dict) -> tuple[dict, bool]:
+    """The adapter config with use_rslora off, and whether each lora_B must be scaled by √r_m (`rslora_into_B`) for
+    the scales to stay what they were (see the module docstring)."""
     out = dict(cfg)
     if not out.get("use_rslora"):
-        return out
-    if out.get("rank_pattern") or out.get("alpha_pattern"):
-        return out  # per-module ranks: the flag stays (HF PEFT and vLLM honour it) rather than a partial fold
-    out["lora_alpha"] = out["lora_alpha"] * math.sqrt(out["r"])
+        return out, False
     out["use_rslora"] = False
+    if out.get("rank_pattern") or out.get("alpha_pattern"):
+        return out, True
+    out["lora_alpha"] = out["lora_alpha"] * math.sqrt(out["r"])
+    return out, False
+
+
+def rslora_into_B(tensors: dict) -> dict:
+    """HF PEFT adapter tensors with each lora_B (lora_embedding_B) multiplied by √r of its module (the rows of its
+    lora_A), computed in fp32 and stored in the tensor's dtype."""
+    out = dict(tensors)
+    for key, B in tensors.items():
+        for a, b in (("lora_A.", "lora_B."), ("lora_embedding_A", "lora_embedding_B")):
+            if b in key:
+                r = tensors[key.replace(b, a)].shape[0]
+                out[key] = (B.float() * math.sqrt(r)).to(B.dtype)
     return out
