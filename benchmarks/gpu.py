@@ -46,6 +46,8 @@ ROWS = {
     "hf_prefix": dict(lib="hf", method="prefix"),
     "ours_lora": dict(lib="ours", method="lora"),
     "ours_lora_liger": dict(lib="ours", method="lora", liger=True),
+    # LoRA added by hooks on the linears' outputs instead of inside their GEMMs (positions.weight.HostForward off)
+    "ours_lora_liger_hooks": dict(lib="ours", method="lora", liger=True, host_fused=False),
     "ours_houlsby": dict(lib="ours", method="houlsby"),
     "ours_scaled_parallel": dict(lib="ours", method="scaled_parallel"),
     "ours_prefix": dict(lib="ours", method="prefix"),
@@ -113,6 +115,9 @@ def _build(shape: str, row: dict):
 
 
 def worker(shape: str, label: str) -> dict:
+    if ROWS[label].get("host_fused") is False:
+        from unipeft.positions import weight
+        weight.FUSED_HOST_DEVICES = frozenset()
     path = ROWS[label].get("mask_path")  # which prefix mask path (unipeft.positions.attention_kv.prefix_mask_path)
     if path is None:
         return _worker(shape, label)

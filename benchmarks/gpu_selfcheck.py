@@ -1,7 +1,7 @@
 """CUDA self-checks of the GPU fast paths whose CPU fallbacks the test suite covers: each prints the max error of
 the fast path against the plain one (and a step time where it is about speed). One GPU, a minute or two.
 
-    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss loss_kernels liger] [--json OUT.json]
+    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss loss_kernels host_forward liger] [--json OUT.json]
 
 - stream: NF4 layers streamed with the next layer prefetched on a side stream vs streamed without prefetch vs
   resident (loss and LoRA gradients; s/step of each; how many loads the prefetch served).
@@ -10,6 +10,8 @@ the fast path against the plain one (and a step time where it is about speed). O
   cross-entropy (loss and gradients), with prompt-masked labels.
 - cli_syncs: `unipeft train` (tiny Llama, bf16) with torch's CUDA sync debug mode on inside each step: how many
   synchronizing calls a step makes and where; the frozen/trainable dtypes and the start summary's device line.
+- host_forward: LoRA computed inside the host linears' GEMMs (the CUDA default) vs by hooks on their outputs (bf16
+  loss and LoRA gradients).
 - liger: unipeft.kernels.apply_liger on a LoRA model vs the same model before (loss and LoRA gradients, bf16); skipped
   with a line when liger-kernel is not installed.
 - loss_kernels: at the 1B and 8B heads (bf16, 128k vocabulary, a quarter of the rows ignored), the chunked loss's torch
@@ -177,6 +179,28 @@ def check_loss_kernels() -> dict:
     return out
 
 
+def check_host_forward() -> dict:
+    """LoRA inside the host linears' GEMMs (positions.weight.HostForward) vs hooks on their outputs, bf16 on the GPU:
+    loss and LoRA gradients, and how many linear calls took the fused path."""
+    from unipeft import LoraConfig, functional, get_peft_model
+    from unipeft.positions import weight
+
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    fused_on = weight.FUSED_HOST_DEVICES if DEV == "cuda" else frozenset({"cpu"})
+    peft = get_peft_model(_llama().to(DEV, dt), LoraConfig(**LORA)).train()
+    ids = torch.randint(0, 1024, (4, 256), device=DEV)
+    weight.FUSED_HOST_DEVICES = frozenset()
+    ref = _loss_and_grads(peft, ids)
+    weight.FUSED_HOST_DEVICES = fused_on
+    calls, real = [], functional.linear_low_rank
+    functional.linear_low_rank = lambda *a: calls.append(1) or real(*a)
+    try:
+        got = _loss_and_grads(peft, ids)
+    finally:
+        functional.linear_low_rank = real
+    return {**_max_err(got, ref), "fused_calls": len(calls)}
+
+
 def check_liger() -> dict:
     from unipeft import LoraConfig, get_peft_model
     from unipeft.kernels import apply_liger, liger_available
@@ -264,7 +288,8 @@ def check_cli_syncs() -> dict:
 
 
 CHECKS = {"stream": check_stream, "host_embedding": check_host_embedding, "chunked_loss": check_chunked_loss,
-          "cli_syncs": check_cli_syncs, "loss_kernels": check_loss_kernels, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
+          "cli_syncs": check_cli_syncs, "loss_kernels": check_loss_kernels,
+          "host_forward": check_host_forward, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
 
 
 def main(argv=None) -> None:

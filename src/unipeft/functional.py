@@ -56,6 +56,42 @@ def addmm_into(h: torch.Tensor, z: torch.Tensor, B: torch.Tensor, alpha: float) 
     return _AddmmInto.apply(h, z, B, alpha)
 
 
+class _LinearLowRank(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with the base GEMM accumulating onto the low-rank term (β = 1 in its epilogue), and
+    ∂x = (g·sB)·A + g·W likewise. A hook adding s·z·Bᵀ to the linear's output reads and writes the (tokens, out)
+    output once more, and the two input gradients (W's, A's) are summed by autograd in another pass over (tokens,
+    in); here both ride in the base GEMM, which is compute-bound. W is frozen; its gradient is computed if asked."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s):  # x (..., in), W (out, in), b (out,) or None, A (r, in), B (out, r)
+        x2 = x.reshape(-1, x.shape[-1])
+        z = x2 @ A.t()  # (N, r)
+        Bs = B * s  # the scale on the (out, r) factor, not on (N, out)
+        out = torch.mm(z, Bs.t()) if b is None else torch.addmm(b, z, Bs.t())
+        out.addmm_(x2, W.t())
+        ctx.save_for_backward(x2, z, W, A, Bs)
+        ctx.s = s
+        return out.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, z, W, A, Bs = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gz = g2 @ Bs  # (N, r)
+        need = ctx.needs_input_grad
+        dx = (gz @ A).addmm_(g2, W).view(*g.shape[:-1], W.shape[1]) if need[0] else None
+        gW = g2.t() @ x2 if need[1] else None
+        gb = g2.sum(0) if need[2] else None
+        gA = gz.t() @ x2 if need[3] else None
+        gB = (g2.t() @ z).mul_(ctx.s) if need[4] else None
+        return dx, gW, gb, gA, gB, None
+
+
+def linear_low_rank(x: torch.Tensor, W: torch.Tensor, b, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """x·Wᵀ + b + s·x·Aᵀ·Bᵀ, the low-rank term inside the base GEMMs (forward and input gradient); all in x's dtype."""
+    return _LinearLowRank.apply(x, W, b, A, B, s)
+
+
 def compose(h: torch.Tensor, dh: torch.Tensor, s) -> torch.Tensor:
     """h + s·Δh (add / scaled add; s may be a learned 0-d tensor)."""
     return h + dh * s if not (isinstance(s, float) and s == 1.0) else h + dh

@@ -86,6 +86,16 @@ class LowRankDelta(DeltaModule):
         out = torch.addmm(h.reshape(-1, h.shape[-1]), z2, B.t(), alpha=s * c)
         return out.view(h.shape)
 
+    @property
+    def fuses_into_host(self) -> bool:
+        """`linear_with` computes the host linear with this delta: plain LoRA with no dropout draw (the A path reads x
+        itself, so its input gradient can join the base's)."""
+        return self.adds_in_place and (isinstance(self.dropout, nn.Identity) or not self.training)
+
+    def linear_with(self, x: torch.Tensor, W: torch.Tensor, b, s: float) -> torch.Tensor:
+        """The host linear x·Wᵀ + b with s·Δ(x) computed inside its GEMMs (functional.linear_low_rank)."""
+        return Fn.linear_low_rank(x, W, b, self.A.to(x.dtype), self.B.to(x.dtype), s)
+
     def delta_weight(self) -> torch.Tensor:
         return self.B.float() @ self.A.float()  # (out, in)
 

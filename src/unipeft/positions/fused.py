@@ -20,6 +20,7 @@ from .weight import LinearDeltaSite
 
 
 class SlicedLinearDeltaSite(LinearDeltaSite):
+    computes_whole_output = False  # its delta acts on the part's columns only
     def __init__(self, part: FusedSlice, name: str, ins: Insertion, delta, switch, side: str = "out"):
         if side == "in":
             raise ValueError(f"{name} is rows {part.start}:{part.stop} of the fused {part.host_name}, which has no "

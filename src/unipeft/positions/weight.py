@@ -18,6 +18,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch import nn
 
 from .. import functional as Fn
 from ..arch.resolve import adaptable_dims
@@ -32,6 +33,58 @@ def output_is_unshared(module, hook_id: int) -> bool:
     """Whether the forward hook `hook_id` may write into `module`'s output in place: it is the first code to see the
     output (no global hooks, no earlier hook of the module) and torch.compile is not tracing (it schedules itself)."""
     return not torch.compiler.is_compiling() and runs_first_after_forward(module, hook_id)
+
+
+# device types where a delta offering `linear_with` is computed inside its host linear's GEMMs (HostForward): on a GPU
+# the hook's add into the output and autograd's sum of the two input gradients are memory-bound passes that the base
+# GEMM's epilogue does for free; on the CPU the hook path (with sibling projections) is what was measured
+FUSED_HOST_DEVICES = frozenset({"cuda"})
+
+
+class HostForward:
+    """The instance `forward` of a plain nn.Linear that sites may compute their delta inside (`delta.linear_with`).
+
+    A call fuses at most one site: the one whose output hook is the first code to see the output (so the result is
+    what the hook would have made), when it is active on every row, its delta `fuses_into_host`, the weight is frozen,
+    plain (no DeepSpeed partition) and in x's dtype, autocast (if on) computes in that dtype, and x is on a device of
+    FUSED_HOST_DEVICES; the site's hook then passes that output through. Anything else runs nn.Linear's forward.
+    """
+
+    def __init__(self, host: nn.Linear):
+        self.host, self.sites = host, []
+        host.forward = self.forward  # an instance attribute: del restores the class's forward
+
+    @staticmethod
+    def of(host) -> "HostForward | None":
+        """The host's HostForward, made if it can have one (a plain nn.Linear whose forward nobody else replaced)."""
+        fwd = host.__dict__.get("forward")
+        if isinstance(getattr(fwd, "__self__", None), HostForward):
+            return fwd.__self__
+        if type(host) is not nn.Linear or fwd is not None or hasattr(host, "_hf_hook"):
+            return None
+        return HostForward(host)
+
+    def forward(self, x, *args, **kwargs):
+        if not args and not kwargs and torch.is_tensor(x):
+            for site in self.sites:
+                if site.fuses(x):
+                    out = site.delta.linear_with(x, self.host.weight, self.host.bias, float(site.s))
+                    site.fused_out = weakref.ref(out)
+                    return out
+        return nn.Linear.forward(self.host, x, *args, **kwargs)
+
+    def detach(self, site) -> None:
+        if site in self.sites:
+            self.sites.remove(site)
+        if not self.sites and self.host.__dict__.get("forward") == self.forward:
+            del self.host.forward
+
+
+def _fusable_weight(W: torch.Tensor, b, x: torch.Tensor) -> bool:
+    if W.requires_grad or x.dtype != W.dtype or (b is not None and b.dtype != W.dtype) or hasattr(W, "ds_id"):
+        return False
+    dev = x.device.type
+    return dev in FUSED_HOST_DEVICES and (not torch.is_autocast_enabled(dev) or torch.get_autocast_dtype(dev) == W.dtype)
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
@@ -80,6 +133,7 @@ class LinearDeltaSite(ModuleSite):
         (Form.PARALLEL, Compose.MULTIPLY, "in"): ("register_forward_pre_hook", "_scale_input"),  # W (x ⊙ l)
     }
     valid_forms = frozenset((form, compose) for form, compose, _ in HOOKS)
+    computes_whole_output = True  # the delta acts on all of the host's output (HostForward may compute it inside)
 
     def __init__(self, host, host_name: str, ins: Insertion, delta, switch, side: str = "out", attr: str | None = None):
         if (ins.form, ins.compose) in self.valid_forms and (ins.form, ins.compose, side) not in self.HOOKS:
@@ -99,10 +153,24 @@ class LinearDeltaSite(ModuleSite):
         self.hook(handle)
         self._hook_id = handle.id
         self._adds_in_place = self._fused and getattr(delta, "adds_in_place", False)
+        self.fused_out = None  # a weak reference to the last output HostForward computed with this delta inside
+        self._host_forward = (HostForward.of(host) if self.computes_whole_output and self._adds_in_place
+                              and hasattr(delta, "linear_with") else None)
+        if self._host_forward is not None:
+            self._host_forward.sites.append(self)
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether HostForward may compute this call of the host with the delta inside (see HostForward)."""
+        host = self.host
+        return (self.active and self.switch.rows is None and self.delta.fuses_into_host
+                and _fusable_weight(host.weight, host.bias, x) and output_is_unshared(host, self._hook_id))
 
     # hooks -----------------------------------------------------------------------------------------
     def _parallel(self, module, args, out):
         if not self.active:
+            return out
+        if self.fused_out is not None and self.fused_out() is out:  # HostForward computed it with the delta
+            self.fused_out = None
             return out
         if self._fused and self._writes_into(module, out):
             return self.delta(args[0], out, float(self.s), in_place=True)
@@ -154,3 +222,9 @@ class LinearDeltaSite(ModuleSite):
         if self.merged:
             self._apply(inverse=True)
             self.merged = False
+
+    def remove(self) -> None:
+        if self._host_forward is not None:
+            self._host_forward.detach(self)
+            self._host_forward = None
+        super().remove()
