@@ -121,6 +121,17 @@ def test_steps_aside_where_the_hook_path_must_run(monkeypatch, fused):
     assert fused
     fused.clear()
 
+    # autocast computing in another dtype than the weight's: the hook path (F.linear casts, ours would not)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft(input_ids=ids)
+    assert not fused
+    peft.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft(input_ids=ids)
+    assert fused
+    fused.clear()
+    peft.to(torch.float32)
+
     # a trainable base weight
     q = peft.base_model.model.model.layers[0].self_attn.q_proj
     q.weight.requires_grad_(True)

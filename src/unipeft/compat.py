@@ -126,6 +126,18 @@ def runs_first_after_forward(module: nn.Module, hook_id: int) -> bool:
     return next(iter(module._forward_hooks), None) == hook_id
 
 
+def autocast_dtype(device_type: str):
+    """The dtype autocast computes in on `device_type`, None when it is off there. torch ≥ 2.4 takes the device type;
+    2.2–2.3 (our floor) have per-device functions for CUDA and the CPU only."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
 def tensor_version(t: torch.Tensor) -> int:
     """The tensor's version counter (bumped by every in-place change: optimizer steps, copy_, load_state_dict).
     Private: `Tensor._version` (torch has no public accessor; autograd checks saved tensors with the same counter).

@@ -8,7 +8,8 @@ generic code (Handle, PeftModel, state dicts, mixed batches) relies on; three ki
 
 Module sites' deltas are registered as children of the module they modify (so `state_dict`, `.to()` and `parameters()`
 see them) and act through forward hooks; the model's own modules are never replaced, so base keys keep
-their names and `remove()` restores the model object-for-object.
+their names and `remove()` restores the model object-for-object. (On CUDA a plain linear's LoRA may be computed by
+an instance `forward` inside its GEMMs, `weight.HostForward`; its hook remains the definition and the fallback.)
 """
 
 from __future__ import annotations

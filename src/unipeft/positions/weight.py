@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import functional as Fn
 from ..arch.resolve import adaptable_dims
-from ..compat import runs_first_after_forward
+from ..compat import autocast_dtype, runs_first_after_forward
 from ..deltas.dropout import DropoutCache
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
@@ -60,7 +60,7 @@ class HostForward:
         fwd = host.__dict__.get("forward")
         if isinstance(getattr(fwd, "__self__", None), HostForward):
             return fwd.__self__
-        if type(host) is not nn.Linear or fwd is not None or hasattr(host, "_hf_hook"):
+        if type(host) is not nn.Linear or fwd is not None:  # e.g. accelerate's hooks replace it
             return None
         return HostForward(host)
 
@@ -83,8 +83,7 @@ class HostForward:
 def _fusable_weight(W: torch.Tensor, b, x: torch.Tensor) -> bool:
     if W.requires_grad or x.dtype != W.dtype or (b is not None and b.dtype != W.dtype) or hasattr(W, "ds_id"):
         return False
-    dev = x.device.type
-    return dev in FUSED_HOST_DEVICES and (not torch.is_autocast_enabled(dev) or torch.get_autocast_dtype(dev) == W.dtype)
+    return autocast_dtype(x.device.type) in (None, W.dtype)
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
@@ -162,7 +161,8 @@ class LinearDeltaSite(ModuleSite):
     def fuses(self, x: torch.Tensor) -> bool:
         """Whether HostForward may compute this call of the host with the delta inside (see HostForward)."""
         host = self.host
-        return (self.active and self.switch.rows is None and self.delta.fuses_into_host
+        return (x.device.type in FUSED_HOST_DEVICES and self.active and self.switch.rows is None
+                and self.delta.fuses_into_host
                 and _fusable_weight(host.weight, host.bias, x) and output_is_unshared(host, self._hook_id))
 
     # hooks -----------------------------------------------------------------------------------------
