@@ -185,3 +185,39 @@ def test_unload_restores_the_class_forward(fused):
     assert hosts and all(isinstance(m, torch.nn.Linear) for m in hosts)
     base = peft.unload()
     assert not any("forward" in m.__dict__ for m in base.modules())
+
+
+def test_a_forward_wrapped_after_injection_is_not_fused(monkeypatch, fused):
+    """accelerate's hooks (device placement, casts) wrap `forward` and may return a new tensor, which the site's hook
+    could not tell from an unfused output: such a host takes the hook path."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Copy(ModelHook):
+        def post_forward(self, module, output):
+            return output.clone()
+
+    peft = _lora(tiny_llama())
+    q = peft.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 32)
+    monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset())
+    want = q(x)
+    add_hook_to_module(q, Copy())
+    monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"}))
+    torch.testing.assert_close(q(x), want, rtol=1e-6, atol=1e-6)
+    assert not fused
+
+
+def test_interleaved_calls_each_skip_only_their_own_add(monkeypatch, fused):
+    """Two calls of one linear in flight at once (threads): each output's hook knows it was fused from the output
+    itself, not from shared state the other call overwrote."""
+    peft = _lora(tiny_llama())
+    q = peft.base_model.model.model.layers[0].self_attn.q_proj
+    (site,) = q.forward.__self__.sites
+    x1, x2 = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset())
+    want1, want2 = q(x1), q(x2)
+    monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"}))
+    out1, out2 = q.forward(x1), q.forward(x2)  # both forwards first, then both hooks, as two threads may run them
+    assert len(fused) == 2
+    torch.testing.assert_close(site._parallel(q, (x2,), out2), want2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(site._parallel(q, (x1,), out1), want1, rtol=1e-6, atol=1e-6)

@@ -15,7 +15,7 @@ import unipeft
 from unipeft.cli.errors import CliError
 from unipeft.cli.fast_path import apply_liger_or_explain
 from unipeft.kernels import apply_liger, liger_available
-from unipeft.kernels.liger import liger_linear_cross_entropy
+from unipeft.kernels.liger import _LigerLinearCE, liger_linear_cross_entropy
 
 
 def _fake_liger(monkeypatch, fn_name="apply_liger_kernel_to_llama", honour_flags=True, params=None):
@@ -170,3 +170,69 @@ def test_liger_loss_serves_only_cuda_rows_in_the_heads_dtype(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
     h, w, y = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
     assert liger_linear_cross_entropy(h, w, None, y, 4.0, -100) is None
+
+
+def _fake_liger_loss(monkeypatch):
+    """A stand-in for liger's functional fused loss with its autograd contract: ∂loss/∂h computed in forward and, in
+    backward, scaled in place by the incoming gradient (liger's element_mul_kernel on its saved tensor)."""
+    class FLCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, W, y, bias, ignore_index, reduction):
+            with torch.enable_grad():
+                hd = h.detach().requires_grad_()
+                z = torch.nn.functional.linear(hd, W, bias).float()
+                loss = torch.nn.functional.cross_entropy(z, y, ignore_index=ignore_index, reduction=reduction)
+                (gh,) = torch.autograd.grad(loss, hd)
+            ctx.save_for_backward(gh)
+            return loss.detach()
+
+        @staticmethod
+        def backward(ctx, g):
+            (gh,) = ctx.saved_tensors
+            if not torch.equal(g, torch.tensor(1.0)):
+                gh.mul_(g)  # in place, as liger does
+            return gh, None, None, None, None, None
+
+    mod = types.ModuleType("liger_kernel.transformers.functional")
+    mod.liger_fused_linear_cross_entropy = lambda h, W, y, bias=None, ignore_index=-100, reduction="mean": \
+        FLCE.apply(h, W, y, bias, ignore_index, reduction)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", mod)
+
+
+def test_liger_loss_node_scales_out_of_place(monkeypatch):
+    """Our node around liger's loss: sum / n with the gradient of the formula, the same on a second backward."""
+    _fake_liger(monkeypatch)
+    _fake_liger_loss(monkeypatch)
+    torch.manual_seed(0)
+    h = torch.randn(12, 8, requires_grad=True)
+    W = torch.randn(20, 8)
+    y = torch.randint(0, 20, (12,))
+    y[:3] = -100
+    want = torch.nn.functional.cross_entropy(h @ W.T, y, ignore_index=-100, reduction="sum") / 7.0
+    (want_g,) = torch.autograd.grad(want * 3.0, h)
+    got = _LigerLinearCE.apply(h, W, None, y, 7.0, -100)
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(got * 3.0, h, retain_graph=True)[0]
+    g2 = torch.autograd.grad(got * 3.0, h)[0]
+    torch.testing.assert_close(g1, want_g)
+    torch.testing.assert_close(g2, want_g)  # liger's in-place scaling would make this 9x
+
+
+def test_liger_loss_serves_a_frozen_cuda_head_in_the_rows_dtype():
+    from unipeft.kernels.liger import liger_loss_serves
+
+    W, b = torch.randn(16, 8), torch.randn(16)
+    assert liger_loss_serves("cuda", torch.float32, W, None) and liger_loss_serves("cuda", torch.float32, W, b)
+    assert not liger_loss_serves("cpu", torch.float32, W, None)
+    assert not liger_loss_serves("cuda", torch.bfloat16, W, None)  # rows and head in different dtypes
+    assert not liger_loss_serves("cuda", torch.float32, W.requires_grad_(), None)  # a trainable head: our fp32 path
+    assert not liger_loss_serves("cuda", torch.float32, W.detach(), b.requires_grad_())
+
+
+def test_apply_liger_without_the_loss_turns_the_kernel_off(monkeypatch):
+    _fake_liger(monkeypatch)
+    model = tiny_llama()
+    apply_liger(model)
+    assert model._unipeft_loss_kernel is liger_linear_cross_entropy
+    apply_liger(model, fused_linear_cross_entropy=False)
+    assert "_unipeft_loss_kernel" not in model.__dict__

@@ -66,18 +66,19 @@ class _LinearLowRank(torch.autograd.Function):
     def forward(ctx, x, W, b, A, B, s):  # x (..., in), W (out, in), b (out,) or None, A (r, in), B (out, r)
         x2 = x.reshape(-1, x.shape[-1])
         z = x2 @ A.t()  # (N, r)
-        Bs = B * s  # the scale on the (out, r) factor, not on (N, out)
-        out = torch.mm(z, Bs.t()) if b is None else torch.addmm(b, z, Bs.t())
+        # s as the GEMM's alpha (applied in its fp32 accumulator, as the hook path's addmm does); β = 0 ignores b's
+        # stand-in when there is no bias
+        out = torch.addmm(z.new_zeros(()) if b is None else b, z, B.t(), beta=0 if b is None else 1, alpha=s)
         out.addmm_(x2, W.t())
-        ctx.save_for_backward(x2, z, W, A, Bs)
+        ctx.save_for_backward(x2, z, W, A, B)
         ctx.s = s
         return out.view(*x.shape[:-1], W.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, z, W, A, Bs = ctx.saved_tensors
+        x2, z, W, A, B = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        gz = g2 @ Bs  # (N, r)
+        gz = (g2 @ B).mul_(ctx.s)  # (N, r)
         need = ctx.needs_input_grad
         dx = (gz @ A).addmm_(g2, W).view(*g.shape[:-1], W.shape[1]) if need[0] else None
         gW = g2.t() @ x2 if need[1] else None

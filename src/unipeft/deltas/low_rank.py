@@ -90,7 +90,7 @@ class LowRankDelta(DeltaModule):
     def fuses_into_host(self) -> bool:
         """`linear_with` computes the host linear with this delta: plain LoRA with no dropout draw (the A path reads x
         itself, so its input gradient can join the base's)."""
-        return self.adds_in_place and (isinstance(self.dropout, nn.Identity) or not self.training)
+        return self.adds_in_place and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
 
     def linear_with(self, x: torch.Tensor, W: torch.Tensor, b, s: float) -> torch.Tensor:
         """The host linear x·Wᵀ + b with s·Δ(x) computed inside its GEMMs (functional.linear_low_rank)."""

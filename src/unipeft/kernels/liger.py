@@ -19,6 +19,8 @@ import importlib
 import importlib.util
 import inspect
 
+import torch
+
 LIGER_KERNELS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 _MODEL_KERNELS = LIGER_KERNELS[:3]  # patched into the model by liger's apply function; the loss is called by ours
 # liger's call must accept all of these: the kernels we ask for, both loss switches (to keep them off) and the instance
@@ -55,15 +57,43 @@ def liger_function(model):
     return fn
 
 
+class _LigerLinearCE(torch.autograd.Function):
+    """Σ cross-entropy / n through liger's public functional, as one autograd node of ours: liger computes ∂loss/∂h in
+    its forward and, in its backward, scales that saved tensor in place by the incoming gradient (so a second backward
+    through it would be scaled twice). Here liger's backward runs at once with gradient 1 (no scaling), and ours
+    scales the result out of place."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, n, ignore_index):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        with torch.enable_grad():
+            hd = h.detach().requires_grad_(h.requires_grad)
+            loss = liger_fused_linear_cross_entropy(hd, weight, y, bias=bias, ignore_index=ignore_index, reduction="sum")
+            (gh,) = torch.autograd.grad(loss, hd) if hd.requires_grad else (None,)
+        ctx.save_for_backward(gh)
+        ctx.n = n
+        return loss.detach() / n
+
+    @staticmethod
+    def backward(ctx, g):
+        (gh,) = ctx.saved_tensors
+        return gh * (g / ctx.n).to(gh.dtype), None, None, None, None, None
+
+
 def liger_linear_cross_entropy(h, weight, bias, y, n, ignore_index):
     """Σ cross-entropy(h·Wᵀ + b, y) / n over the rows of `h` (N, d) whose target is not `ignore_index`, by liger's fused
-    linear cross-entropy; None where it does not serve (not CUDA, or `h` and the head in different dtypes), so the
-    caller's torch path runs. liger reads the count of valid rows on the host once per call (its `.item()`)."""
-    if not h.is_cuda or h.dtype != weight.dtype or (bias is not None and bias.dtype != h.dtype):
+    linear cross-entropy; None where it does not serve, so the caller's torch path runs: not CUDA, `h` and the head in
+    different dtypes, or a trainable head (liger accumulates its gradient in the head's dtype, and only when `h` needs
+    one). liger reads the count of valid rows on the host once per call (its `.item()`)."""
+    if not liger_loss_serves(h.device.type, h.dtype, weight, bias):
         return None
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    return _LigerLinearCE.apply(h, weight, bias, y, n, ignore_index)
 
-    return liger_fused_linear_cross_entropy(h, weight, y, bias=bias, ignore_index=ignore_index, reduction="sum") / n
+
+def liger_loss_serves(device_type: str, dtype, weight, bias) -> bool:
+    return (device_type == "cuda" and dtype == weight.dtype and not weight.requires_grad
+            and (bias is None or (bias.dtype == dtype and not bias.requires_grad)))
 
 
 def apply_liger(model, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
@@ -71,8 +101,6 @@ def apply_liger(model, rms_norm: bool = True, rope: bool = True, swiglu: bool = 
     """Apply liger-kernel's RMSNorm / RoPE / SwiGLU to `model` (a transformers model or a PeftModel) in place, and
     have unipeft's chunked loss call liger's fused linear cross-entropy on CUDA; returns `model`. The model's forward
     and the loss path are left as they are (checked)."""
-    import torch
-
     base = _base(model)
     fn = liger_function(base)
     own_forward, class_forward, ce = base.__dict__.get("forward"), type(base).forward, torch.nn.functional.cross_entropy
@@ -86,4 +114,6 @@ def apply_liger(model, rms_norm: bool = True, rope: bool = True, swiglu: bool = 
     base._unipeft_liger = tuple(k for k, o in zip(LIGER_KERNELS, on) if o)
     if fused_linear_cross_entropy:  # read by training.losses.ChunkedLoss and causal_lm_loss
         base._unipeft_loss_kernel = liger_linear_cross_entropy
+    else:
+        base.__dict__.pop("_unipeft_loss_kernel", None)
     return model

@@ -65,11 +65,13 @@ class HostForward:
         return HostForward(host)
 
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs and torch.is_tensor(x):
+        # not when something wrapped this forward after us (accelerate's hooks, say): its output may be a new tensor,
+        # which the site's hook could not tell from an unfused one
+        if not args and not kwargs and torch.is_tensor(x) and self.host.__dict__.get("forward") == self.forward:
             for site in self.sites:
                 if site.fuses(x):
                     out = site.delta.linear_with(x, self.host.weight, self.host.bias, float(site.s))
-                    site.fused_out = weakref.ref(out)
+                    out._unipeft_fused_by = site  # on the tensor, so concurrent calls (threads) never mix
                     return out
         return nn.Linear.forward(self.host, x, *args, **kwargs)
 
@@ -82,6 +84,8 @@ class HostForward:
 
 def _fusable_weight(W: torch.Tensor, b, x: torch.Tensor) -> bool:
     if W.requires_grad or x.dtype != W.dtype or (b is not None and b.dtype != W.dtype) or hasattr(W, "ds_id"):
+        return False
+    if type(W.data) is not torch.Tensor:  # a tensor subclass (torchao's quantized weights, DTensor): F.linear dispatches
         return False
     return autocast_dtype(x.device.type) in (None, W.dtype)
 
@@ -152,7 +156,6 @@ class LinearDeltaSite(ModuleSite):
         self.hook(handle)
         self._hook_id = handle.id
         self._adds_in_place = self._fused and getattr(delta, "adds_in_place", False)
-        self.fused_out = None  # a weak reference to the last output HostForward computed with this delta inside
         self._host_forward = (HostForward.of(host) if self.computes_whole_output and self._adds_in_place
                               and hasattr(delta, "linear_with") else None)
         if self._host_forward is not None:
@@ -169,8 +172,8 @@ class LinearDeltaSite(ModuleSite):
     def _parallel(self, module, args, out):
         if not self.active:
             return out
-        if self.fused_out is not None and self.fused_out() is out:  # HostForward computed it with the delta
-            self.fused_out = None
+        if getattr(out, "_unipeft_fused_by", None) is self:  # HostForward computed it with the delta inside
+            del out._unipeft_fused_by
             return out
         if self._fused and self._writes_into(module, out):
             return self.delta(args[0], out, float(self.s), in_place=True)
