@@ -5,7 +5,8 @@ The loss path stays ours: liger is called with cross_entropy=False and fused_lin
 model's forward (and with it unipeft's chunked causal-LM loss, training/losses.py) is untouched; this is checked after
 the call, and a liger release that replaced it anyway is refused rather than trained through. Inside that path, liger's
 fused linear cross-entropy (its public functional) computes the loss on CUDA: one Triton pass per chunk of bf16
-logits where our torch fallback makes seven (an H100 kernel table of a 1B-shape step: 29 vs 123 ms). Our deltas are hooks on
+logits where our torch fallback makes seven (forward + backward at a 1B-shape head on an H100: 28.8 vs 55.3 ms,
+benchmarks/gpu_selfcheck.py --only loss_kernels). Our deltas are hooks on
 the model's own modules, which liger keeps (it rebinds `forward` of the norm and MLP instances), so they still run.
 
 liger also patches module-level names of the architecture's modeling file (RoPE is a module function there, the

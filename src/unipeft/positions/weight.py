@@ -46,8 +46,9 @@ class HostForward:
 
     A call fuses at most one site: the one whose output hook is the first code to see the output (so the result is
     what the hook would have made), when it is active on every row, its delta `fuses_into_host`, the weight is frozen,
-    plain (no DeepSpeed partition) and in x's dtype, autocast (if on) computes in that dtype, and x is on a device of
-    FUSED_HOST_DEVICES; the site's hook then passes that output through. Anything else runs nn.Linear's forward.
+    a plain tensor (no DeepSpeed partition, no quantized subclass) in x's dtype, autocast (if on) computes in that
+    dtype, x is on a device of FUSED_HOST_DEVICES, and nothing has wrapped this forward since; the site's hook then
+    passes that output through (it is marked). Anything else runs nn.Linear's forward.
     """
 
     def __init__(self, host: nn.Linear):
