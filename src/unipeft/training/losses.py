@@ -110,7 +110,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     nothing. `num_items_in_batch` replaces the number of valid targets as the divisor (HF's gradient
     accumulation convention). Equal to HF's loss on full logits up to floating-point summation order.
     `kernel(h, W, b, y, n, ignore_index)`, when given, is a fused kernel for the same sum / n over the (N, d) rows
-    (`unipeft.kernels.liger_linear_cross_entropy`); it returns None where it does not serve, and this path runs.
+    (`unipeft.kernels.liger.liger_linear_cross_entropy`); it returns None where it does not serve, and this path runs.
     """
     if shift:
         labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
