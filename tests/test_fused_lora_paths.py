@@ -205,3 +205,23 @@ def test_the_in_place_add_leaves_no_view_rebase_in_the_graph():
     names = _graph_nodes(loss)
     assert not {"CopySlices", "AsStridedBackward0"} & names, names
     assert "_AddmmIntoBackward" in names
+
+
+def test_an_input_reused_across_passes_gets_fresh_projections():
+    """The same x tensor in two passes (an input kept across calls): a sibling that skipped the first pass must not be
+    served the projection made then, with A's since updated; and the readers of x must not pile up per call."""
+    ds, sib = _deltas(0.0, n=2)
+    x = torch.randn(2, 5, 12)
+    hs = [torch.zeros(2, 5, d.B.shape[0]) for d in ds]
+    with torch.no_grad():
+        for d, h in zip(ds, hs):  # pass 0 learns the group (q, k)
+            d.add_scaled(h, x, 1.0)
+        sib.new_pass()
+        ds[0].add_scaled(hs[0], x, 1.0)  # pass 1: q projects for both; k does not come
+        ds[1].A.mul_(2.0)  # an optimizer step
+        sib.new_pass()
+        got = ds[1].add_scaled(hs[1], x, 1.0)  # pass 2: k first
+        torch.testing.assert_close(got, x @ ds[1].A.T @ ds[1].B.T)
+        for _ in range(50):  # repeated calls on one x without new passes
+            ds[0].add_scaled(hs[0], x, 1.0)
+    assert all(len(entry[1]) <= len(ds) for entry in sib._entries.values())

@@ -7,7 +7,9 @@ instead of one per sibling plus the additions that sum them.
 Which deltas read the same x is learned from the calls: deltas that read one tensor in a forward pass
 form a group, and from then on the first of them to see an input projects it for the whole group; the
 others take their slice. A delta outside the group, or a group member that never comes, changes nothing
-but the work done. Entries hold x weakly and die with it; groups hold deltas weakly.
+but the work done. Entries hold x weakly and die with it, and last one pass (`new_pass()` drops them; a delta
+reading the same x again starts its entry over), so a projection is never served across an optimizer step;
+groups hold deltas weakly.
 
 When a learned group takes effect: at the start of a later forward pass of the model (`new_pass()`, called by
 a pre-hook on the model root), and only once the backward pass of the forward that found it has reached the
@@ -64,6 +66,12 @@ class SiblingProjections:
             while len(entries) > self.max_entries:
                 entries.popitem(last=False)
         readers, ready = entry[1], entry[2]
+        if any(r() is delta for r in readers):
+            # this delta read x before: a new pass over the same tensor (an input reused across calls). Start over,
+            # or the readers would grow with every call, and a projection left by a member that did not come would
+            # be served later, made with A's since updated
+            readers.clear()
+            ready.clear()
         readers.append(weakref.ref(delta))
         zc = ready.pop(id(delta), None)
         if zc is None:
@@ -101,7 +109,10 @@ class SiblingProjections:
 
     def new_pass(self) -> None:
         """A forward pass of the model begins: groups whose finding forward is done take effect."""
-        if not self._pending or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return
+        self._entries.clear()  # projections are shared within one pass; none is served to a later one
+        if not self._pending:
             return
         waiting = []
         for item in self._pending:
