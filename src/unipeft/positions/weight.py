@@ -68,7 +68,8 @@ class HostForward:
     def forward(self, x, *args, **kwargs):
         # not when something wrapped this forward after us (accelerate's hooks, say): its output may be a new tensor,
         # which the site's hook could not tell from an unfused one
-        if not args and not kwargs and torch.is_tensor(x) and self.host.__dict__.get("forward") == self.forward:
+        if (not args and not kwargs and torch.is_tensor(x) and x.device.type in FUSED_HOST_DEVICES
+                and self.host.__dict__.get("forward") == self.forward):
             for site in self.sites:
                 if site.fuses(x):
                     out = site.delta.linear_with(x, self.host.weight, self.host.bias, float(site.s))
@@ -163,10 +164,9 @@ class LinearDeltaSite(ModuleSite):
             self._host_forward.sites.append(self)
 
     def fuses(self, x: torch.Tensor) -> bool:
-        """Whether HostForward may compute this call of the host with the delta inside (see HostForward)."""
+        """Whether HostForward may compute this call of the host (x on a fused device) with the delta inside."""
         host = self.host
-        return (x.device.type in FUSED_HOST_DEVICES and self.active and self.switch.rows is None
-                and self.delta.fuses_into_host
+        return (self.active and self.switch.rows is None and self.delta.fuses_into_host
                 and _fusable_weight(host.weight, host.bias, x) and output_is_unshared(host, self._hook_id))
 
     # hooks -----------------------------------------------------------------------------------------

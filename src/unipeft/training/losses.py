@@ -117,23 +117,21 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
     y = labels.reshape(-1).to(hidden.device)
     keep = y != ignore_index
-    if kernel is not None:
-        n = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
-        n = n.to(h.device, torch.float32) if torch.is_tensor(n) else float(n)
-        # ignored rows zeroed for the reason given below
-        loss = kernel(torch.where(keep[:, None], h, h.new_zeros(())), weight, bias, y, n, ignore_index)
-        if loss is not None:
-            return loss
     chunk = chunk or default_chunk(weight.shape[0], h.device)
-    if not reads_are_free(h.device):
-        # an accelerator: no host read (dropping the ignored rows needs their count on the host), so they are
-        # computed and masked out, and the divisor stays a device tensor
+    if kernel is not None or not reads_are_free(h.device):
+        # a kernel, or an accelerator (no host read: dropping the ignored rows needs their count on the host), so
+        # they are computed and masked out, and the divisor stays a device tensor
         n = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
         n = n.to(h.device, torch.float32) if torch.is_tensor(n) else float(n)
         # ignored rows zeroed first: a non-finite one (padding overflowing in half precision) would otherwise make
         # the loss and gradients NaN through 0·inf, where the dropping path never sees it
         h = torch.where(keep[:, None], h, h.new_zeros(()))
-        return _FusedLinearCE.apply(h, weight, bias, torch.where(keep, y, 0), n, chunk, torch.is_grad_enabled(), keep)
+        loss = None if kernel is None else kernel(h, weight, bias, y, n, ignore_index)
+        if loss is not None:
+            return loss
+        if not reads_are_free(h.device):
+            return _FusedLinearCE.apply(h, weight, bias, torch.where(keep, y, 0), n, chunk, torch.is_grad_enabled(),
+                                        keep)
     if not bool(keep.all()):
         h, y = h[keep], y[keep]
     n = num_items_in_batch if num_items_in_batch is not None else max(int(y.numel()), 1)
