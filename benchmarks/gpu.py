@@ -58,6 +58,9 @@ ROWS = {
     "ours_houlsby_liger": dict(lib="ours", method="houlsby", liger=True),
     "ours_scaled_parallel_liger": dict(lib="ours", method="scaled_parallel", liger=True),
     "ours_prefix_liger": dict(lib="ours", method="prefix", liger=True),
+    # the frozen base in FP8 (unipeft.quant, scheme fp8): the stretch goal against the bf16 floor above
+    "ours_prompt_liger_fp8": dict(lib="ours", method="prompt", liger=True, fp8=True),
+    "ours_lora_liger_fp8": dict(lib="ours", method="lora", liger=True, fp8=True),
     # with gradient checkpointing (the 8B memory rows)
     "hf_lora_bf16_liger_gc": dict(lib="hf", method="lora", adapter_bf16=True, liger=True, gc=True),
     "hf_lora_defaults_gc": dict(lib="hf", method="lora", gc=True),
@@ -87,6 +90,9 @@ def _build(shape: str, row: dict):
         from unipeft.kernels import apply_liger
         apply_liger(model)
     model.config.use_cache = False
+    if row.get("fp8"):
+        from unipeft.quant import quantize_model
+        quantize_model(model, "fp8", compute_dtype=torch.bfloat16)
     if row.get("gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -1,7 +1,7 @@
 """CUDA self-checks of the GPU fast paths whose CPU fallbacks the test suite covers: each prints the max error of
 the fast path against the plain one (and a step time where it is about speed). One GPU, a minute or two.
 
-    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss loss_kernels host_forward liger] [--json OUT.json]
+    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss loss_kernels host_forward fp8 liger] [--json OUT.json]
 
 - stream: NF4 layers streamed with the next layer prefetched on a side stream vs streamed without prefetch vs
   resident (loss and LoRA gradients; s/step of each; how many loads the prefetch served).
@@ -201,6 +201,53 @@ def check_host_forward() -> dict:
     return {**_max_err(got, ref), "fused_calls": len(calls)}
 
 
+def check_fp8() -> dict:
+    """The FP8 frozen linear (quant/fp8.py) at the 1B shape's linears, against the bf16 linear it was quantized from:
+    output and input-gradient relative error (Frobenius) against fp32 products, and forward + backward time of each.
+    The quantization of x and g is torch.compile'd on CUDA; its reference path is checked against it too."""
+    from unipeft.quant import quantized_linear
+    from unipeft.quant.fp8 import quantize_rows, quantize_rows_reference
+
+    out = {}
+    rows = 8 * 2048 if DEV == "cuda" else 256
+    shapes = {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 16384), "down": (8192, 2048)}
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    for name, (k, n) in shapes.items():
+        torch.manual_seed(0)
+        W = (torch.randn(n, k, device=DEV) / k ** 0.5).to(dt)
+        x = torch.randn(rows, k, device=DEV).to(dt).requires_grad_()
+        g = torch.randn(rows, n, device=DEV).to(dt)
+        lin = torch.nn.Linear(k, n, bias=False, device=DEV, dtype=dt).requires_grad_(False)
+        lin.weight.copy_(W)
+        q = quantized_linear(W, None, "fp8", dt, device=DEV)
+        ref_y = x.detach().float() @ W.float().T
+        ref_dx = g.float() @ W.float()
+        res = {}
+        for label, mod in (("bf16", lin), ("fp8", q)):
+            def step():
+                y = mod(x)
+                return y, torch.autograd.grad(y, x, g)[0]
+            for _ in range(3):
+                step()
+            times = []
+            for _ in range(7):
+                _sync()
+                t = time.perf_counter()
+                y, dx = step()
+                _sync()
+                times.append(time.perf_counter() - t)
+            res[label] = {"ms": round(sorted(times)[3] * 1e3, 3),
+                          "y_rel_err": ((y.float() - ref_y).norm() / ref_y.norm()).item(),
+                          "dx_rel_err": ((dx.float() - ref_dx).norm() / ref_dx.norm()).item()}
+        res["speedup"] = round(res["bf16"]["ms"] / res["fp8"]["ms"], 3)
+        qa, sa = quantize_rows(x.detach())
+        qb, sb = quantize_rows_reference(x.detach())
+        res["quantize_rows_max_abs_diff"] = max((qa.float() * sa - qb.float() * sb).abs().max().item(), 0.0)
+        out[name] = res
+        del W, x, g, lin, q
+    return out
+
+
 def check_liger() -> dict:
     from unipeft import LoraConfig, get_peft_model
     from unipeft.kernels import apply_liger, liger_available
@@ -289,7 +336,7 @@ def check_cli_syncs() -> dict:
 
 CHECKS = {"stream": check_stream, "host_embedding": check_host_embedding, "chunked_loss": check_chunked_loss,
           "cli_syncs": check_cli_syncs, "loss_kernels": check_loss_kernels,
-          "host_forward": check_host_forward, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
+          "host_forward": check_host_forward, "fp8": check_fp8, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
 
 
 def main(argv=None) -> None:

@@ -76,9 +76,9 @@ def tiny_llama(seed=0, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    cfg = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2), **kw})
     return LlamaForCausalLM(cfg).eval()
 
 

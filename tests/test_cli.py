@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -394,6 +395,17 @@ def test_seq_cls_trains_on_a_quantized_base_built_layer_by_layer(ws, capsys):
 
     with safe_open(str(out / "adapter/adapter_model.safetensors"), "pt") as f:
         assert any("classifier" in k for k in f.keys()) and any("lora_A" in k for k in f.keys())
+
+
+def test_causal_lm_trains_on_an_fp8_base(ws, capsys):
+    out = ws / "runs" / "fp8_lm"
+    p = cli_in_process("train", "--model", ws / "llama", "--task", "causal-lm", "--train", ws / "data/text.csv",
+                       "--quantize", "fp8", "--batch-size", "4", "--max-steps", "3", "--log-every", "1",
+                       "--max-length", "8", "--output", out, cwd=ws, capsys=capsys)
+    assert p.returncode == 0, p.stderr
+    assert "fp8 base (built layer by layer)" in p.stdout
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
 def test_streamed_layers_train_like_resident_ones(ws, capsys):

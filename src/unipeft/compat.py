@@ -138,6 +138,14 @@ def autocast_dtype(device_type: str):
     return None
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """(a·b)·scale_a·scale_b for float8 a (m, k; row-major) and b (k, n; column-major), fp32 scales of shape (m, 1)
+    and (1, n) (or scalars), in `out_dtype`. Private: `torch._scaled_mm`, the FP8 GEMM torchao's float8 training and
+    transformers' FP8 integrations call; torch has no public FP8 matmul yet (quant/fp8.py)."""
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
 def tensor_version(t: torch.Tensor) -> int:
     """The tensor's version counter (bumped by every in-place change: optimizer steps, copy_, load_state_dict).
     Private: `Tensor._version` (torch has no public accessor; autograd checks saved tensors with the same counter).

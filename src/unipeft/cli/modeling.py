@@ -93,12 +93,14 @@ def load_model(path: str, task, tokenizer, dtype: str = "float32"):
 
 def load_quantized_model(path: str, task, tokenizer, scheme: str, compute_dtype, device,
                          stream: bool = False) -> tuple[object, str]:
-    """The base with its frozen linears in NF4/int8, and how it was built. From safetensors it is built layer by
+    """The base with its frozen linears in NF4/int8/FP8, and how it was built. From safetensors it is built layer by
     layer, so host memory stays near the quantized size; other weights are loaded first, then quantized.
     `stream`: the quantized layers stay in host memory and visit `device` one at a time (unipeft.memory.stream)."""
     try:
-        import bitsandbytes  # noqa: F401
         import transformers
+
+        if scheme != "fp8":
+            import bitsandbytes  # noqa: F401
 
         from ..quant import load_quantized, quantize_model, random_source, safetensors_source
     except ImportError as e:

@@ -94,8 +94,9 @@ OPTIONS: tuple[Opt, ...] = (
         "host memory (GPU memory saver; nothing moves on a CPU)"),
     Opt("host_embeddings", bool, False, "keep the input embedding table in host memory and send only the looked-up "
         "rows to the GPU (untied embeddings, e.g. Llama-3-8B: 1 GiB less GPU memory)"),
-    Opt("quantize", str, None, "store the frozen base quantized with bitsandbytes: nf4 (4-bit, QLoRA) or int8; "
-        "adapters train in the compute precision (needs pip install 'unipeft[quant]')", choices=("nf4", "int8")),
+    Opt("quantize", str, None, "store the frozen base quantized: nf4 (4-bit, QLoRA) or int8 with bitsandbytes (pip "
+        "install 'unipeft[quant]'), or fp8 (e4m3, per-channel scales; FP8 GEMMs on Hopper/Ada GPUs, emulated slowly "
+        "on a CPU); adapters train in the compute precision", choices=("nf4", "int8", "fp8")),
     Opt("stream_layers", bool, False, "with --quantize nf4 --gradient-checkpointing: the frozen layers wait in host "
         "memory and visit the GPU one layer at a time (a 70B QLoRA step in 7.7 GiB of GPU memory; slower)"),
     Opt("precision", str, "auto", "auto: bf16 on GPUs that support it, else fp32", choices=("auto", "fp32", "bf16", "fp16"),

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..compat import keep_own_tensors_on_conversion
-from ..quant.bnb import device_tensors, is_quantized
+from ..quant.bnb import device_tensors
+from ..quant.schemes import is_quantized
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..compat import unpack_4bit_for_cpu
 
-SCHEMES = ("nf4", "int8")
+BNB_SCHEMES = ("nf4", "int8")
 
 
 def bnb():
@@ -31,7 +31,7 @@ def bnb():
     return bitsandbytes
 
 
-def is_quantized(module: nn.Module) -> bool:
+def is_bnb_linear(module: nn.Module) -> bool:
     """True for a bitsandbytes 4-bit or 8-bit linear."""
     if not isinstance(module, nn.Linear) or module.weight.is_floating_point():
         return False
@@ -39,7 +39,7 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (b.nn.Linear4bit, b.nn.Linear8bitLt))
 
 
-def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, compute_dtype: torch.dtype,
+def bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, compute_dtype: torch.dtype,
                      *, double_quant: bool = True, blocksize: int = 64, device="cpu") -> nn.Linear:
     """A bitsandbytes linear holding `weight` (out, in) quantized by `scheme`; only the quantized form stays."""
     b = bnb()
@@ -62,7 +62,7 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: st
         q.weight = b.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
         q.compute_dtype = compute_dtype  # what adapters on it are made in (unipeft.inject reads it)
     else:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {SCHEMES}")
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {BNB_SCHEMES}")
     if bias is not None:
         q.bias = nn.Parameter(bias.detach().to(device=device, dtype=compute_dtype), requires_grad=False)
     return q
@@ -84,7 +84,7 @@ def device_tensors(module: nn.Linear) -> list[tuple[object, str]]:
 
 
 @torch.no_grad()
-def dequantize_weight(module: nn.Linear) -> torch.Tensor:
+def dequantize_bnb(module: nn.Linear) -> torch.Tensor:
     """The (out, in) float weight a quantized linear represents (float32 for int8, the source dtype for nf4)."""
     b = bnb()
     if isinstance(module, b.nn.Linear4bit):

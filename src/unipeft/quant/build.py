@@ -20,7 +20,7 @@ from torch import nn
 from ..compat import model_from_config, move_hooks
 from ..names import matches
 from ..training.hostmem import release_free_memory  # building one float linear at a time leaves free heap behind
-from .bnb import SCHEMES, quantized_linear
+from .schemes import SCHEMES, quantized_linear, unsupported_shape
 from ..memory.stream import LayerStream
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Quantization:
     """How the frozen base is stored. `skip`: linear names (or '.name' suffixes) kept in full precision;
     the output head is always kept (it is usually tied to the input embeddings)."""
 
-    scheme: str = "nf4"  # "nf4" (4-bit NormalFloat, QLoRA) | "int8" (LLM.int8() weight-only)
+    scheme: str = "nf4"  # "nf4" (4-bit NormalFloat, QLoRA) | "int8" (LLM.int8() weight-only) | "fp8" (e4m3, Hopper)
     compute_dtype: torch.dtype = torch.bfloat16
     double_quant: bool = True  # nf4: quantize the block absmax too (≈0.37 bit/weight saved)
     blocksize: int = 64
@@ -64,13 +64,17 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 def _quantizable(model: nn.Module, q: Quantization):
     """The frozen linears: inside the base model (task heads such as `classifier` or `score` train, so they stay
-    in full precision), never the output head, never `skip`."""
+    in full precision), never the output head, never `skip`, never a shape the scheme cannot take (logged)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", model)
     inside = {id(m) for m in base.modules()} if base is not model else None
     for name, mod in list(model.named_modules()):
         if (type(mod) is nn.Linear and mod is not head and (inside is None or id(mod) in inside)
                 and not matches(name, q.skip)):
+            why = unsupported_shape(q.scheme, mod.weight.shape)
+            if why:
+                logger.warning("%s stays in %s: %s", name, q.compute_dtype, why)
+                continue
             yield name, mod
 
 

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from .bnb import dequantize_weight, is_quantized
+from .schemes import dequantize_weight, is_quantized
 from .build import swap_module
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,114 @@
+"""An FP8 frozen linear: the weight quantized once to float8 e4m3 with per-channel scales; the forward x·Wᵀ and the
+input gradient g·W run as FP8 GEMMs, their other operand (x, g) quantized per row on the fly.
+
+    x·Wᵀ:  W  ≈ Q_out · s_out   (one scale per output channel: it factors out of the sum over in-features)
+    g·W:   Wᵀ ≈ Q_in  · s_in    (one scale per input channel: this sum runs over out-features)
+    x      ≈ Q_x · s_x,  g ≈ Q_g · s_g   (one scale per row: per token)
+
+so both products are (Q·Q)·s_row·s_col, the form rowwise-scaled FP8 GEMMs take (Hopper, Ada; the CPU emulates it,
+slowly, for tests). The two weight copies hold one byte per weight each: as many bytes as a bf16 weight. There is
+no weight gradient: the base is frozen (a trainable bias still gets its gradient). The weights are stored as uint8
+so that generic code sees non-floating, quantized storage (as for bitsandbytes' linears) and never casts them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..compat import scaled_mm
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+_TINY = 1e-12  # an all-zero row gets scale 1e-12/448 and quantizes to zeros
+
+
+def quantize_rows_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, k) → e4m3 values and fp32 scales (rows, 1): t ≈ q · s, each row's absmax mapped to 448."""
+    s = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / E4M3_MAX
+    return (t.float() / s).to(E4M3), s
+
+
+_compiled = {}
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows_reference`, as one fused reduction + cast on CUDA (torch.compile; eagerly it is six
+    memory-bound passes over the activation, which would eat most of what the FP8 GEMM saves)."""
+    if t.device.type != "cuda":
+        return quantize_rows_reference(t)
+    fn = _compiled.get("rows")
+    if fn is None:
+        fn = _compiled["rows"] = torch.compile(quantize_rows_reference, dynamic=None, fullgraph=True)
+    return fn(t)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 GEMMs run here: the CPU (emulated) or a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper and later)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class _Float8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_out, s_out, w_in, s_in, bias):
+        lead, k = x.shape[:-1], x.shape[-1]
+        xq, sx = quantize_rows(x.reshape(-1, k))
+        y = scaled_mm(xq, w_out.view(E4M3).t(), sx, s_out.float().view(1, -1), out_dtype=x.dtype)
+        if bias is not None:
+            y += bias.to(y.dtype)
+        ctx.save_for_backward(w_in, s_in)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return y.view(*lead, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        w_in, s_in = ctx.saved_tensors
+        lead, n = g.shape[:-1], g.shape[-1]
+        g2 = g.reshape(-1, n)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            gq, sg = quantize_rows(g2)
+            dx = scaled_mm(gq, w_in.view(E4M3).t(), sg, s_in.float().view(1, -1), out_dtype=g.dtype).view(*lead, -1)
+        db = g2.float().sum(0) if ctx.bias_grad else None
+        return dx, None, None, None, None, db
+
+
+class Float8Linear(nn.Linear):
+    """A frozen nn.Linear whose weight is held in float8 e4m3 (see the module docstring). `compute_dtype` is the
+    dtype inputs and outputs take (and adapters on it are made for); `dequantize_weight` gives W back."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, device=None):
+        nn.Module.__init__(self)
+        device = torch.device(device) if device is not None else weight.device
+        if not fp8_supported(device):
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            raise ValueError(f"an FP8 base needs FP8 GEMMs: a GPU of compute capability 8.9 or later (Ada, Hopper) "
+                             f"or the CPU, and {name} has none; use --quantize int8 or nf4, or a bf16 base")
+        d_out, d_in = weight.shape
+        if d_out % 16 or d_in % 16:
+            raise ValueError(f"FP8 GEMMs need both sides of the weight divisible by 16, and this linear is "
+                             f"{d_out}×{d_in}; leave it in full precision (Quantization(skip=...))")
+        self.in_features, self.out_features, self.compute_dtype = d_in, d_out, compute_dtype
+        W = weight.detach().to(device)
+        w_out, s_out = quantize_rows_reference(W)
+        w_in, s_in = quantize_rows_reference(W.t().contiguous())
+        self.weight = nn.Parameter(w_out.view(torch.uint8), requires_grad=False)
+        self.register_buffer("weight_scale", s_out.view(-1))
+        self.register_buffer("weight_t", w_in.view(torch.uint8))
+        self.register_buffer("weight_t_scale", s_in.view(-1))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        return _Float8Linear.apply(x, self.weight, self.weight_scale, self.weight_t, self.weight_t_scale, self.bias)
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """The (out, in) float32 weight the forward multiplies by."""
+        return self.weight.view(E4M3).float() * self.weight_scale.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3, compute={self.compute_dtype}"
