@@ -125,3 +125,21 @@ def test_a_gpu_without_fp8_gemms_is_refused_with_the_alternatives(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(ValueError, match="NVIDIA A100 has none; use --quantize int8 or nf4, or a bf16 base"):
         Float8Linear(torch.randn(32, 32), None, torch.bfloat16, device="cuda")
+
+
+def test_linears_reading_one_input_quantize_it_once_until_it_changes(monkeypatch):
+    from unipeft.quant import fp8
+
+    calls = []
+    real = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda t: calls.append(t.shape) or real(t))
+    torch.manual_seed(0)
+    q, k = (quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32) for _ in range(2))
+    x = torch.randn(3, 16)
+    yq, yk = q(x), k(x)  # q_proj and k_proj on one hidden state
+    assert len(calls) == 1
+    x.mul_(2)  # changed in place: quantized again, and the result follows
+    torch.testing.assert_close(k(x), 2 * yk, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 2
+    k(x.clone())  # another tensor with the same values: its own quantization
+    assert len(calls) == 3
