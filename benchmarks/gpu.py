@@ -214,6 +214,11 @@ def main(argv=None) -> None:
             records.append(rec)
             print(json.dumps({k: rec.get(k) for k in ("shape", "label", "tok_s", "peak_gib", "wall_s", "error")}),
                   flush=True)
+            _write(args, argv, records)  # after every row: a call cut short keeps what it measured
+    print(_write(args, argv, records))
+
+
+def _write(args, argv, records) -> str:
     meta = {"versions": _versions(), "host": f"{platform.machine()} {os.cpu_count()} cpus",
             "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python3", "benchmarks/gpu.py"] + (argv or sys.argv[1:]))}
     import torch
@@ -223,7 +228,7 @@ def main(argv=None) -> None:
     lines = [f"<!-- {meta['command']} ({meta['date']}) -->", f"GPU: {meta['gpu']}; versions: {json.dumps(meta['versions'])}", "",
              "| shape | row | tok/s | step ms (min–max) | peak GiB | trainable | vs hf_lora_defaults | vs hf_lora_bf16_liger |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for shape in args.shapes:
+    for shape in dict.fromkeys(r["shape"] for r in records):
         by = {r["label"]: r for r in records if r["shape"] == shape}
         for label, r in by.items():
             if "error" in r:
@@ -234,7 +239,7 @@ def main(argv=None) -> None:
             lines.append(f"| {shape} | {label} | {r['tok_s']:,.0f} | {1e3 * r['step_s']:.0f} ({1e3 * r['step_min_s']:.0f}–"
                          f"{1e3 * r['step_max_s']:.0f}) | {r['peak_gib']:.1f} | {r['trainable']:,} | {rel[0]} | {rel[1]} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
