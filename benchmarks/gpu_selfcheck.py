@@ -240,6 +240,15 @@ def check_fp8() -> dict:
                           "y_rel_err": ((y.float() - ref_y).norm() / ref_y.norm()).item(),
                           "dx_rel_err": ((dx.float() - ref_dx).norm() / ref_dx.norm()).item()}
         res["speedup"] = round(res["bf16"]["ms"] / res["fp8"]["ms"], 3)
+        for fn_name, fn in (("quantize_rows_us", quantize_rows), ("quantize_rows_eager_us", quantize_rows_reference)):
+            for _ in range(3):
+                fn(g)
+            _sync()
+            t = time.perf_counter()
+            for _ in range(20):
+                fn(g)
+            _sync()
+            res[fn_name] = round((time.perf_counter() - t) / 20 * 1e6, 1)  # of g (rows × out), back to back
         qa, sa = quantize_rows(x.detach())
         qb, sb = quantize_rows_reference(x.detach())
         res["quantize_rows_max_abs_diff"] = max((qa.float() * sa - qb.float() * sb).abs().max().item(), 0.0)

@@ -42,7 +42,7 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rows_reference(t)
     fn = _compiled.get("rows")
     if fn is None:
-        fn = _compiled["rows"] = torch.compile(quantize_rows_reference, dynamic=None, fullgraph=True)
+        fn = _compiled["rows"] = torch.compile(quantize_rows_reference, dynamic=False, fullgraph=True)  # a kernel per shape
     return fn(t)
 
 
