@@ -27,7 +27,7 @@ DATA = Path(os.environ.get("UNIPEFT_DATA", HERE.parent / ".." / "shared" / "data
 PROMPT = "Meaning representation: {mr}\nDescription:"
 
 TASKS = {
-    "sst2": dict(metric="eval_accuracy", args=lambda d: [
+    "sst2": dict(metric="accuracy", args=lambda d: [
         "--model", _embedded("minilm_path"), "--task", "seq-cls", "--train", DATA / "sst2/train.jsonl",
         "--eval", DATA / "sst2/validation.jsonl", "--text-column", "sentence", "--label-column", "label",
         "--max-steps", "400", "--batch-size", "32", "--max-length", "64", "--lr", "1e-3"]),
@@ -65,9 +65,9 @@ def run(task: str, base: str, scratch: Path) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"{task}/{base} failed:\n{p.stderr[-3000:]}")
-    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_' in x]
+    res = json.loads((out / "eval_results.json").read_text())  # at the best step
     metric = TASKS[task]["metric"]
-    return {"task": task, "base": base, metric: evals[-1][metric], "seconds": round(time.time() - t, 1),
+    return {"task": task, "base": base, metric: res[metric], "eval": res, "seconds": round(time.time() - t, 1),
             "command": " ".join(cmd[1:])}
 
 

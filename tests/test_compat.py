@@ -62,6 +62,22 @@ def test_torch__scaled_mm():
     torch.testing.assert_close(y, a.float() * sa * sb, rtol=0, atol=0)
 
 
+def test_torch__dynamo_maybe_mark_dynamic_and_mark_static():
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    f = torch.compile(lambda t: t.abs().amax(-1), backend=backend)
+    # rows change freely; each width compiles once, and stays static after a width changed (no generic kernel)
+    # (unmarked: 3 compiles, rows then width turning dynamic; all static: 8; all dynamic: 1)
+    for shape in [(4, 16), (7, 16), (4, 32), (9, 32), (5, 64), (3, 64), (6, 128), (2, 128)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(f(compat.compile_rows_dynamic(x)), x.abs().amax(-1))
+    assert len(compiles) == 4
+
+
 def test_torch_Module__apply_is_what_every_conversion_calls():
     # keep_own_tensors_on_conversion: a module's own tensors stay, its children convert
     outer = nn.Linear(3, 3)
@@ -247,7 +263,7 @@ def test_bitsandbytes__convert_weight_packed_for_cpu_inverse():
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from unipeft.quant.bnb import dequantize_weight, quantized_linear
+    from unipeft.quant import dequantize_weight, quantized_linear
 
     torch.manual_seed(0)
     W = torch.randn(64, 64) * 0.05
@@ -359,7 +375,7 @@ def test_quantized_linears_built_through_public_bitsandbytes_calls():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from unipeft.quant.bnb import dequantize_weight, quantized_linear
+    from unipeft.quant import dequantize_weight, quantized_linear
 
     torch.manual_seed(0)
     W = torch.randn(64, 128) * 0.05

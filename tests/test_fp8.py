@@ -143,3 +143,9 @@ def test_linears_reading_one_input_quantize_it_once_until_it_changes(monkeypatch
     assert len(calls) == 2
     k(x.clone())  # another tensor with the same values: its own quantization
     assert len(calls) == 3
+
+
+def test_the_output_is_no_view_so_a_lora_adds_into_it_in_place():
+    lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
+    y = lin(torch.randn(2, 3, 16, requires_grad=True))
+    assert y.shape == (2, 3, 32) and y._base is None and y.is_contiguous()

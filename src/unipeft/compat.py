@@ -139,11 +139,24 @@ def autocast_dtype(device_type: str):
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """(a·b)·scale_a·scale_b for float8 a (m, k; row-major) and b (k, n; column-major), fp32 scales of shape (m, 1)
-    and (1, n) (or scalars), in `out_dtype`. Private: `torch._scaled_mm`, the FP8 GEMM torchao's float8 training and
-    transformers' FP8 integrations call; torch has no public FP8 matmul yet (quant/fp8.py)."""
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    and (1, n) (or scalars), in `out_dtype` (written into `out`, an (m, n) tensor, if given). Private:
+    `torch._scaled_mm`, the FP8 GEMM torchao's float8 training and transformers' FP8 integrations call; torch has no
+    public FP8 matmul yet (quant/fp8.py)."""
+    if out is None:
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, out=out)
+
+
+def compile_rows_dynamic(t: torch.Tensor) -> torch.Tensor:
+    """Mark `t` (rows, k) for torch.compile: its row count may change between calls without a recompile, its width
+    may not (a kernel per width: widths are few, a model's layer sizes; with the width symbolic too, the reduction
+    kernel is generic and the FP8 step lost two thirds of its gain on an H100). Private: `torch._dynamo`'s
+    `maybe_mark_dynamic` and `mark_static`; torch.compile's public `dynamic=` sets every dimension at once."""
+    torch._dynamo.maybe_mark_dynamic(t, 0)
+    torch._dynamo.mark_static(t, 1)
+    return t
 
 
 def tensor_version(t: torch.Tensor) -> int:

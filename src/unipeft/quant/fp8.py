@@ -19,7 +19,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..compat import scaled_mm, tensor_version
+from ..compat import compile_rows_dynamic, scaled_mm, tensor_version
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -37,13 +37,14 @@ _compiled = {}
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows_reference`, as one fused reduction + cast on CUDA (torch.compile; eagerly it is six
-    memory-bound passes over the activation, which would eat most of what the FP8 GEMM saves)."""
+    memory-bound passes over the activation, which would eat most of what the FP8 GEMM saves). A kernel per width,
+    any number of rows; past torch.compile's recompile limit, new shapes run eagerly (never an error)."""
     if t.device.type != "cuda":
         return quantize_rows_reference(t)
     fn = _compiled.get("rows")
     if fn is None:
-        fn = _compiled["rows"] = torch.compile(quantize_rows_reference, dynamic=False, fullgraph=True)  # a kernel per shape
-    return fn(t)
+        fn = _compiled["rows"] = torch.compile(quantize_rows_reference)
+    return fn(compile_rows_dynamic(t))
 
 
 _last = threading.local()  # the input quantized last: q/k/v (and gate/up) read one x, quantized once for all
@@ -70,14 +71,16 @@ def fp8_supported(device: torch.device) -> bool:
 class _Float8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_out, s_out, w_in, s_in, bias):
-        lead = x.shape[:-1]
         xq, sx = _quantized_input(x)
-        y = scaled_mm(xq, w_out.view(E4M3).t(), sx, s_out.float().view(1, -1), out_dtype=x.dtype)
+        # written through a 2-D view into the (..., out) result, so the result is no view: a LoRA on this linear may
+        # add into it in place (deltas/low_rank.py add_scaled)
+        y = x.new_empty(*x.shape[:-1], w_out.shape[0])
+        scaled_mm(xq, w_out.view(E4M3).t(), sx, s_out.float().view(1, -1), out_dtype=x.dtype, out=y.view(-1, y.shape[-1]))
         if bias is not None:
             y += bias.to(y.dtype)
         ctx.save_for_backward(w_in, s_in)
         ctx.bias_grad = bias is not None and bias.requires_grad
-        return y.view(*lead, -1)
+        return y
 
     @staticmethod
     def backward(ctx, g):
