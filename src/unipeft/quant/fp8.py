@@ -44,7 +44,8 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fn = _compiled.get("rows")
     if fn is None:
         fn = _compiled["rows"] = torch.compile(quantize_rows_reference)
-    return fn(compile_rows_dynamic(t))
+    with torch.no_grad():  # one grad mode, so one compiled kernel per width (nothing here has a gradient)
+        return fn(compile_rows_dynamic(t))
 
 
 _last = threading.local()  # the input quantized last: q/k/v (and gate/up) read one x, quantized once for all
