@@ -4,8 +4,9 @@
     sst2  MiniLM-L6 (embedded), seq-cls on SST-2: validation accuracy (872 rows)
     e2e   SmolLM2-135M-Instruct (embedded), causal-lm on E2E NLG as prompt → completion: validation loss
 
-On a CPU torch emulates the FP8 GEMMs (slowly; the values are those of a GPU's FP8 GEMM up to accumulation order),
-so quality is measured here and speed on a GPU (benchmarks/gpu.py, rows *_fp8).
+On a CPU torch emulates the FP8 GEMMs (slowly): the same e4m3 operands and scales as on a GPU, but with fp32 outputs
+and fp32 elsewhere (the CLI's CPU precision), where a GPU run computes in bf16. Speed is measured on a GPU
+(benchmarks/gpu.py, rows *_fp8).
 
     .venv/bin/python benchmarks/fp8_quality.py [--tasks sst2 e2e] [--out benchmarks/results/fp8_quality.json]
 """

@@ -55,11 +55,14 @@ def test_torch_Tensor__version():
 def test_torch__scaled_mm():
     # rowwise scales (m, 1) and (1, n), b column-major: (a·b) scaled per row and column, in the asked dtype
     a = torch.tensor([[1.0, 2.0] * 8, [0.5, -1.0] * 8]).to(torch.float8_e4m3fn)  # (2, 16)
-    b = torch.eye(16)[:, :16].to(torch.float8_e4m3fn).t().contiguous().t()  # (16, 16), column-major
+    b = torch.arange(256.0).remainder(7).sub(3).view(16, 16).to(torch.float8_e4m3fn).t().contiguous().t()  # column-major
     sa, sb = torch.tensor([[2.0], [3.0]]), torch.arange(1.0, 17.0).view(1, 16)
     y = compat.scaled_mm(a, b, sa, sb, out_dtype=torch.float32)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, a.float() * sa * sb, rtol=0, atol=0)
+    torch.testing.assert_close(y, (a.float() @ b.float()) * sa * sb, rtol=0, atol=0)  # scales on m and n, not k
+    out = torch.empty(2, 16)
+    compat.scaled_mm(a, b, sa, sb, out_dtype=torch.float32, out=out)
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
 
 
 def test_torch__dynamo_maybe_mark_dynamic_and_mark_static():

@@ -149,3 +149,90 @@ def test_the_output_is_no_view_so_a_lora_adds_into_it_in_place():
     lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
     y = lin(torch.randn(2, 3, 16, requires_grad=True))
     assert y.shape == (2, 3, 32) and y._base is None and y.is_contiguous()
+
+
+def test_inference_mode_runs_and_matches_no_grad():
+    lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = lin(x)
+    with torch.inference_mode():
+        xi = x.clone()  # an inference tensor: no version counter, so never taken from the cache
+        torch.testing.assert_close(lin(xi), ref, rtol=0, atol=0)
+        torch.testing.assert_close(lin(xi), ref, rtol=0, atol=0)
+
+
+def test_conversions_keep_the_scales_fp32_and_the_output():
+    torch.manual_seed(0)
+    W = torch.randn(32, 16) * torch.logspace(-6, 0, 32)[:, None]  # tiny channels: an fp16 scale would underflow
+    lin = quantized_linear(W, None, "fp8", torch.float32)
+    x = torch.randn(3, 16)
+    ref = lin(x).detach()
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+        convert(lin)
+        assert lin.weight_scale.dtype == lin.weight_t_scale.dtype == torch.float32
+        assert lin.weight.dtype == lin.weight_t.dtype == torch.uint8
+        torch.testing.assert_close(lin(x), ref, rtol=0, atol=0)
+
+
+def test_a_second_derivative_is_refused_not_silently_dropped():
+    lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
+    x = torch.randn(3, 16, requires_grad=True)
+    (dx,) = torch.autograd.grad(lin(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
+
+
+def test_the_cached_input_follows_a_swapped_storage_and_dies_with_its_tensor(monkeypatch):
+    import gc
+
+    from unipeft.quant import fp8
+
+    lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
+    x = torch.randn(3, 16)
+    y = lin(x)
+    x.data = 2 * x.data  # new storage under the same object, version counter unchanged
+    torch.testing.assert_close(lin(x), 2 * y, rtol=1e-6, atol=1e-6)
+    del x
+    gc.collect()
+    assert not fp8._last.entry  # the quantized copy went with its tensor
+
+
+def test_gradients_reach_the_fp8_gemm_row_major(monkeypatch):
+    from unipeft.quant import fp8
+
+    seen = []
+    real = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda t: seen.append(t.is_contiguous()) or real(t))
+    lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
+    x = torch.randn(4, 16, requires_grad=True)
+    torch.autograd.grad(lin(x), x, torch.randn(32, 4).t())  # a column-major upstream gradient
+    assert seen == [True, True]
+
+
+def test_a_float_weight_is_refused_by_load_state_dict():
+    lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
+    sd = {k: v.clone() for k, v in lin.state_dict().items()}
+    sd["weight"] = torch.randn(32, 16)
+    with pytest.raises(ValueError, match="weight is torch.float32, not this FP8 linear's uint8 storage"):
+        lin.load_state_dict(sd)
+
+
+def test_cuda_needs_bf16_compute(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ValueError, match="computes in bf16 on CUDA .* use --precision bf16"):
+        Float8Linear(torch.randn(32, 32), None, torch.float16, device="cuda")
+
+
+def test_streaming_and_fsdp2_refuse_an_fp8_base():
+    from transformers import LlamaConfig
+
+    from unipeft.distributed.fsdp2 import check_quantized_for_fsdp2
+    from unipeft.quant import load_quantized, random_source
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="stream=True streams NF4 layers .* not fp8"):
+        load_quantized(cfg, "fp8", source=random_source(), stream=True)
+    with pytest.raises(ValueError, match="is an FP8 linear: .* use DDP"):
+        check_quantized_for_fsdp2(quantize_model(tiny_llama(), "fp8", compute_dtype=torch.float32))

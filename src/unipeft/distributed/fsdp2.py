@@ -32,6 +32,12 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 def check_quantized_for_fsdp2(model: nn.Module) -> None:
     """Refuse a quantized base FSDP2 cannot shard, naming the layer and why."""
+    from ..quant.fp8 import Float8Linear
+
+    for name, m in model.named_modules():
+        if isinstance(m, Float8Linear):
+            raise ValueError(f"{name} is an FP8 linear: its second weight copy and the scales are buffers, which "
+                             f"FSDP2 does not shard, and FP8 under FSDP2 is untested; use DDP, or a bf16/NF4 base")
     for name, m, kind in quantized_linears(model):
         if kind == "int8":
             raise ValueError(f"{name} is an int8 (LLM.int8) linear: its scales live on the weight parameter (SCB), "

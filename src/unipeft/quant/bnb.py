@@ -40,7 +40,7 @@ def is_bnb_linear(module: nn.Module) -> bool:
 
 
 def bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, compute_dtype: torch.dtype,
-                     *, double_quant: bool = True, blocksize: int = 64, device="cpu") -> nn.Linear:
+               *, double_quant: bool = True, blocksize: int = 64, device="cpu") -> nn.Linear:
     """A bitsandbytes linear holding `weight` (out, in) quantized by `scheme`; only the quantized form stays."""
     b = bnb()
     d_out, d_in = weight.shape

@@ -31,7 +31,7 @@ class Quantization:
     """How the frozen base is stored. `skip`: linear names (or '.name' suffixes) kept in full precision;
     the output head is always kept (it is usually tied to the input embeddings)."""
 
-    scheme: str = "nf4"  # "nf4" (4-bit NormalFloat, QLoRA) | "int8" (LLM.int8() weight-only) | "fp8" (e4m3, Hopper)
+    scheme: str = "nf4"  # "nf4" (4-bit NormalFloat, QLoRA) | "int8" (LLM.int8() weight-only) | "fp8" (e4m3; Hopper, Ada, CPU)
     compute_dtype: torch.dtype = torch.bfloat16
     double_quant: bool = True  # nf4: quantize the block absmax too (≈0.37 bit/weight saved)
     blocksize: int = 64
@@ -226,6 +226,9 @@ def load_quantized(config_or_path, quantization: Union[str, Quantization] = "nf4
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
     q = as_quantization(quantization, compute_dtype)
+    if stream and q.scheme != "nf4":
+        raise ValueError(f"stream=True streams NF4 layers (bitsandbytes' 4-bit weights), not {q.scheme}: build the "
+                         f"base in nf4, or drop stream")
     if isinstance(config_or_path, PretrainedConfig):
         config = config_or_path
         if source is None:
