@@ -8,7 +8,7 @@ On a CPU torch emulates the FP8 GEMMs (slowly): the same e4m3 operands and scale
 and fp32 elsewhere (the CLI's CPU precision), where a GPU run computes in bf16. Speed is measured on a GPU
 (benchmarks/gpu.py, rows *_fp8).
 
-    .venv/bin/python benchmarks/fp8_quality.py [--tasks sst2 e2e] [--out benchmarks/results/fp8_quality.json]
+    .venv/bin/python benchmarks/fp8_quality.py [--tasks sst2 e2e] [--gen-samples N] [--out benchmarks/results/fp8_quality.json]
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def _e2e(folder: Path, split: str, n: int) -> Path:
     return out
 
 
-def run(task: str, base: str, scratch: Path) -> dict:
+def run(task: str, base: str, scratch: Path, extra: list[str]) -> dict:
     out = scratch / f"{task}_{base}"
     cmd = [str(Path(sys.executable).with_name("unipeft")), "train", *map(str, TASKS[task]["args"](scratch)), *BASES[base],
-           "--seed", "0", "--method", "lora", "--output", str(out)]
+           "--seed", "0", "--method", "lora", "--output", str(out), *extra]
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
@@ -76,13 +76,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--out", default=str(HERE / "results" / "fp8_quality.json"))
+    ap.add_argument("--gen-samples", type=int, default=None, help="e2e: rows generated for BLEU/ROUGE (CLI default 32)")
     args = ap.parse_args(argv)
     import torch
     results = []
     with tempfile.TemporaryDirectory() as d:
         for task in args.tasks:
+            extra = ["--gen-samples", str(args.gen_samples)] if args.gen_samples and task == "e2e" else []
             for base in BASES:
-                r = run(task, base, Path(d))
+                r = run(task, base, Path(d), extra)
                 print(json.dumps(r), flush=True)
                 results.append(r)
     Path(args.out).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
