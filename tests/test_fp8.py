@@ -236,3 +236,21 @@ def test_streaming_and_fsdp2_refuse_an_fp8_base():
         load_quantized(cfg, "fp8", source=random_source(), stream=True)
     with pytest.raises(ValueError, match="is an FP8 linear: .* use DDP"):
         check_quantized_for_fsdp2(quantize_model(tiny_llama(), "fp8", compute_dtype=torch.float32))
+
+
+def test_a_replaced_cache_entry_lets_its_quantized_copy_go_at_once():
+    import gc
+    import weakref
+
+    from unipeft.quant import fp8
+
+    lin = quantized_linear(torch.randn(32, 16), None, "fp8", torch.float32)
+    x1 = torch.randn(3, 16)
+    lin(x1)
+    xq1 = weakref.ref(fp8._last.entry[2])
+    gc.disable()  # only reference counting: the old entry must not wait for a collection of its cycle
+    try:
+        lin(torch.randn(3, 16))
+        assert xq1() is None
+    finally:
+        gc.enable()

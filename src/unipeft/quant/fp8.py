@@ -68,6 +68,8 @@ def _quantized_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if entry and entry[0]() is x and entry[1] == _key(x):
         return entry[2], entry[3]
     xq, sx = quantize_rows(x.reshape(-1, x.shape[-1]).contiguous())
+    if entry:
+        entry.clear()  # the replaced copy goes now, not when a garbage collection finds its reference cycle
     entry = []  # cleared by x's weakref callback, so the quantized copy never outlives x
     entry.extend((weakref.ref(x, lambda _, e=entry: e.clear()), _key(x), xq, sx))
     _last.entry = entry
