@@ -54,6 +54,20 @@ def _loss_and_grads(peft, ids, labels=None):
                                    if p.requires_grad}
 
 
+def _timed(step, warmup: int, runs: int):
+    """step()'s last result and its median wall time in ms over `runs` synchronized calls after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(runs):
+        _sync()
+        t = time.perf_counter()
+        result = step()
+        _sync()
+        times.append(time.perf_counter() - t)
+    return result, sorted(times)[runs // 2] * 1e3
+
+
 def _max_err(a, b) -> dict:
     (la, ga), (lb, gb) = a, b
     g = max(((ga[k] - gb[k]).abs().max() / gb[k].abs().max().clamp_min(1e-30)).item() for k in ga)
@@ -162,19 +176,11 @@ def check_loss_kernels() -> dict:
             def step():
                 loss = chunked_lm_loss(h, W, y, kernel=kernel)
                 return loss, torch.autograd.grad(loss, h)[0]
-            for _ in range(2):
-                step()
-            times = []
-            for _ in range(5):
-                _sync()
-                t = time.perf_counter()
-                loss, gh = step()
-                _sync()
-                times.append(time.perf_counter() - t)
+            (loss, gh), ms = _timed(step, warmup=2, runs=5)
             out[f"{shape}_{name}"] = {
                 "loss_abs_err": (loss.float() - ref).abs().item(),
                 "grad_h_max_rel_err": ((gh.float() - rh).abs().max() / rh.abs().max()).item(),
-                "ms": round(sorted(times)[2] * 1e3, 2)}
+                "ms": round(ms, 2)}
         del h, W, ref, rh
     return out
 
@@ -228,16 +234,8 @@ def check_fp8() -> dict:
                 xi = x.detach().requires_grad_()  # a new tensor per step, as in training: x is quantized every time
                 y = mod(xi)
                 return y, torch.autograd.grad(y, xi, g)[0]
-            for _ in range(3):
-                step()
-            times = []
-            for _ in range(7):
-                _sync()
-                t = time.perf_counter()
-                y, dx = step()
-                _sync()
-                times.append(time.perf_counter() - t)
-            res[label] = {"ms": round(sorted(times)[3] * 1e3, 3),
+            (y, dx), ms = _timed(step, warmup=3, runs=7)
+            res[label] = {"ms": round(ms, 3),
                           "y_rel_err": ((y.float() - ref_y).norm() / ref_y.norm()).item(),
                           "dx_rel_err": ((dx.float() - ref_dx).norm() / ref_dx.norm()).item()}
         res["speedup"] = round(res["bf16"]["ms"] / res["fp8"]["ms"], 3)

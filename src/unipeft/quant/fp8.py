@@ -76,6 +76,11 @@ def _quantized_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, sx
 
 
+def unsupported_shape(shape) -> str | None:
+    """Why a weight of `shape` cannot be FP8 (None when it can): FP8 GEMMs need both sides divisible by 16."""
+    return f"FP8 GEMMs need both sides divisible by 16, not {tuple(shape)}" if any(d % 16 for d in shape) else None
+
+
 def fp8_supported(device: torch.device) -> bool:
     """FP8 GEMMs run here: the CPU (emulated) or a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper and later)."""
     device = torch.device(device)
@@ -133,10 +138,10 @@ class Float8Linear(nn.Linear):
         nn.Module.__init__(self)
         device = torch.device(device) if device is not None else weight.device
         check_fp8_device(device, compute_dtype)
+        why = unsupported_shape(weight.shape)
+        if why:
+            raise ValueError(f"{why}; leave this linear in full precision (Quantization(skip=...))")
         d_out, d_in = weight.shape
-        if d_out % 16 or d_in % 16:
-            raise ValueError(f"FP8 GEMMs need both sides of the weight divisible by 16, and this linear is "
-                             f"{d_out}×{d_in}; leave it in full precision (Quantization(skip=...))")
         self.in_features, self.out_features, self.compute_dtype = d_in, d_out, compute_dtype
         W = weight.detach().to(device)
         w_out, s_out = quantize_rows_reference(W)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .bnb import BNB_SCHEMES, bnb_linear, dequantize_bnb, is_bnb_linear
-from .fp8 import Float8Linear
+from .fp8 import Float8Linear, unsupported_shape as fp8_unsupported_shape
 
 SCHEMES = BNB_SCHEMES + ("fp8",)
 
@@ -23,9 +23,7 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: st
 
 def unsupported_shape(scheme: str, shape: torch.Size) -> str | None:
     """Why a weight of `shape` cannot take `scheme` (None when it can): FP8 GEMMs need both sides divisible by 16."""
-    if scheme == "fp8" and any(d % 16 for d in shape):
-        return f"FP8 GEMMs need both sides divisible by 16, not {tuple(shape)}"
-    return None
+    return fp8_unsupported_shape(shape) if scheme == "fp8" else None
 
 
 def is_quantized(module: nn.Module) -> bool:
