@@ -48,6 +48,8 @@ ROWS = {
     "ours_lora_liger": dict(lib="ours", method="lora", liger=True),
     # LoRA added by hooks on the linears' outputs instead of inside their GEMMs (positions.weight.HostForward off)
     "ours_lora_liger_hooks": dict(lib="ours", method="lora", liger=True, host_fused=False),
+    # each linear computed apart, q|k|v and gate|up not in one node each (positions/host_group.py off)
+    "ours_lora_liger_ungrouped": dict(lib="ours", method="lora", liger=True, host_groups=False),
     "ours_houlsby": dict(lib="ours", method="houlsby"),
     "ours_scaled_parallel": dict(lib="ours", method="scaled_parallel"),
     "ours_prefix": dict(lib="ours", method="prefix"),
@@ -115,6 +117,10 @@ def _build(shape: str, row: dict):
                                                              prefix_projection=True, encoder_hidden_size=512),
            }[method]()
     pm = unipeft.get_peft_model(model, cfg)
+    if row.get("host_groups") is False:
+        from unipeft.positions.weight import adapter_caches
+        for handle in pm._handles.values():
+            adapter_caches(handle.switch)[2].enabled = False
     if row.get("gc"):
         pm.gradient_checkpointing_enable()
     return pm
@@ -166,7 +172,7 @@ def _worker(shape: str, label: str) -> dict:
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
         Path(prof).mkdir(parents=True, exist_ok=True)
-        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+        table = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=70)
         Path(prof, f"profile_{shape}_{label}.txt").write_text(table)
     return {"shape": shape, "label": label, "row": row, "batch": BATCH[shape], "seq": SEQ,
             "step_s": step, "step_min_s": min(times), "step_max_s": max(times),

@@ -187,7 +187,8 @@ def check_loss_kernels() -> dict:
 
 def check_host_forward() -> dict:
     """LoRA inside the host linears' GEMMs (positions.weight.HostForward) vs hooks on their outputs, bf16 on the GPU:
-    loss and LoRA gradients, and how many linear calls took the fused path."""
+    loss and LoRA gradients, and how many linear calls took the fused path; `grouped`: a second pass, where q|k|v and
+    gate|up are computed in one node each (positions/host_group.py, learned in the first pass)."""
     from unipeft import LoraConfig, functional, get_peft_model
     from unipeft.positions import weight
 
@@ -198,13 +199,17 @@ def check_host_forward() -> dict:
     weight.FUSED_HOST_DEVICES = frozenset()
     ref = _loss_and_grads(peft, ids)
     weight.FUSED_HOST_DEVICES = fused_on
-    calls, real = [], functional.linear_low_rank
-    functional.linear_low_rank = lambda *a: calls.append(1) or real(*a)
+    calls, real, real_group = [], functional.linear_low_rank, functional.linears_low_rank
+    functional.linear_low_rank = lambda *a: calls.append("one") or real(*a)
+    functional.linears_low_rank = lambda *a: calls.append("group") or real_group(*a)
     try:
         got = _loss_and_grads(peft, ids)
+        first = len(calls)
+        grouped = _loss_and_grads(peft, ids)
     finally:
-        functional.linear_low_rank = real
-    return {**_max_err(got, ref), "fused_calls": len(calls)}
+        functional.linear_low_rank, functional.linears_low_rank = real, real_group
+    return {**_max_err(got, ref), "fused_calls": first, "grouped": _max_err(grouped, ref),
+            "grouped_calls": calls[first:].count("group"), "single_calls": calls[first:].count("one")}
 
 
 def check_fp8() -> dict:

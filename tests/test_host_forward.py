@@ -1,7 +1,9 @@
 """LoRA computed inside its host linear's GEMMs (`positions.weight.HostForward`, `functional.linear_low_rank`; on by
 default on CUDA only) equals the formula and the hook path: values and gradients, and it steps aside wherever the
 hook path must run (dropout draws, mixed batches, a second adapter, merged or disabled adapters, a part of a fused
-linear, a trainable weight). Here the CPU is added to the fused devices so the same torch code runs."""
+linear, a trainable weight). The linears reading one x (q, k, v; gate, up) are computed in one node once learned
+(`positions/host_group.py`, `functional.linears_low_rank`), and a left output is served only to the call it was
+made for. Here the CPU is added to the fused devices so the same torch code runs."""
 
 from __future__ import annotations
 
@@ -16,15 +18,20 @@ from unipeft.positions import weight
 
 @pytest.fixture
 def fused(monkeypatch):
-    """Turn the fused host path on for the CPU and count its calls."""
+    """Turn the fused host path on for the CPU and count its calls (a group's call counts once per linear)."""
     monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"}))
     calls = []
-    real = Fn.linear_low_rank
+    real, real_group = Fn.linear_low_rank, Fn.linears_low_rank
 
     def counted(*a):
         calls.append(a[0].shape)
         return real(*a)
+
+    def counted_group(x, A, ranks, *a):
+        calls.extend([("group", len(ranks))] * len(ranks))
+        return real_group(x, A, ranks, *a)
     monkeypatch.setattr(Fn, "linear_low_rank", counted)
+    monkeypatch.setattr(Fn, "linears_low_rank", counted_group)
     return calls
 
 
@@ -49,6 +56,39 @@ def test_linear_low_rank_is_the_formula(bias):
                                     tuple(inputs))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_linears_low_rank_is_the_formula(bias):
+    """Three linears reading one x, in one node: each output and every gradient as the formula, also when one output
+    is not used (it gets no gradient)."""
+    torch.manual_seed(0)
+    dd = dict(dtype=torch.float64)
+    x = torch.randn(2, 5, 6, **dd, requires_grad=True)
+    outs, ranks, scales = (7, 3, 4), (3, 2, 1), (0.625, 2.0, 1.5)
+    Ws = [torch.randn(o, 6, **dd, requires_grad=True) for o in outs]
+    bs = [torch.randn(o, **dd, requires_grad=True) if bias else None for o in outs]
+    As = [torch.randn(r, 6, **dd, requires_grad=True) for r in ranks]
+    Bs = [torch.randn(o, r, **dd, requires_grad=True) for o, r in zip(outs, ranks)]
+    want = [x @ W.T + (b if bias else 0) + s * (x @ A.T) @ B.T for W, b, A, B, s in zip(Ws, bs, As, Bs, scales)]
+    got = Fn.linears_low_rank(x, torch.cat(As), ranks, scales, Ws, bs, Bs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    inputs = [x] + [t for group in (Ws, bs, As, Bs) for t in group if t is not None]
+    for used in ((0, 1, 2), (0, 2)):  # (0, 2): the second output unused, as when k_proj is never called
+        gs = {i: torch.randn_like(want[i]) for i in used}
+        loss_w = sum((want[i] * gs[i]).sum() for i in used)
+        loss_g = sum((got[i] * gs[i]).sum() for i in used)
+        gw = torch.autograd.grad(loss_w, inputs, retain_graph=True, allow_unused=True)
+        gg = torch.autograd.grad(loss_g, inputs, retain_graph=True, allow_unused=True)
+        for a, b in zip(gg, gw):
+            if b is None:  # the unused output's W, b, B
+                assert a is None or not a.abs().any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, A, *t: Fn.linears_low_rank(x, A, ranks, scales, t[0:3], bs, t[3:6]),
+        (x, torch.cat(As).detach().requires_grad_(), *Ws, *Bs))
+
+
 def _lora(model, **kw):
     cfg = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                lora_dropout=0.0)
@@ -63,11 +103,11 @@ def _loss_and_grads(peft, **call):
     return loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}
 
 
-def _same(a, b, rtol=1e-5):
-    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=1e-6)
+def _same(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
     assert a[1].keys() == b[1].keys() and a[1]
     for k in a[1]:
-        torch.testing.assert_close(a[1][k], b[1][k], rtol=rtol, atol=1e-6 * a[1][k].abs().max().item())
+        torch.testing.assert_close(a[1][k], b[1][k], rtol=rtol, atol=atol * a[1][k].abs().max().item())
 
 
 @pytest.mark.parametrize("make,call", [
@@ -88,13 +128,79 @@ def test_training_step_equals_the_hook_path(monkeypatch, fused, make, call):
 
 
 def test_with_gradient_checkpointing(monkeypatch, fused):
+    """float64: the grouped linears (in effect from the second pass) sum in another order, within fp32 rounding."""
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    peft = _lora(tiny_llama()).train()
+    peft = _lora(tiny_llama().double()).train()
     want = _loss_and_grads(peft, input_ids=ids, labels=ids)
     peft.gradient_checkpointing_enable()
     got = _loss_and_grads(peft, input_ids=ids, labels=ids)
-    assert fused
-    _same(got, want)
+    assert ("group", 3) in fused
+    _same(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grouped_linears_over_steps_equal_the_hook_path(monkeypatch, fused, checkpointing):
+    """Three optimizer steps: the first pass computes each linear apart and learns q|k|v and gate|up; from the second
+    on each group is one node (k, v, up take what q, gate left), and every loss and gradient is the hook path's."""
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def steps(on):
+        monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"} if on else ()))
+        peft = _lora(tiny_llama().double()).train()
+        if checkpointing:
+            peft.gradient_checkpointing_enable()
+        opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)
+        out = []
+        for _ in range(3):
+            fused.clear()
+            out.append(_loss_and_grads(peft, input_ids=ids, labels=ids) + (list(fused),))
+            opt.step()
+        return out
+
+    got, want = steps(True), steps(False)
+    passes = 2 if checkpointing else 1  # the recompute runs every layer again
+    first = got[0][2]  # 2 layers × 7 linears, each apart: learning
+    assert len(first) == 14 * passes and not any(c[0] == "group" for c in first)
+    for _, _, calls in got[1:]:  # 2 layers × (q|k|v, gate|up) in one node each, o and down apart
+        assert calls.count(("group", 3)) == 2 * 3 * passes and calls.count(("group", 2)) == 2 * 2 * passes
+        assert len(calls) == 14 * passes
+    for g, w in zip(got, want):
+        _same(g[:2], w[:2], rtol=1e-10, atol=1e-12)
+
+
+def test_a_left_output_is_served_only_to_its_own_call(monkeypatch, fused):
+    """q_proj(x) computes k's and v's outputs too; k_proj and v_proj take them only for the same x, unchanged since,
+    with unchanged weights: otherwise they compute their own, so every call returns what the hook path returns."""
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    peft = _lora(tiny_llama().double()).train()
+    for _ in range(2):  # learn the groups; they take effect at the next pass
+        peft(input_ids=ids, labels=ids).loss.backward()
+    attn = peft.base_model.model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+
+    def hooked(lin, x):
+        monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset())
+        try:
+            return lin(x)
+        finally:
+            monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"}))
+
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    fused.clear()
+    torch.testing.assert_close(q(x), hooked(q, x), rtol=1e-12, atol=1e-12)
+    assert fused == [("group", 3)] * 3
+    with torch.no_grad():
+        k.lora.default.B.add_(0.25)  # k's weights change after q_proj computed k's output
+    torch.testing.assert_close(k(x), hooked(k, x), rtol=1e-12, atol=1e-12)
+    assert fused == [("group", 3)] * 6  # k computed anew: a group call of its own (the group is in effect)
+    x2 = x.clone()
+    torch.testing.assert_close(v(x2), hooked(v, x2), rtol=1e-12, atol=1e-12)  # another tensor: not v's left output
+    x.mul_(2)  # x changed in place after the group computed v's output from it
+    torch.testing.assert_close(v(x), hooked(v, x), rtol=1e-12, atol=1e-12)
+    fused.clear()
+    q(x)
+    torch.testing.assert_close(v(x), hooked(v, x), rtol=1e-12, atol=1e-12)
+    assert fused == [("group", 3)] * 3  # v's output was left by q's call and served
 
 
 def test_steps_aside_where_the_hook_path_must_run(monkeypatch, fused):

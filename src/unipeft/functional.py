@@ -93,6 +93,70 @@ def linear_low_rank(x: torch.Tensor, W: torch.Tensor, b, A: torch.Tensor, B: tor
     return _LinearLowRank.apply(x, W, b, A, B, s)
 
 
+class _LinearsLowRank(torch.autograd.Function):
+    """Several linears reading one x, each with its low-rank term (q, k, v; gate, up): yᵢ = x·Wᵢᵀ + bᵢ + sᵢ·zᵢ·Bᵢᵀ with
+    z = x·[A₁; A₂; …]ᵀ = [z₁ | z₂ | …] one thin GEMM reading x once; in backward ∂x = (Σᵢ sᵢgᵢBᵢ as one (N, Σr) gz)·A
+    + Σᵢ gᵢ·Wᵢ, every term accumulated in one buffer by the GEMMs' β = 1 epilogues (per linear, autograd would sum one
+    (N, in) gradient per linear in a pass of its own), and ∂A = gzᵀ·x reads x once."""
+
+    @staticmethod
+    def forward(ctx, x, A, ranks, scales, *Wbb):  # A (Σr, in); Wbb: W₁, b₁, B₁, W₂, b₂, B₂, ...
+        ctx.set_materialize_grads(False)  # an output nobody used gets no gradient, and costs none
+        x2 = x.reshape(-1, x.shape[-1])
+        z = x2 @ A.t()  # (N, Σr)
+        outs, start = [], 0
+        for i, r in enumerate(ranks):
+            W, b, B = Wbb[3 * i:3 * i + 3]
+            zi = z[:, start:start + r]
+            start += r
+            out = torch.addmm(z.new_zeros(()) if b is None else b, zi, B.t(), beta=0 if b is None else 1,
+                              alpha=scales[i])
+            outs.append(out.addmm_(x2, W.t()).view(*x.shape[:-1], W.shape[0]))
+        ctx.save_for_backward(x2, z, A, *Wbb)
+        ctx.ranks, ctx.scales, ctx.x_shape = ranks, scales, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x2, z, A, *Wbb = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = [None] * len(Wbb)
+        gz, start = [], 0
+        for i, (r, s, g) in enumerate(zip(ctx.ranks, ctx.scales, gs)):
+            W, b, B = Wbb[3 * i:3 * i + 3]
+            zi = z[:, start:start + r]
+            start += r
+            if g is None:
+                gz.append(z.new_zeros(z.shape[0], r))
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            gz.append((g2 @ B).mul_(s))
+            if need[4 + 3 * i]:
+                grads[3 * i] = g2.t() @ x2
+            if b is not None and need[5 + 3 * i]:
+                grads[3 * i + 1] = g2.sum(0)
+            if need[6 + 3 * i]:
+                grads[3 * i + 2] = (g2.t() @ zi).mul_(s)
+        gz = torch.cat(gz, 1)  # (N, Σr)
+        dx = None
+        if need[0]:
+            dx = gz @ A
+            for i, g in enumerate(gs):
+                if g is not None:
+                    dx.addmm_(g.reshape(-1, g.shape[-1]), Wbb[3 * i])
+            dx = dx.view(ctx.x_shape)
+        gA = gz.t() @ x2 if need[1] else None
+        return (dx, gA, None, None, *grads)
+
+
+def linears_low_rank(x: torch.Tensor, A: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, ...],
+                     Ws, bs, Bs) -> tuple[torch.Tensor, ...]:
+    """[x·Wᵢᵀ + bᵢ + sᵢ·(x·Aᵢᵀ)·Bᵢᵀ for each i], A = [A₁; A₂; …] stacked (Σr, in), in one autograd node (see
+    _LinearsLowRank); all in x's dtype."""
+    Wbb = [t for W, b, B in zip(Ws, bs, Bs) for t in (W, b, B)]
+    return _LinearsLowRank.apply(x, A, tuple(ranks), tuple(scales), *Wbb)
+
+
 def compose(h: torch.Tensor, dh: torch.Tensor, s) -> torch.Tensor:
     """h + s·Δh (add / scaled add; s may be a learned 0-d tensor)."""
     return h + dh * s if not (isinstance(s, float) and s == 1.0) else h + dh

@@ -26,7 +26,7 @@ from .positions.fused import SlicedLinearDeltaSite
 from .positions.input import InputSite, PrefixPositions
 from .positions.installers import installer_for, position_installer
 from .positions.layout import place_delta, unplace_delta
-from .positions.weight import sibling_passes
+from .positions.weight import input_passes
 from .spec import AtAttentionKV, AtInput, AtLinear, AtSublayer, Form, Insertion, Sublayer
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -82,7 +82,7 @@ def _install_linear(model, ins: Insertion, arch, handle) -> list[Site]:
         for d in built:  # sites not yet on the handle: undo their host changes here
             d.restore_host()
         raise
-    handle.extras += sibling_passes(model, sites, handle.extras)
+    handle.extras += input_passes(model, sites, handle.extras)
     return sites
 
 

@@ -96,6 +96,15 @@ class LowRankDelta(DeltaModule):
         """The host linear x·Wᵀ + b with s·Δ(x) computed inside its GEMMs (functional.linear_low_rank)."""
         return Fn.linear_low_rank(x, W, b, self.A.to(x.dtype), self.B.to(x.dtype), s)
 
+    @staticmethod
+    def linears_with(x: torch.Tensor, members) -> tuple[torch.Tensor, ...]:
+        """The host linears of `members` [(delta, W, b, s)], all reading x, each with its delta inside, in one node:
+        one x·[A₁; A₂; …]ᵀ GEMM (functional.linears_low_rank). Each delta `fuses_into_host`."""
+        A = torch.cat([d.A for d, *_ in members]).to(x.dtype)  # one cast of the stacked (Σr, in), not one per delta
+        return Fn.linears_low_rank(x, A, [d.r for d, *_ in members], [s for *_, s in members],
+                                   [W for _, W, _, _ in members], [b for _, _, b, _ in members],
+                                   [d.B.to(x.dtype) for d, *_ in members])
+
     def delta_weight(self) -> torch.Tensor:
         return self.B.float() @ self.A.float()  # (out, in)
 

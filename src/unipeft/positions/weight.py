@@ -24,9 +24,11 @@ from .. import functional as Fn
 from ..arch.resolve import adaptable_dims
 from ..compat import autocast_dtype, runs_first_after_forward
 from ..deltas.dropout import DropoutCache
+from ..deltas.same_input import SameInputGroups
 from ..deltas.siblings import SiblingProjections
 from ..spec import Compose, Form, Insertion
 from .base import ModuleSite, on_rows
+from .host_group import HostGroups
 
 
 def output_is_unshared(module, hook_id: int) -> bool:
@@ -72,7 +74,7 @@ class HostForward:
                 and self.host.__dict__.get("forward") == self.forward):
             for site in self.sites:
                 if site.fuses(x):
-                    out = site.delta.linear_with(x, self.host.weight, self.host.bias, float(site.s))
+                    out = site.fused_output(x) if site.host_groups is None else site.host_groups.output(site, x)
                     out._unipeft_fused_by = site  # on the tensor, so concurrent calls (threads) never mix
                     return out
         return nn.Linear.forward(self.host, x, *args, **kwargs)
@@ -95,35 +97,36 @@ def _fusable_weight(W: torch.Tensor, b, x: torch.Tensor) -> bool:
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Switch (one per adapter) -> caches
 
 
-def adapter_caches(switch) -> tuple[DropoutCache, SiblingProjections]:
-    """What the deltas of one adapter (one Switch) share: dropout draws and sibling projections."""
+def adapter_caches(switch) -> tuple[DropoutCache, SiblingProjections, HostGroups]:
+    """What the deltas of one adapter (one Switch) share: dropout draws, sibling projections, and host groups (the
+    linears reading one x computed in one node)."""
     caches = _CACHES.get(switch)
     if caches is None:
-        caches = _CACHES[switch] = (DropoutCache(), SiblingProjections())
+        caches = _CACHES[switch] = (DropoutCache(), SiblingProjections(), HostGroups())
     return caches
 
 
-class SiblingPasses:
-    """A pre-hook on the model root telling an adapter's SiblingProjections that a forward pass begins (when learned
-    sibling groups may take effect; see deltas/siblings.py). Undone with the adapter."""
+class InputPasses:
+    """A pre-hook on the model root telling an adapter's same-input groups (SiblingProjections, HostGroups) that a
+    forward pass begins (when learned groups may take effect; see deltas/same_input.py). Undone with the adapter."""
 
-    def __init__(self, model, projections: SiblingProjections):
-        self.projections = projections
-        self._hook = model.register_forward_pre_hook(lambda module, args: projections.new_pass())
+    def __init__(self, model, groups: SameInputGroups):
+        self.groups = groups
+        self._hook = model.register_forward_pre_hook(lambda module, args: groups.new_pass())
 
     def remove(self) -> None:
         self._hook.remove()
 
 
-def sibling_passes(model, sites, extras) -> list:
-    """The SiblingPasses `sites` need that `extras` do not hold yet (one per SiblingProjections)."""
-    have = {id(e.projections) for e in extras if isinstance(e, SiblingPasses)}
+def input_passes(model, sites, extras) -> list:
+    """The InputPasses `sites` need that `extras` do not hold yet (one per groups object)."""
+    have = {id(e.groups) for e in extras if isinstance(e, InputPasses)}
     out = []
     for s in sites:
-        sib = getattr(s.delta, "siblings", None)
-        if sib is not None and id(sib) not in have:
-            have.add(id(sib))
-            out.append(SiblingPasses(model, sib))
+        for groups in (getattr(s.delta, "siblings", None), getattr(s, "host_groups", None)):
+            if groups is not None and id(groups) not in have:
+                have.add(id(groups))
+                out.append(InputPasses(model, groups))
     return out
 
 
@@ -147,7 +150,7 @@ class LinearDeltaSite(ModuleSite):
         super().__init__(host, host_name, ins, delta, switch, attr=attr)  # refuses a (form, compose) it has no hook for
         self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
         self.side = side
-        dropouts, projections = adapter_caches(switch)
+        dropouts, projections, host_groups = adapter_caches(switch)
         if hasattr(getattr(delta, "dropout", None), "cache"):
             delta.dropout.cache = dropouts
         if hasattr(delta, "siblings") and ins.compose == Compose.ADD and ins.form == Form.PARALLEL:
@@ -160,8 +163,14 @@ class LinearDeltaSite(ModuleSite):
         self._adds_in_place = self._fused and getattr(delta, "adds_in_place", False)
         self._host_forward = (HostForward.of(host) if self.computes_whole_output and self._adds_in_place
                               and hasattr(delta, "linear_with") else None)
+        # the linears of this adapter reading one x (q, k, v) computed in one node, when the delta can be
+        self.host_groups = host_groups if self._host_forward is not None and hasattr(delta, "linears_with") else None
         if self._host_forward is not None:
             self._host_forward.sites.append(self)
+
+    def fused_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The host's output with the delta computed inside its GEMMs (when `fuses(x)`)."""
+        return self.delta.linear_with(x, self.host.weight, self.host.bias, float(self.s))
 
     def fuses(self, x: torch.Tensor) -> bool:
         """Whether HostForward may compute this call of the host (x on a fused device) with the delta inside."""
