@@ -7,7 +7,9 @@ attention_mask=..., labels=...).loss, backward, AdamW step, zero_grad(set_to_non
 
 Variants (--variants): hf (HF PEFT LoRA), ours (unipeft LoRA as shipped), and ablations of ours toggled on the
 same model before its step: ours_norecompute (activation recompute off), ours_noinplace (the LoRA add out of place),
-ours_viewinplace (the LoRA add as addmm_ on a view of the output, as before the fix); old (an earlier tree, see --old).
+ours_viewinplace (the LoRA add as addmm_ on a view of the output, as before the fix), ours_fused (LoRA inside the host
+GEMMs, the CUDA default; takes effect with --dropout 0), ours_fused_nogroups (... with q|k|v and gate|up apart); old (an
+earlier tree, see --old).
 Same config as benchmarks/memory.py's smollm2 rows (SmolLM2-135M, LoRA r=16 on the seven linear kinds, dropout 0.05).
 
     PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_ab.py --threads 2 --rounds 5 --variants hf ours
@@ -75,6 +77,12 @@ def ablation(name: str):
         elif part == "noinplace":
             from unipeft.positions.weight import LinearDeltaSite
             stack.enter_context(_patched(LinearDeltaSite, "_writes_into", lambda self, module, out: False))
+        elif part == "fused":  # LoRA inside the host GEMMs (positions.weight.HostForward), the CUDA default
+            from unipeft.positions import weight
+            stack.enter_context(_patched(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"})))
+        elif part == "nogroups":  # ... each linear apart (positions/host_group.py off)
+            from unipeft.positions.host_group import HostGroups
+            stack.enter_context(_patched(HostGroups, "active", lambda self: False))
         elif part == "viewinplace":  # before the fix: addmm_ on a 2-D view of h (autograd rebases the view)
             from unipeft import functional as Fn
             stack.enter_context(_patched(Fn, "addmm_into", lambda h, z, B, alpha: h.view(-1, h.shape[-1]).addmm_(
@@ -88,6 +96,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["hf", "ours"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dropout", type=float, default=LORA["lora_dropout"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=6, help="measured rounds (each variant one step per round)")
@@ -99,6 +108,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.old:
         sys.path.insert(0, a.old)
+    LORA["lora_dropout"] = a.dropout
 
     import torch
     torch.set_num_threads(a.threads)
