@@ -131,6 +131,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(offload, dropout):
         _assert_same(_grads(plain, b, seed=step), _grads(ckpt, b, seed=step), atol=1e-6)
 
 
+@pytest.mark.parametrize("fused_host", [False, True], ids=["hooks", "inside_gemms"])
+@pytest.mark.parametrize("targets", [None, ["k", "v"]], ids=["default_q_v", "k_v"])
+def test_gradient_checkpointing_on_t5_whose_layers_all_read_the_encoder_output(monkeypatch, fused_host, targets):
+    """Every T5 decoder layer's cross-attention reads the same encoder output. A same-input group spanning two layers
+    (sibling projections; linears computed in one node) would compute the second layer's share inside the first
+    layer's checkpoint region, and the second layer's recompute would save other tensors than its forward: torch's
+    checkpoint raised CheckpointError from the second step on. Groups stay inside one parent module."""
+    from conftest import tiny_t5
+
+    from unipeft.positions import weight
+    monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"} if fused_host else ()))
+    g = torch.Generator().manual_seed(0)
+    b = dict(input_ids=torch.randint(3, VOCAB, (2, 7), generator=g), labels=torch.randint(3, VOCAB, (2, 5), generator=g))
+
+    def peft():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_t5().double(), LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8,
+                                                                  init_lora_weights=False, target_modules=targets)).train()
+    plain, ckpt = peft(), peft()
+    ckpt.gradient_checkpointing_enable()
+    for step in range(3):  # groups are learned in step 0 and in effect from step 1
+        _assert_same(_grads(plain, b, seed=step), _grads(ckpt, b, seed=step), atol=1e-12)
+
+
 def test_offload_routes_checkpointed_inputs_through_save_on_cpu(monkeypatch):
     import unipeft.training.checkpointing as C
 

@@ -2,7 +2,11 @@
 group to see an input computes for all of them and the others take what it left (`siblings.py`: one projection
 x·[A₁; A₂; …]ᵀ; `positions/host_group.py`: q, k, v computed in one autograd node).
 
-Members that read one tensor in a forward pass form a group. A member outside the group, or a group member that never
+Members of one scope (`set_scope`: the sites give their linear's parent module, e.g. one layer's self_attn) that read
+one tensor in a forward pass form a group. Never across scopes: T5's decoder layers all read the encoder's output,
+and a group spanning two layers would compute the second layer's result inside the first layer's gradient-checkpoint
+region, so the second layer's recompute (which computes it) would save other tensors than its forward (which took
+it), and torch's checkpoint refuses that. A member outside the group, or a group member that never
 comes, changes nothing but the work done. Entries hold x weakly and die with it, and last one pass (`new_pass()` drops
 them; a member reading the same x again starts its entry over), so nothing computed is served across an optimizer
 step; groups hold members weakly.
@@ -33,6 +37,11 @@ class SameInputGroups:
         self._groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # member -> tuple of weakrefs
         self._pending: list = []  # [group refs, ready]: learned, not yet in effect
         self._entries: OrderedDict = OrderedDict()  # key -> (weakref x, readers, {id(member): what was left})
+        self._scopes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # member -> its scope
+
+    def set_scope(self, member, scope: str) -> None:
+        """Only members of one scope group together (see the module doc); members never given one share scope None."""
+        self._scopes[member] = scope
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,10 +79,15 @@ class SameInputGroups:
         that takes effect once the backward pass reaches `result` (see the module doc)."""
         if len(readers) < 2 or member in self._groups:
             return
-        group = tuple(r() for r in readers)
-        if any(d is None for d in group) or len({id(d) for d in group}) != len(group) or not self.compatible(group):
+        alive = [r() for r in readers]
+        if any(d is None for d in alive):
             return
-        pending = [tuple(readers), not torch.is_grad_enabled()]
+        scope = self._scopes.get(member)
+        refs = tuple(r for r, d in zip(readers, alive) if self._scopes.get(d) == scope)
+        group = tuple(r() for r in refs)
+        if len(group) < 2 or len({id(d) for d in group}) != len(group) or not self.compatible(group):
+            return
+        pending = [refs, not torch.is_grad_enabled()]
         self._pending.append(pending)
         if not pending[1] and result.requires_grad:
             result.register_hook(lambda grad: pending.__setitem__(1, True))  # backward of this forward got here

@@ -32,14 +32,14 @@ class HostGroups(SameInputGroups):
             return site.fused_output(x)
         readers, left = self.read(site, x, site.delta.training)
         got = left.pop(id(site), None)
-        if got is not None and got[1] == (x._version, _stamp(site)):
-            return got[0]
+        if got is not None and got[0] is site and got[2] == (x._version, _stamp(site)):
+            return got[1]
         group = self.group_of(site)
         if len(group) > 1 and all(m is site or m.fuses(x) for m in group):
             outs = type(site.delta).linears_with(x, [(m.delta, m.host.weight, m.host.bias, float(m.s)) for m in group])
             for m, out in zip(group, outs):
                 if m is not site:
-                    left[id(m)] = (out, (x._version, _stamp(m)))
+                    left[id(m)] = (m, out, (x._version, _stamp(m)))
             return outs[group.index(site)]
         out = site.fused_output(x)
         self.learn(site, readers, out)

@@ -153,8 +153,10 @@ class LinearDeltaSite(ModuleSite):
         dropouts, projections, host_groups = adapter_caches(switch)
         if hasattr(getattr(delta, "dropout", None), "cache"):
             delta.dropout.cache = dropouts
+        scope = host_name.rpartition(".")[0]  # the parent module: same-input groups never span two (same_input.py)
         if hasattr(delta, "siblings") and ins.compose == Compose.ADD and ins.form == Form.PARALLEL:
             delta.siblings = projections
+            projections.set_scope(delta, scope)
         self._fused = callable(getattr(delta, "add_scaled", None)) and ins.compose == Compose.ADD
         register, method = self.HOOKS[(ins.form, ins.compose, side)]
         handle = getattr(host, register)(getattr(self, method))
@@ -165,6 +167,8 @@ class LinearDeltaSite(ModuleSite):
                               and hasattr(delta, "linear_with") else None)
         # the linears of this adapter reading one x (q, k, v) computed in one node, when the delta can be
         self.host_groups = host_groups if self._host_forward is not None and hasattr(delta, "linears_with") else None
+        if self.host_groups is not None:
+            self.host_groups.set_scope(self, scope)
         if self._host_forward is not None:
             self._host_forward.sites.append(self)
 
