@@ -52,8 +52,9 @@ def test_linear_low_rank_is_the_formula(bias):
     g = torch.randn_like(want)
     for gw, gg in zip(torch.autograd.grad(want, inputs, g), torch.autograd.grad(got, inputs, g)):
         torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *t: Fn.linear_low_rank(t[0], t[1], t[2] if bias else None, t[-2], t[-1], s),
-                                    tuple(inputs))
+    f = lambda *t: Fn.linear_low_rank(t[0], t[1], t[2] if bias else None, t[-2], t[-1], s)  # noqa: E731
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+    assert torch.autograd.gradgradcheck(f, tuple(inputs))  # second derivatives (a gradient penalty) too
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -84,9 +85,10 @@ def test_linears_low_rank_is_the_formula(bias):
                 assert a is None or not a.abs().any()
             else:
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(
-        lambda x, A, *t: Fn.linears_low_rank(x, A, ranks, scales, t[0:3], bs, t[3:6]),
-        (x, torch.cat(As).detach().requires_grad_(), *Ws, *Bs))
+    f = lambda x, A, *t: Fn.linears_low_rank(x, A, ranks, scales, t[0:3], bs, t[3:6])  # noqa: E731
+    args = (x, torch.cat(As).detach().requires_grad_(), *Ws, *Bs)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)  # second derivatives (a gradient penalty) too
 
 
 def _lora(model, **kw):
@@ -193,8 +195,9 @@ def test_a_left_output_is_served_only_to_its_own_call(monkeypatch, fused):
         k.lora.default.B.add_(0.25)  # k's weights change after q_proj computed k's output
     torch.testing.assert_close(k(x), hooked(k, x), rtol=1e-12, atol=1e-12)
     assert fused == [("group", 3)] * 6  # k computed anew: a group call of its own (the group is in effect)
-    x2 = x.clone()
+    x2 = x + 1
     torch.testing.assert_close(v(x2), hooked(v, x2), rtol=1e-12, atol=1e-12)  # another tensor: not v's left output
+    assert fused[6:] == [("group", 3)] * 3  # computed (a group call of its own), not served
     x.mul_(2)  # x changed in place after the group computed v's output from it
     torch.testing.assert_close(v(x), hooked(v, x), rtol=1e-12, atol=1e-12)
     fused.clear()
@@ -327,3 +330,50 @@ def test_interleaved_calls_each_skip_only_their_own_add(monkeypatch, fused):
     assert len(fused) == 2
     torch.testing.assert_close(site._parallel(q, (x2,), out2), want2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(site._parallel(q, (x1,), out1), want1, rtol=1e-6, atol=1e-6)
+
+
+def test_groups_under_inference_mode(fused):
+    """Inference tensors carry no version to check a left output by: under torch.inference_mode each linear computes
+    its own output, after training has put the groups in effect, with the hook path's values."""
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
+    peft = _lora(tiny_llama().double()).train()
+    for _ in range(2):
+        peft(input_ids=ids, labels=ids).loss.backward()
+    peft.eval()
+    with torch.no_grad():
+        peft(input_ids=ids)
+        assert ("group", 3) in fused
+    for _ in range(2):
+        with torch.inference_mode():
+            got = peft(input_ids=ids).logits
+    weight.FUSED_HOST_DEVICES = frozenset()
+    with torch.inference_mode():
+        torch.testing.assert_close(got, peft(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["inside_gemms", "hooks_siblings"])
+def test_checkpointed_backward_after_no_grad_forwards(monkeypatch, fused, dropout):
+    """Forwards without gradients between a checkpointed forward and its backward (an evaluation, generation, a
+    reference model's logits) must not put groups into effect before that backward: its recompute replays the
+    forward's choices. Gradients as without checkpointing."""
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
+
+    def run(checkpointing):
+        peft = _lora(tiny_llama().double(), lora_dropout=dropout).train()
+        if checkpointing:
+            peft.gradient_checkpointing_enable()
+        out = []
+        for step in range(3):
+            peft.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            loss = peft(input_ids=ids, labels=ids).loss
+            with torch.no_grad():
+                for _ in range(2):
+                    peft(input_ids=ids)
+            loss.backward()
+            out.append((loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}))
+        return out
+
+    for got, want in zip(run(True), run(False)):
+        _same(got, want, rtol=1e-10, atol=1e-12)
+

@@ -132,23 +132,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(offload, dropout):
 
 
 @pytest.mark.parametrize("fused_host", [False, True], ids=["hooks", "inside_gemms"])
-@pytest.mark.parametrize("targets", [None, ["k", "v"]], ids=["default_q_v", "k_v"])
-def test_gradient_checkpointing_on_t5_whose_layers_all_read_the_encoder_output(monkeypatch, fused_host, targets):
-    """Every T5 decoder layer's cross-attention reads the same encoder output. A same-input group spanning two layers
-    (sibling projections; linears computed in one node) would compute the second layer's share inside the first
-    layer's checkpoint region, and the second layer's recompute would save other tensors than its forward: torch's
-    checkpoint raised CheckpointError from the second step on. Groups stay inside one parent module."""
-    from conftest import tiny_t5
+@pytest.mark.parametrize("arch,targets,dropout", [
+    ("t5", None, 0.0), ("t5", ["k", "v"], 0.0), ("t5", None, 0.1), ("bert", None, 0.1)],
+    ids=["t5_q_v", "t5_k_v", "t5_dropout", "bert_dropout"])
+def test_gradient_checkpointing_where_deltas_read_a_tensor_from_outside_the_region(monkeypatch, fused_host, arch,
+                                                                                  targets, dropout):
+    """What deltas share by input tensor (a dropout draw, a sibling projection, linears computed in one node) must
+    be computed again in a checkpoint recompute exactly as in the forward, or torch's checkpoint raises
+    CheckpointError. T5's decoder layers all read the encoder output (a share made in one layer's region and taken in
+    another's: groups and draws stay inside one parent module); BERT's q, k, v read the checkpointed layer's own input,
+    the same tensor in the recompute (a delta reading it again draws again). Gradients equal the run without
+    checkpointing, over steps where the groups are learned and then in effect."""
+    from conftest import tiny_bert, tiny_t5
 
     from unipeft.positions import weight
     monkeypatch.setattr(weight, "FUSED_HOST_DEVICES", frozenset({"cpu"} if fused_host else ()))
     g = torch.Generator().manual_seed(0)
-    b = dict(input_ids=torch.randint(3, VOCAB, (2, 7), generator=g), labels=torch.randint(3, VOCAB, (2, 5), generator=g))
+    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    b = dict(input_ids=ids, labels=torch.randint(3, VOCAB, (2, 5), generator=g) if arch == "t5" else
+             torch.tensor([0, 1]))
 
     def peft():
         torch.manual_seed(0)
-        return get_peft_model(tiny_t5().double(), LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8,
-                                                                  init_lora_weights=False, target_modules=targets)).train()
+        model, task = (tiny_t5(), "SEQ_2_SEQ_LM") if arch == "t5" else (tiny_bert(), "SEQ_CLS")
+        return get_peft_model(model.double(), LoraConfig(task_type=task, r=4, lora_alpha=8, lora_dropout=dropout,
+                                                         init_lora_weights=False, target_modules=targets)).train()
     plain, ckpt = peft(), peft()
     ckpt.gradient_checkpointing_enable()
     for step in range(3):  # groups are learned in step 0 and in effect from step 1

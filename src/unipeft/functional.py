@@ -60,7 +60,9 @@ class _LinearLowRank(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with the base GEMM accumulating onto the low-rank term (β = 1 in its epilogue), and
     ∂x = (g·sB)·A + g·W likewise. A hook adding s·z·Bᵀ to the linear's output reads and writes the (tokens, out)
     output once more, and the two input gradients (W's, A's) are summed by autograd in another pass over (tokens,
-    in); here both ride in the base GEMM, which is compute-bound. W is frozen; its gradient is computed if asked."""
+    in); here both ride in the base GEMM, which is compute-bound. W is frozen; its gradient is computed if asked. The
+    backward is differentiable (second derivatives, e.g. a gradient penalty): under create_graph it takes z = x·Aᵀ
+    anew, with its graph, instead of the saved product."""
 
     @staticmethod
     def forward(ctx, x, W, b, A, B, s):  # x (..., in), W (out, in), b (out,) or None, A (r, in), B (out, r)
@@ -70,13 +72,16 @@ class _LinearLowRank(torch.autograd.Function):
         # stand-in when there is no bias
         out = torch.addmm(z.new_zeros(()) if b is None else b, z, B.t(), beta=0 if b is None else 1, alpha=s)
         out.addmm_(x2, W.t())
-        ctx.save_for_backward(x2, z, W, A, B)
+        ctx.save_for_backward(x, z, W, A, B)  # x, not its reshape: a view made here would have no graph to x
         ctx.s = s
         return out.view(*x.shape[:-1], W.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, z, W, A, B = ctx.saved_tensors
+        x, z, W, A, B = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # a backward that builds a graph (create_graph): z with its own, x·Aᵀ
+            z = x2 @ A.t()
         g2 = g.reshape(-1, g.shape[-1])
         gz = (g2 @ B).mul_(ctx.s)  # (N, r)
         need = ctx.needs_input_grad
@@ -112,13 +117,16 @@ class _LinearsLowRank(torch.autograd.Function):
             out = torch.addmm(z.new_zeros(()) if b is None else b, zi, B.t(), beta=0 if b is None else 1,
                               alpha=scales[i])
             outs.append(out.addmm_(x2, W.t()).view(*x.shape[:-1], W.shape[0]))
-        ctx.save_for_backward(x2, z, A, *Wbb)
-        ctx.ranks, ctx.scales, ctx.x_shape = ranks, scales, x.shape
+        ctx.save_for_backward(x, z, A, *Wbb)  # x, not its reshape: a view made here would have no graph to x
+        ctx.ranks, ctx.scales = ranks, scales
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *gs):
-        x2, z, A, *Wbb = ctx.saved_tensors
+        x, z, A, *Wbb = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # a backward that builds a graph (create_graph): z with its own, x·Aᵀ
+            z = x2 @ A.t()
         need = ctx.needs_input_grad
         grads = [None] * len(Wbb)
         gz, start = [], 0
@@ -144,7 +152,7 @@ class _LinearsLowRank(torch.autograd.Function):
             for i, g in enumerate(gs):
                 if g is not None:
                     dx.addmm_(g.reshape(-1, g.shape[-1]), Wbb[3 * i])
-            dx = dx.view(ctx.x_shape)
+            dx = dx.view(x.shape)
         gA = gz.t() @ x2 if need[1] else None
         return (dx, gA, None, None, *grads)
 

@@ -4,10 +4,14 @@ q, k and v read the same x, and so do gate and up. Per-delta dropout (HF PEFT) d
 copy of x for each of them; here the first delta to see x draws dropout(x) and its siblings reuse that
 tensor, so a layer keeps one copy (and one mask) per distinct input instead of one per delta.
 
-The cache maps an input tensor *object* to its dropped copy. Entries hold x weakly and die with it, so
-nothing outlives the forward that made it; a small bound caps the rare case where x stays alive through
-its own graph. The sequence of random draws depends only on the order of calls, so gradient-checkpointing
-recomputation (which replays the RNG state) reproduces the same masks.
+The cache maps an input tensor *object* and a scope (the site's parent module, e.g. one layer's self_attn) to its
+dropped copy. Entries hold x weakly and die with it, so nothing outlives the forward that made it; a small bound caps
+the rare case where x stays alive through its own graph. Gradient-checkpointing recomputation replays the RNG state,
+and it must also replay the draws: a delta that reads x a second time draws again instead of taking the entry (BERT's
+q, k and v read the checkpointed layer's own input, the same tensor in the forward and the recompute), and deltas of
+different scopes never share a draw (T5's decoder layers all read the encoder output: a mask drawn in one layer's
+checkpoint region and taken in another's would be drawn in the second one's recompute). Either way torch's checkpoint
+raised CheckpointError.
 
 On CPU the mask comes from 16 random bits per element (`random_` on int64 words, four elements a draw)
 instead of torch's `bernoulli_`, which is serial and ~10 ns per element off Intel's MKL path: the drop
@@ -67,13 +71,13 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class DropoutCache:
-    """dropout(x) per (input tensor, p, grad mode), shared by every SharedDropout attached to this cache."""
+    """dropout(x) per (input tensor, p, grad mode, scope), shared by every SharedDropout attached to this cache."""
 
     max_entries = 8  # live inputs at once are few (attention input, FFN input); the bound only stops leaks
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._entries: OrderedDict = OrderedDict()  # key -> (weakref to x, dropout(x))
+        self._entries: OrderedDict = OrderedDict()  # key -> (weakref to x, dropout(x), readers as weakrefs)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -81,49 +85,60 @@ class DropoutCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def masked(self, x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-        """`masked(x, p)`, drawn once per input tensor."""
+    def masked(self, x: torch.Tensor, p: float, reader=None, scope=None) -> tuple[torch.Tensor, float]:
+        """`masked(x, p)`, drawn once per input tensor and scope (again when `reader` reads x a second time)."""
         if not self.enabled or torch.compiler.is_compiling():
             return masked(x, p)
-        return self._get(x, p, False, lambda: masked(x, p))
+        return self._get(x, p, False, lambda: masked(x, p), reader, scope)
 
-    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+    def dropout(self, x: torch.Tensor, p: float, reader=None, scope=None) -> torch.Tensor:
         """dropout(x), with the same mask as `masked(x, p)` of the same input."""
         if not self.enabled or torch.compiler.is_compiling():
             return dropout(x, p)
 
         def scaled():
-            y, c = self.masked(x, p)
+            y, c = self.masked(x, p, reader, scope)
             return y if c == 1.0 else y * c
-        return self._get(x, p, True, scaled)
+        return self._get(x, p, True, scaled, reader, scope)
 
-    def _get(self, x, p, scaled, make):
-        key = (id(x), p, torch.is_grad_enabled(), scaled)
+    def _get(self, x, p, scaled, make, reader, scope):
+        key = (id(x), p, torch.is_grad_enabled(), scaled, scope)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is x:
-            return hit[1]
+            readers = hit[2]
+            if reader is None:
+                return hit[1]
+            if not any(r() is reader for r in readers):
+                readers.append(weakref.ref(reader))
+                return hit[1]
+            # `reader` drew or took this before: a new pass over the same tensor (a checkpoint recompute, an input
+            # reused across calls), which draws again as the first pass did
         y = make()
         entries = self._entries
-        entries[key] = (weakref.ref(x, lambda _, k=key: entries.pop(k, None)), y)
+        entries[key] = (weakref.ref(x, lambda _, k=key: entries.pop(k, None)), y,
+                        [] if reader is None else [weakref.ref(reader)])
+        entries.move_to_end(key)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
         return y
 
 
 class SharedDropout(nn.Module):
-    """nn.Dropout(p) that reads its mask from a DropoutCache when one is attached (else a plain dropout)."""
+    """nn.Dropout(p) that reads its mask from a DropoutCache when one is attached (else a plain dropout); `scope`
+    (set with the cache) limits sharing to deltas of one parent module."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
         self.cache: DropoutCache | None = None
+        self.scope: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.cache is None:
             return dropout(x, self.p)
-        return self.cache.dropout(x, self.p)
+        return self.cache.dropout(x, self.p, self, self.scope)
 
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(y, c) with forward(x) = c·y (see `masked`), from the cache when one is attached."""
@@ -131,7 +146,7 @@ class SharedDropout(nn.Module):
             return x, 1.0
         if self.cache is None:
             return masked(x, self.p)
-        return self.cache.masked(x, self.p)
+        return self.cache.masked(x, self.p, self, self.scope)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared={self.cache is not None and self.cache.enabled}"

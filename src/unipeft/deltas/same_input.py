@@ -6,16 +6,17 @@ Members of one scope (`set_scope`: the sites give their linear's parent module, 
 one tensor in a forward pass form a group. Never across scopes: T5's decoder layers all read the encoder's output,
 and a group spanning two layers would compute the second layer's result inside the first layer's gradient-checkpoint
 region, so the second layer's recompute (which computes it) would save other tensors than its forward (which took
-it), and torch's checkpoint refuses that. A member outside the group, or a group member that never
-comes, changes nothing but the work done. Entries hold x weakly and die with it, and last one pass (`new_pass()` drops
-them; a member reading the same x again starts its entry over), so nothing computed is served across an optimizer
-step; groups hold members weakly.
+it), and torch's checkpoint refuses that. A member outside the group, or a group member that never comes, changes
+nothing but the work done. Entries hold x weakly and die with it, and last one pass (`new_pass()` drops them; a member
+reading the same x again starts its entry over), so nothing computed is served across a model call (within one,
+writes through `.data` are not seen, as autograd does not see them either).
 
-When a learned group takes effect: at the start of a later forward pass of the model (`new_pass()`, called by a
-pre-hook on the model root), and only once the backward pass of the forward that found it has reached the group (a
-gradient hook on the result of the member that completed it), or at once when no gradient was recorded. So a
-gradient-checkpointing recompute always makes the same choices as the forward it replays, even with several forwards
-before one backward.
+When a learned group takes effect: at the start of a forward pass of the model (`new_pass()`, called by a pre-hook on
+the model root) when no earlier forward that recorded a gradient is still open, i.e. its backward has not yet
+reached the first result this object computed in it. So a gradient-checkpointing recompute always makes the choices
+of the forward it replays, whatever runs in between (no-grad forwards, generation, other forwards). Groups are
+learned only where gradients are recorded (the learning forward is then open until its backward); a forward whose
+backward never comes stops holding groups back after 64 passes.
 
 Under `torch.compile` none of this runs (callers check `torch.compiler.is_compiling()`): identity-keyed caches and
 weak references are eager-mode bookkeeping that a traced graph cannot express.
@@ -31,13 +32,16 @@ import torch
 
 class SameInputGroups:
     max_entries = 8
+    max_open = 64
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # member -> tuple of weakrefs
-        self._pending: list = []  # [group refs, ready]: learned, not yet in effect
+        self._pending: dict = {}  # (id of each member) -> group refs: learned, not yet in effect
         self._entries: OrderedDict = OrderedDict()  # key -> (weakref x, readers, {id(member): what was left})
         self._scopes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # member -> its scope
+        self._open: list = []  # one [backward reached] per forward that recorded a gradient here
+        self._pass: list | None = None  # this pass's entry of _open (None: nothing computed with a gradient yet)
 
     def set_scope(self, member, scope: str) -> None:
         """Only members of one scope group together (see the module doc); members never given one share scope None."""
@@ -74,9 +78,17 @@ class SameInputGroups:
         readers.append(weakref.ref(member))
         return readers, left
 
-    def learn(self, member, readers: list, result: torch.Tensor) -> None:
-        """After `member` computed `result` on its own: if others read the same x before it, they and it form a group
-        that takes effect once the backward pass reaches `result` (see the module doc)."""
+    def computed(self, member, readers: list, result: torch.Tensor) -> None:
+        """After `member` computed `result` (on its own or for its group): the first result of a forward that records
+        gradients keeps it open until the backward reaches it; and if others of its scope read the same x before it
+        and it has no group, they and it form one, which takes effect once no open forward is left."""
+        if not result.requires_grad:
+            return  # no backward will recompute this: nothing to keep open, and nothing is learned here
+        if self._pass is None:
+            self._pass = [False]
+            self._open.append(self._pass)
+            mark = self._pass
+            result.register_hook(lambda grad: mark.__setitem__(0, True))  # the backward of this forward got here
         if len(readers) < 2 or member in self._groups:
             return
         alive = [r() for r in readers]
@@ -85,12 +97,9 @@ class SameInputGroups:
         scope = self._scopes.get(member)
         refs = tuple(r for r, d in zip(readers, alive) if self._scopes.get(d) == scope)
         group = tuple(r() for r in refs)
-        if len(group) < 2 or len({id(d) for d in group}) != len(group) or not self.compatible(group):
-            return
-        pending = [refs, not torch.is_grad_enabled()]
-        self._pending.append(pending)
-        if not pending[1] and result.requires_grad:
-            result.register_hook(lambda grad: pending.__setitem__(1, True))  # backward of this forward got here
+        if len(group) >= 2 and len({id(d) for d in group}) == len(group) and self.compatible(group):
+            self._pending.pop(tuple(map(id, group)), None)  # learned again: it moves to the end
+            self._pending[tuple(map(id, group))] = refs
 
     def group_of(self, member) -> tuple:
         """The member's group in effect (itself alone when it has none, or one of its members is gone or no longer
@@ -106,20 +115,17 @@ class SameInputGroups:
         return True
 
     def new_pass(self) -> None:
-        """A forward pass of the model begins: groups whose finding forward is done take effect."""
+        """A forward pass of the model begins: learned groups take effect if no forward is still open."""
         if torch.compiler.is_compiling():
             return
         self._entries.clear()  # results are shared within one pass; none is served to a later one
-        if not self._pending:
+        self._pass = None
+        self._open = [m for m in self._open if not m[0]][-self.max_open:]
+        if self._open or not self._pending:
             return
-        waiting = []
-        for item in self._pending:
-            refs, ready = item
-            if not ready:
-                waiting.append(item)  # the same list its gradient hook will mark
-                continue
+        for refs in self._pending.values():  # in learning order: a later, larger group (q,k then q,k,v) wins
             for r in refs:
                 d = r()
                 if d is not None:
                     self._groups[d] = refs
-        self._pending = waiting[-64:]  # a group whose backward never comes is dropped eventually
+        self._pending = {}

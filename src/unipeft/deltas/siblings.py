@@ -44,7 +44,7 @@ class SiblingProjections(SameInputGroups):
                         left[id(d)] = (zd, c)
             else:
                 zc = (F.linear(y, delta.A.to(x.dtype)), c)
-                self.learn(delta, readers, zc[0])
+            self.computed(delta, readers, zc[0])
         return zc
 
     def compatible(self, group) -> bool:

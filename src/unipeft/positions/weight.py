@@ -151,9 +151,9 @@ class LinearDeltaSite(ModuleSite):
         self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
         self.side = side
         dropouts, projections, host_groups = adapter_caches(switch)
-        if hasattr(getattr(delta, "dropout", None), "cache"):
-            delta.dropout.cache = dropouts
         scope = host_name.rpartition(".")[0]  # the parent module: same-input groups never span two (same_input.py)
+        if hasattr(getattr(delta, "dropout", None), "cache"):
+            delta.dropout.cache, delta.dropout.scope = dropouts, scope
         if hasattr(delta, "siblings") and ins.compose == Compose.ADD and ins.form == Form.PARALLEL:
             delta.siblings = projections
             projections.set_scope(delta, scope)
