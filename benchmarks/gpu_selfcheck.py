@@ -1,7 +1,8 @@
 """CUDA self-checks of the GPU fast paths whose CPU fallbacks the test suite covers: each prints the max error of
 the fast path against the plain one (and a step time where it is about speed). One GPU, a minute or two.
 
-    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss loss_kernels host_forward fp8 liger] [--json OUT.json]
+    python benchmarks/gpu_selfcheck.py [--only stream host_embedding chunked_loss loss_kernels host_forward fp8 dataparallel
+                                            liger] [--json OUT.json]
 
 - stream: NF4 layers streamed with the next layer prefetched on a side stream vs streamed without prefetch vs
   resident (loss and LoRA gradients; s/step of each; how many loads the prefetch served).
@@ -12,6 +13,8 @@ the fast path against the plain one (and a step time where it is about speed). O
   synchronizing calls a step makes and where; the frozen/trainable dtypes and the start summary's device line.
 - host_forward: LoRA computed inside the host linears' GEMMs (the CUDA default) vs by hooks on their outputs (bf16
   loss and LoRA gradients).
+- dataparallel: torch.nn.DataParallel over every visible GPU (transformers' Trainer on a multi-GPU machine without a
+  launcher) for HF PEFT and unipeft LoRA, against one GPU; needs a multi-GPU kind (nvidia-h100-x2).
 - liger: unipeft.kernels.apply_liger on a LoRA model vs the same model before (loss and LoRA gradients, bf16); skipped
   with a line when liger-kernel is not installed.
 - loss_kernels: at the 1B and 8B heads (bf16, 128k vocabulary, a quarter of the rows ignored), the chunked loss's torch
@@ -347,9 +350,40 @@ def check_cli_syncs() -> dict:
             "device_line": device}
 
 
+def check_dataparallel() -> dict:
+    """torch.nn.DataParallel over every visible GPU (what transformers' Trainer does on a multi-GPU machine without a
+    launcher), for HF PEFT and unipeft LoRA: loss and LoRA gradients of one step against the same model on one GPU,
+    or the error. Needs two GPUs (a multi-GPU kind); skipped with a line on one."""
+    n = torch.cuda.device_count() if DEV == "cuda" else 0
+    if n < 2:
+        return {"skipped": f"{n} GPU(s): DataParallel needs two"}
+    import peft as hf
+
+    import unipeft
+    out = {}
+    ids = torch.randint(0, 1024, (2 * n, 64), device=DEV)
+    for lib in (hf, unipeft):
+        model = lib.get_peft_model(_llama().to(DEV), lib.LoraConfig(**LORA)).train()
+        ref = _loss_and_grads(model, ids)
+        try:
+            dp = torch.nn.DataParallel(model)
+            model.zero_grad(set_to_none=True)
+            loss = dp(input_ids=ids, labels=ids).loss.mean()
+            loss.backward()
+            got = (loss.detach().float(), {k: p.grad.detach().float().clone() for k, p in model.named_parameters()
+                                           if p.requires_grad and p.grad is not None})
+            missing = [k for k in ref[1] if k not in got[1]]
+            out[lib.__name__] = {**_max_err((got[0], {k: got[1][k] for k in ref[1] if k in got[1]}), ref),
+                                 "params_without_grad": len(missing)}
+        except Exception as e:
+            out[lib.__name__] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
+
+
 CHECKS = {"stream": check_stream, "host_embedding": check_host_embedding, "chunked_loss": check_chunked_loss,
           "cli_syncs": check_cli_syncs, "loss_kernels": check_loss_kernels,
-          "host_forward": check_host_forward, "fp8": check_fp8, "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
+          "host_forward": check_host_forward, "fp8": check_fp8, "dataparallel": check_dataparallel,
+          "liger": check_liger}  # liger last: it patches llama's modeling module for the rest of the process
 
 
 def main(argv=None) -> None:
