@@ -363,17 +363,45 @@ def test_checkpointed_backward_after_no_grad_forwards(monkeypatch, fused, dropou
         if checkpointing:
             peft.gradient_checkpointing_enable()
         out = []
-        for step in range(3):
+        for step in range(4):
             peft.zero_grad(set_to_none=True)
             torch.manual_seed(step)
+            fused.clear()
             loss = peft(input_ids=ids, labels=ids).loss
+            grouped = fused.count(("group", 3))
             with torch.no_grad():
                 for _ in range(2):
                     peft(input_ids=ids)
             loss.backward()
-            out.append((loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}))
-        return out
+            out.append((loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None},
+                        grouped))
+        sib = next(m.siblings for m in peft.modules() if getattr(m, "siblings", None) is not None)
+        return out, len(sib._groups)
 
-    for got, want in zip(run(True), run(False)):
-        _same(got, want, rtol=1e-10, atol=1e-12)
+    (got, sib_got), (want, _) = run(True), run(False)
+    for g, w in zip(got, want):
+        _same(g[:2], w[:2], rtol=1e-10, atol=1e-12)
+    if dropout == 0:  # q|k|v of both layers in one node from the second step on, checkpointed or not
+        assert [g[2] for g in got] == [0, 6, 6, 6]
+    else:  # the hook path: the sibling projections are learned and in effect
+        assert sib_got == 10  # q, k, v and gate, up of 2 layers: each member holds its group
+
+
+def test_groups_are_learned_when_serving_only(fused):
+    """A model only ever run without gradients (serving an unmerged adapter) learns its groups too."""
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(9))
+    peft = _lora(tiny_llama().double()).eval()
+    with torch.no_grad():
+        for _ in range(3):
+            fused.clear()
+            peft(input_ids=ids)
+    assert fused.count(("group", 3)) == 6 and fused.count(("group", 2)) == 4
+
+
+def test_sharing_scope_is_the_numbered_block():
+    from unipeft.positions.weight import sharing_scope
+    assert sharing_scope("model.layers.3.self_attn.q_proj") == "model.layers.3"
+    assert sharing_scope("transformer.h.0.mlp.fc_in") == "transformer.h.0"  # a parallel block shares with attn
+    assert sharing_scope("decoder.block.1.layer.1.EncDecAttention.k") == "decoder.block.1.layer.1"
+    assert sharing_scope("encoder.attn.q") == "encoder.attn"  # no numbered module: the parent
 

@@ -534,9 +534,12 @@ def test_conversion_needs_a_base_changing_init(tmp_path):
         peft.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init")
 
 
-def test_dora_with_dropout_in_training_follows_hf_formula():
+def test_dora_with_dropout_in_training_follows_hf_formula(monkeypatch):
     """Training with dropout (HF feeds the dropped x to both W·x and B·A·x; the masks of two libraries cannot be
-    compared, so the hand-written formula is the oracle): h' = Wx + b + (g − 1)·W·x_d + g·s·B·A·x_d."""
+    compared, so the hand-written formula is the oracle): h' = Wx + b + (g − 1)·W·x_d + g·s·B·A·x_d, with ONE draw
+    x_d for both terms."""
+    import unipeft.deltas.dropout as D
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 6))
     peft = unipeft.get_peft_model(model, unipeft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, use_dora=True,
@@ -545,9 +548,13 @@ def test_dora_with_dropout_in_training_follows_hf_formula():
     with torch.no_grad():
         d.m.mul_(1.3)
     peft.train()
+    draws, real = [], D.masked
+    monkeypatch.setattr(D, "masked", lambda x, p: draws.append(real(x, p)) or draws[-1])
     x = torch.randn(3, 8)
     out = model(x)
-    xd = d.dropout(x)  # the same draw (shared per input tensor)
+    assert len(draws) == 1  # one mask for the base term and the low-rank term
+    y, c = draws[0]
+    xd = y * c
     assert not torch.equal(xd, x)
     W, b, s = model[0].weight, model[0].bias, 2.0
     g = d.m / torch.linalg.norm(W + s * d.B @ d.A, dim=1)

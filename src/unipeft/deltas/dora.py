@@ -64,16 +64,19 @@ class DoraDelta(LowRankDelta):
         W = self.host_weight(x.dtype)
         g = (self.m.to(x.dtype) / self.weight_norm(W, s).to(x.dtype))  # (out,)
         dropped = self.training and getattr(self.dropout, "p", 0.0) > 0
+        # one read of the dropout (a second read by the same delta would be a new draw: dropout.py), shared by the
+        # base term and the low-rank path
+        y, c = self.dropout.masked(x) if dropped else (x, 1.0)
+        xd = y if c == 1.0 else y * c
         if dropped:
-            xd = self.dropout(x)  # the same draw the low-rank path reads (shared per input tensor)
             base = F.linear(xd, W)
         else:
             bias = getattr(self._host, "bias", None)
             base = h - bias.to(h.dtype) if bias is not None else h
         if self.siblings is not None:
-            z = self.siblings.project(self, x)
+            z = self.siblings.project(self, x, (y, c))
         else:
-            z = F.linear(self.dropout(x), self.A.to(x.dtype))
+            z = F.linear(xd, self.A.to(x.dtype))
         lora = F.linear(z, self.B.to(x.dtype))
         return h + ((g - 1) * base + g * lora * s).to(h.dtype)
 

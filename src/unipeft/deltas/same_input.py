@@ -12,11 +12,12 @@ reading the same x again starts its entry over), so nothing computed is served a
 writes through `.data` are not seen, as autograd does not see them either).
 
 When a learned group takes effect: at the start of a forward pass of the model (`new_pass()`, called by a pre-hook on
-the model root) when no earlier forward that recorded a gradient is still open, i.e. its backward has not yet
-reached the first result this object computed in it. So a gradient-checkpointing recompute always makes the choices
-of the forward it replays, whatever runs in between (no-grad forwards, generation, other forwards). Groups are
-learned only where gradients are recorded (the learning forward is then open until its backward); a forward whose
-backward never comes stops holding groups back after 64 passes.
+the model root) when no earlier forward that recorded gradients here is still open: its backward has not yet reached
+the first result this object computed in it (a gradient hook), and its graph is alive. So a gradient-checkpointing
+recompute makes the choices of the forward it replays, whatever runs in between (evaluation, generation, a reference
+model's forward). A forward whose backward never comes stops holding groups back when its graph is freed (or after 64
+passes); a graph kept (retain_graph) and backwarded again after later forwards put groups in effect is not covered. Groups are learned in any forward, with or without
+gradients: serving an adapter computes its groups too.
 
 Under `torch.compile` none of this runs (callers check `torch.compiler.is_compiling()`): identity-keyed caches and
 weak references are eager-mode bookkeeping that a traced graph cannot express.
@@ -30,6 +31,10 @@ from collections import OrderedDict
 import torch
 
 
+class _GraphToken:
+    """Held by a gradient hook only: it dies with the autograd graph holding that hook."""
+
+
 class SameInputGroups:
     max_entries = 8
     max_open = 64
@@ -40,8 +45,9 @@ class SameInputGroups:
         self._pending: dict = {}  # (id of each member) -> group refs: learned, not yet in effect
         self._entries: OrderedDict = OrderedDict()  # key -> (weakref x, readers, {id(member): what was left})
         self._scopes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # member -> its scope
-        self._open: list = []  # one [backward reached] per forward that recorded a gradient here
-        self._pass: list | None = None  # this pass's entry of _open (None: nothing computed with a gradient yet)
+        self._open: list = []  # [backward reached, pass number, hooked] per forward that recorded gradients here
+        self._pass: list | None = None  # this pass's entry of _open (None: a forward without gradients)
+        self._passes = 0
 
     def set_scope(self, member, scope: str) -> None:
         """Only members of one scope group together (see the module doc); members never given one share scope None."""
@@ -82,13 +88,13 @@ class SameInputGroups:
         """After `member` computed `result` (on its own or for its group): the first result of a forward that records
         gradients keeps it open until the backward reaches it; and if others of its scope read the same x before it
         and it has no group, they and it form one, which takes effect once no open forward is left."""
-        if not result.requires_grad:
-            return  # no backward will recompute this: nothing to keep open, and nothing is learned here
-        if self._pass is None:
-            self._pass = [False]
-            self._open.append(self._pass)
-            mark = self._pass
-            result.register_hook(lambda grad: mark.__setitem__(0, True))  # the backward of this forward got here
+        mark = self._pass
+        if mark is not None and not mark[2] and result.requires_grad:
+            mark[2] = True
+            # closed when the backward gets here, or when the graph holding the hook is freed without one
+            token = _GraphToken()
+            weakref.finalize(token, mark.__setitem__, 0, True)
+            result.register_hook(lambda grad, token=token: mark.__setitem__(0, True))
         if len(readers) < 2 or member in self._groups:
             return
         alive = [r() for r in readers]
@@ -119,9 +125,15 @@ class SameInputGroups:
         if torch.compiler.is_compiling():
             return
         self._entries.clear()  # results are shared within one pass; none is served to a later one
-        self._pass = None
-        self._open = [m for m in self._open if not m[0]][-self.max_open:]
-        if self._open or not self._pending:
+        self._passes += 1
+        # a forward with no result that needed a gradient here has no backward through us to wait for
+        self._open = [m for m in self._open if not m[0] and m[2] and self._passes - m[1] <= self.max_open]
+        # the pre-hook runs inside the model call: its grad mode is the forward's. A recompute during a later
+        # backward computes inside whichever pass is current then, and opens nothing
+        self._pass = [False, self._passes, False] if torch.is_grad_enabled() else None
+        if self._pass is not None:
+            self._open.append(self._pass)
+        if not self._pending or any(m is not self._pass for m in self._open):
             return
         for refs in self._pending.values():  # in learning order: a later, larger group (q,k then q,k,v) wins
             for r in refs:

@@ -19,21 +19,22 @@ from .same_input import SameInputGroups
 
 
 class SiblingProjections(SameInputGroups):
-    def project(self, delta, x: torch.Tensor) -> torch.Tensor:
+    def project(self, delta, x: torch.Tensor, dropped=None) -> torch.Tensor:
         """dropout(x)·Aᵀ of `delta` (…, r), computed with its group's when it has one."""
-        z, c = self.project_masked(delta, x)
+        z, c = self.project_masked(delta, x, dropped)
         return z if c == 1.0 else z * c
 
-    def project_masked(self, delta, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(z, c) with dropout(x)·Aᵀ = c·z: the dropout's scale c left to the caller (see dropout.masked)."""
+    def project_masked(self, delta, x: torch.Tensor, dropped=None) -> tuple[torch.Tensor, float]:
+        """(z, c) with dropout(x)·Aᵀ = c·z: the dropout's scale c left to the caller (see dropout.masked).
+        `dropped`: the (y, c) the delta already read from its dropout for this x (read once per call)."""
         if not self.active():
-            y, c = _masked(delta, x)
+            y, c = dropped or _masked(delta, x)
             return F.linear(y, delta.A.to(x.dtype)), c
         readers, left = self.read(delta, x, delta.training)
         zc = left.pop(id(delta), None)
         if zc is None:
             group = self.group_of(delta)
-            y, c = _masked(delta, x)
+            y, c = dropped or _masked(delta, x)
             if len(group) > 1:
                 A = torch.cat([d.A.to(x.dtype) for d in group])  # (Σr, in)
                 parts = F.linear(y, A).split([d.r for d in group], -1)

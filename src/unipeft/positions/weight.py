@@ -130,6 +130,18 @@ def input_passes(model, sites, extras) -> list:
     return out
 
 
+def sharing_scope(host_name: str) -> str:
+    """Where deltas reading one tensor may share what they compute from it (deltas/same_input.py): the innermost
+    numbered module holding the host (an element of a ModuleList: a transformer block, the unit transformers'
+    gradient checkpointing recomputes; T5's `block.N.layer.M`), else its parent. Never across two blocks: T5's decoder
+    blocks all read the encoder output. Within one: a parallel block's attention and MLP read one normed x."""
+    parts = host_name.split(".")[:-1]
+    for i in range(len(parts), 0, -1):
+        if parts[i - 1].isdigit():
+            return ".".join(parts[:i])
+    return ".".join(parts)
+
+
 class LinearDeltaSite(ModuleSite):
     # (form, compose, side) -> (the host's hook registration, the method computing it): every point a linear computes
     HOOKS = {
@@ -151,7 +163,7 @@ class LinearDeltaSite(ModuleSite):
         self.transposed = adaptable_dims(host)[2]  # (in, out) storage: Conv1D, nn.Embedding
         self.side = side
         dropouts, projections, host_groups = adapter_caches(switch)
-        scope = host_name.rpartition(".")[0]  # the parent module: same-input groups never span two (same_input.py)
+        scope = sharing_scope(host_name)  # what reads one x shares its draw / projection / node only inside it
         if hasattr(getattr(delta, "dropout", None), "cache"):
             delta.dropout.cache, delta.dropout.scope = dropouts, scope
         if hasattr(delta, "siblings") and ins.compose == Compose.ADD and ins.form == Form.PARALLEL:
