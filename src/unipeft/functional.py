@@ -102,11 +102,12 @@ class _LinearsLowRank(torch.autograd.Function):
     """Several linears reading one x, each with its low-rank term (q, k, v; gate, up): yᵢ = x·Wᵢᵀ + bᵢ + sᵢ·zᵢ·Bᵢᵀ with
     z = x·[A₁; A₂; …]ᵀ = [z₁ | z₂ | …] one thin GEMM reading x once; in backward ∂x = (Σᵢ sᵢgᵢBᵢ as one (N, Σr) gz)·A
     + Σᵢ gᵢ·Wᵢ, every term accumulated in one buffer by the GEMMs' β = 1 epilogues (per linear, autograd would sum one
-    (N, in) gradient per linear in a pass of its own), and ∂A = gzᵀ·x reads x once."""
+    (N, in) gradient per linear in a pass of its own), and ∂A = gzᵀ·x reads x once. The backward is differentiable, as
+    _LinearLowRank's."""
 
     @staticmethod
     def forward(ctx, x, A, ranks, scales, *Wbb):  # A (Σr, in); Wbb: W₁, b₁, B₁, W₂, b₂, B₂, ...
-        ctx.set_materialize_grads(False)  # an output nobody used gets no gradient, and costs none
+        ctx.set_materialize_grads(False)  # an unused output gets no gradient and costs none
         x2 = x.reshape(-1, x.shape[-1])
         z = x2 @ A.t()  # (N, Σr)
         outs, start = [], 0

@@ -4,14 +4,14 @@ q, k and v read the same x, and so do gate and up. Per-delta dropout (HF PEFT) d
 copy of x for each of them; here the first delta to see x draws dropout(x) and its siblings reuse that
 tensor, so a layer keeps one copy (and one mask) per distinct input instead of one per delta.
 
-The cache maps an input tensor *object* and a scope (the site's parent module, e.g. one layer's self_attn) to its
-dropped copy. Entries hold x weakly and die with it, so nothing outlives the forward that made it; a small bound caps
-the rare case where x stays alive through its own graph. Gradient-checkpointing recomputation replays the RNG state,
-and it must also replay the draws: a delta that reads x a second time draws again instead of taking the entry (BERT's
-q, k and v read the checkpointed layer's own input, the same tensor in the forward and the recompute), and deltas of
-different scopes never share a draw (T5's decoder layers all read the encoder output: a mask drawn in one layer's
-checkpoint region and taken in another's would be drawn in the second one's recompute). Either way torch's checkpoint
-raised CheckpointError.
+The cache maps an input tensor *object* and a scope (the transformer block holding the site's linear,
+`positions.weight.sharing_scope`) to its dropped copy. Entries hold x weakly and die with it, so nothing outlives
+the forward that made it; a small bound caps the rare case where x stays alive through its own graph. Gradient-
+checkpointing recomputation replays the RNG state, and it must also replay the draws: a delta that reads x a second
+time draws again instead of taking the entry (BERT's q, k and v read the checkpointed layer's own input, the same
+tensor in the forward and the recompute), and deltas of different scopes never share a draw (T5's decoder layers all
+read the encoder output: a mask drawn in one layer's checkpoint region and taken in another's would be drawn in the
+second one's recompute). Either way torch's checkpoint raised CheckpointError.
 
 On CPU the mask comes from 16 random bits per element (`random_` on int64 words, four elements a draw)
 instead of torch's `bernoulli_`, which is serial and ~10 ns per element off Intel's MKL path: the drop
@@ -125,7 +125,7 @@ class DropoutCache:
 
 class SharedDropout(nn.Module):
     """nn.Dropout(p) that reads its mask from a DropoutCache when one is attached (else a plain dropout); `scope`
-    (set with the cache) limits sharing to deltas of one parent module."""
+    (set with the cache) limits sharing to deltas of one transformer block."""
 
     def __init__(self, p: float):
         super().__init__()

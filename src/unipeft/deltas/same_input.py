@@ -2,22 +2,24 @@
 group to see an input computes for all of them and the others take what it left (`siblings.py`: one projection
 x·[A₁; A₂; …]ᵀ; `positions/host_group.py`: q, k, v computed in one autograd node).
 
-Members of one scope (`set_scope`: the sites give their linear's parent module, e.g. one layer's self_attn) that read
-one tensor in a forward pass form a group. Never across scopes: T5's decoder layers all read the encoder's output,
-and a group spanning two layers would compute the second layer's result inside the first layer's gradient-checkpoint
-region, so the second layer's recompute (which computes it) would save other tensors than its forward (which took
-it), and torch's checkpoint refuses that. A member outside the group, or a group member that never comes, changes
-nothing but the work done. Entries hold x weakly and die with it, and last one pass (`new_pass()` drops them; a member
-reading the same x again starts its entry over), so nothing computed is served across a model call (within one,
-writes through `.data` are not seen, as autograd does not see them either).
+Members of one scope (`set_scope`: the sites give the transformer block holding their linear,
+`positions.weight.sharing_scope`) that read one tensor in a forward pass form a group. Never across scopes: T5's
+decoder layers all read the encoder's output, and a group spanning two layers would compute the second layer's
+result inside the first layer's gradient-checkpoint region, so the second layer's recompute (which computes it)
+would save other tensors than its forward (which took it), and torch's checkpoint refuses that. A member outside the
+group, or a group member that never comes, changes nothing but the work done. Entries hold x weakly and die with it,
+and last one pass (`new_pass()` drops them; a member reading the same x again starts its entry over), so nothing
+computed is served across a model call (within one, writes through `.data` are not seen, as autograd does not see
+them either).
 
-When a learned group takes effect: at the start of a forward pass of the model (`new_pass()`, called by a pre-hook on
-the model root) when no earlier forward that recorded gradients here is still open: its backward has not yet reached
-the first result this object computed in it (a gradient hook), and its graph is alive. So a gradient-checkpointing
-recompute makes the choices of the forward it replays, whatever runs in between (evaluation, generation, a reference
-model's forward). A forward whose backward never comes stops holding groups back when its graph is freed (or after 64
-passes); a graph kept (retain_graph) and backwarded again after later forwards put groups in effect is not covered. Groups are learned in any forward, with or without
-gradients: serving an adapter computes its groups too.
+When a learned group takes effect: at the start of a forward pass of the model (`new_pass()`, called by a pre-hook
+on the model root) when no earlier forward that recorded gradients here is still open: its backward has not yet
+reached the first result this object computed in it (a gradient hook), and its graph is alive. So a gradient-
+checkpointing recompute makes the choices of the forward it replays, whatever runs in between (evaluation,
+generation, a reference model's forward). A forward whose backward never comes stops holding groups back when its
+graph is freed (or after 64 passes); a graph kept (retain_graph) and backwarded again after later forwards put
+groups in effect is not covered. Groups are learned in any forward, with or without gradients: serving an adapter
+computes its groups too.
 
 Under `torch.compile` none of this runs (callers check `torch.compiler.is_compiling()`): identity-keyed caches and
 weak references are eager-mode bookkeeping that a traced graph cannot express.
