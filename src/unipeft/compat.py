@@ -162,7 +162,8 @@ def compile_rows_dynamic(t: torch.Tensor) -> torch.Tensor:
 def tensor_version(t: torch.Tensor) -> int:
     """The tensor's version counter (bumped by every in-place change: optimizer steps, copy_, load_state_dict).
     Private: `Tensor._version` (torch has no public accessor; autograd checks saved tensors with the same counter).
-    Used to reuse a prefix MLP's pass table only while its parameters are unchanged (deltas/prefix.py)."""
+    Used to reuse a prefix MLP's pass table only while its parameters are unchanged (deltas/prefix.py), FP8's
+    quantized input while x is unchanged (quant/fp8.py), and a grouped linear's left output (positions/host_group.py)."""
     return t._version
 
 

@@ -56,54 +56,16 @@ def addmm_into(h: torch.Tensor, z: torch.Tensor, B: torch.Tensor, alpha: float) 
     return _AddmmInto.apply(h, z, B, alpha)
 
 
-class _LinearLowRank(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with the base GEMM accumulating onto the low-rank term (β = 1 in its epilogue), and
-    ∂x = (g·sB)·A + g·W likewise. A hook adding s·z·Bᵀ to the linear's output reads and writes the (tokens, out)
-    output once more, and the two input gradients (W's, A's) are summed by autograd in another pass over (tokens,
-    in); here both ride in the base GEMM, which is compute-bound. W is frozen; its gradient is computed if asked. The
-    backward is differentiable (second derivatives, e.g. a gradient penalty): under create_graph it takes z = x·Aᵀ
-    anew, with its graph, instead of the saved product."""
-
-    @staticmethod
-    def forward(ctx, x, W, b, A, B, s):  # x (..., in), W (out, in), b (out,) or None, A (r, in), B (out, r)
-        x2 = x.reshape(-1, x.shape[-1])
-        z = x2 @ A.t()  # (N, r)
-        # s as the GEMM's alpha (applied in its fp32 accumulator, as the hook path's addmm does); β = 0 ignores b's
-        # stand-in when there is no bias
-        out = torch.addmm(z.new_zeros(()) if b is None else b, z, B.t(), beta=0 if b is None else 1, alpha=s)
-        out.addmm_(x2, W.t())
-        ctx.save_for_backward(x, z, W, A, B)  # x, not its reshape: a view made here would have no graph to x
-        ctx.s = s
-        return out.view(*x.shape[:-1], W.shape[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        x, z, W, A, B = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled():  # a backward that builds a graph (create_graph): z with its own, x·Aᵀ
-            z = x2 @ A.t()
-        g2 = g.reshape(-1, g.shape[-1])
-        gz = (g2 @ B).mul_(ctx.s)  # (N, r)
-        need = ctx.needs_input_grad
-        dx = (gz @ A).addmm_(g2, W).view(*g.shape[:-1], W.shape[1]) if need[0] else None
-        gW = g2.t() @ x2 if need[1] else None
-        gb = g2.sum(0) if need[2] else None
-        gA = gz.t() @ x2 if need[3] else None
-        gB = (g2.t() @ z).mul_(ctx.s) if need[4] else None
-        return dx, gW, gb, gA, gB, None
-
-
-def linear_low_rank(x: torch.Tensor, W: torch.Tensor, b, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """x·Wᵀ + b + s·x·Aᵀ·Bᵀ, the low-rank term inside the base GEMMs (forward and input gradient); all in x's dtype."""
-    return _LinearLowRank.apply(x, W, b, A, B, s)
-
-
 class _LinearsLowRank(torch.autograd.Function):
-    """Several linears reading one x, each with its low-rank term (q, k, v; gate, up): yᵢ = x·Wᵢᵀ + bᵢ + sᵢ·zᵢ·Bᵢᵀ with
-    z = x·[A₁; A₂; …]ᵀ = [z₁ | z₂ | …] one thin GEMM reading x once; in backward ∂x = (Σᵢ sᵢgᵢBᵢ as one (N, Σr) gz)·A
-    + Σᵢ gᵢ·Wᵢ, every term accumulated in one buffer by the GEMMs' β = 1 epilogues (per linear, autograd would sum one
-    (N, in) gradient per linear in a pass of its own), and ∂A = gzᵀ·x reads x once. The backward is differentiable, as
-    _LinearLowRank's."""
+    """Linears reading one x, each with its low-rank term (one linear; or q, k, v; gate, up): yᵢ = x·Wᵢᵀ + bᵢ +
+    sᵢ·zᵢ·Bᵢᵀ with z = x·[A₁; A₂; …]ᵀ = [z₁ | z₂ | …] one thin GEMM reading x once, sᵢ·zᵢ·Bᵢᵀ written first and the
+    frozen base GEMM accumulating onto it (β = 1 in its epilogue); in backward ∂x = (Σᵢ sᵢgᵢBᵢ as one (N, Σr) gz)·A +
+    Σᵢ gᵢ·Wᵢ, every term accumulated in one buffer by the GEMMs' β = 1 epilogues, and ∂A = gzᵀ·x reads x once. A hook
+    adding s·z·Bᵀ to a linear's output reads and writes the (tokens, out) output once more, and autograd sums one
+    (tokens, in) input gradient per term in a pass of its own; here all ride in the base GEMMs, which are
+    compute-bound. W is frozen; its gradient is computed if asked. The backward is differentiable (second
+    derivatives, e.g. a gradient penalty): under create_graph it takes z = x·Aᵀ anew, with its graph, instead of the
+    saved product."""
 
     @staticmethod
     def forward(ctx, x, A, ranks, scales, *Wbb):  # A (Σr, in); Wbb: W₁, b₁, B₁, W₂, b₂, B₂, ...
@@ -146,7 +108,7 @@ class _LinearsLowRank(torch.autograd.Function):
                 grads[3 * i + 1] = g2.sum(0)
             if need[6 + 3 * i]:
                 grads[3 * i + 2] = (g2.t() @ zi).mul_(s)
-        gz = torch.cat(gz, 1)  # (N, Σr)
+        gz = gz[0] if len(gz) == 1 else torch.cat(gz, 1)  # (N, Σr)
         dx = None
         if need[0]:
             dx = gz @ A
@@ -156,6 +118,11 @@ class _LinearsLowRank(torch.autograd.Function):
             dx = dx.view(x.shape)
         gA = gz.t() @ x2 if need[1] else None
         return (dx, gA, None, None, *grads)
+
+
+def linear_low_rank(x: torch.Tensor, W: torch.Tensor, b, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """x·Wᵀ + b + s·x·Aᵀ·Bᵀ, the low-rank term inside the base GEMMs (forward and input gradient); all in x's dtype."""
+    return _LinearsLowRank.apply(x, A, (A.shape[0],), (s,), W, b, B)[0]
 
 
 def linears_low_rank(x: torch.Tensor, A: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, ...],

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import tensor_version
 from ..deltas.same_input import SameInputGroups
 
 
 def _stamp(site) -> tuple:
     """What the site's output was computed from: changed in place or replaced, a left output is not served."""
     host, delta = site.host, site.delta
-    return (float(site.s),) + tuple(None if t is None else (t.data_ptr(), t._version)
+    return (float(site.s),) + tuple(None if t is None else (t.data_ptr(), tensor_version(t))
                                     for t in (host.weight, host.bias, delta.A, delta.B))
 
 
@@ -32,14 +33,14 @@ class HostGroups(SameInputGroups):
             return site.fused_output(x)
         readers, left = self.read(site, x, site.delta.training)
         got = left.pop(id(site), None)
-        if got is not None and got[0] is site and got[2] == (x._version, _stamp(site)):
+        if got is not None and got[0] is site and got[2] == (tensor_version(x), _stamp(site)):
             return got[1]
         group = self.group_of(site)
         if len(group) > 1 and all(m is site or m.fuses(x) for m in group):
             outs = type(site.delta).linears_with(x, [(m.delta, m.host.weight, m.host.bias, float(m.s)) for m in group])
             for m, out in zip(group, outs):
                 if m is not site:
-                    left[id(m)] = (m, out, (x._version, _stamp(m)))
+                    left[id(m)] = (m, out, (tensor_version(x), _stamp(m)))
             out = outs[group.index(site)]
         else:
             out = site.fused_output(x)
